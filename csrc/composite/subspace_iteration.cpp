@@ -1,0 +1,84 @@
+// Warm-started block subspace iteration with Rayleigh–Ritz (MATH.md §5). Built from ATen calls only
+// (GEMM, Cholesky, a p×p eigh), so one registration serves every backend.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace lipfast {
+namespace {
+
+// Orthonormal basis of the columns of Z [n, p]. CholeskyQR2: two Gram/Cholesky/triangular-solve
+// passes cost far less than Householder QR on a tall-skinny block (PERF.md), and the second pass
+// restores the orthogonality the first loses to κ(Z)². A block too ill-conditioned for Cholesky
+// (rank-deficient W, a collapsed block) falls back to Householder QR.
+at::Tensor orthonormalize(const at::Tensor& Z) {
+  at::Tensor Q = Z;
+  for (int pass = 0; pass < 2; ++pass) {
+    auto Qd = Q.to(at::kDouble);
+    auto gram = Qd.t().mm(Qd);
+    auto [L, info] = at::linalg_cholesky_ex(gram);
+    if (info.item<int64_t>() != 0) {
+      return std::get<0>(at::linalg_qr(Z, "reduced"));
+    }
+    // Q L^{-T}: solve L X = Qᵀ for X, then transpose back.
+    Q = at::linalg_solve_triangular(L, Qd.t(), /*upper=*/false).t().to(Z.scalar_type()).contiguous();
+  }
+  return Q;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_iteration(
+    const at::Tensor& W,   // [m, n]
+    const at::Tensor& V0,  // [n, p]
+    int64_t k, int64_t max_iters, double tol) {
+  constexpr const char* op = "lipfast::subspace_iteration";
+  LIPFAST_CHECK_DIM("lipfast::subspace_iteration", W, "W", 2, "[m, n]");
+  LIPFAST_CHECK_DIM("lipfast::subspace_iteration", V0, "V0", 2, "[n, p]");
+  LIPFAST_CHECK_FLOAT("lipfast::subspace_iteration", W, "W");
+  TORCH_CHECK(V0.scalar_type() == W.scalar_type(), op, ": V0 must have W's dtype ", W.scalar_type(),
+              ", got ", V0.scalar_type());
+  LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", V0, "V0", W);
+  const int64_t m = W.size(0), n = W.size(1), p = V0.size(1);
+  LIPFAST_CHECK_SIZE("lipfast::subspace_iteration", V0, "V0", 0, n, "W.size(1)");
+  TORCH_CHECK(p >= 1 && p <= std::min(m, n), op, ": V0 must have between 1 and min(m, n) = ",
+              std::min(m, n), " columns, got ", p);
+  TORCH_CHECK(k >= 1 && k <= p, op, ": k must be in [1, V0.size(1) = ", p, "], got ", k);
+  TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK(tol >= 0.0, op, ": tol must be >= 0, got ", tol);
+
+  const auto dtype = W.scalar_type();
+  at::Tensor V = orthonormalize(V0.contiguous());
+  at::Tensor U, S, residual;
+  int64_t it = 0;
+  while (true) {
+    ++it;
+    auto Y = W.mm(V);                             // [m, p]
+    auto Yd = Y.to(at::kDouble);
+    auto [theta, Q] = at::linalg_eigh(Yd.t().mm(Yd));  // ascending
+    theta = theta.flip({0}).clamp_min(0.0);
+    Q = Q.flip({1});
+    S = theta.sqrt();                             // [p] float64, descending
+    TORCH_CHECK(std::isfinite(S[0].item<double>()), op,
+                ": W must be finite, got a matrix with NaN or Inf entries (shape ", W.sizes(), ")");
+    // Columns with σ_j == 0 (rank-deficient W) get u_j = 0: their Hessian weight is then carried,
+    // exactly, by the unknown-mass term (MATH.md §1).
+    auto inv = at::where(S > 0.0, S.reciprocal(), at::zeros_like(S));
+    auto Qw = Q.to(dtype);
+    V = V.mm(Qw);                                 // [n, p] Ritz vectors
+    U = Yd.mm(Q).mul(inv).to(dtype);              // [m, p]
+    auto Z = W.t().mm(U);                         // [n, p] ≈ σ_j v_j: next sweep's block
+    residual = (Z.to(at::kDouble) - V.to(at::kDouble).mul(S)).norm(2, {0});  // [p]
+    if (it >= max_iters) break;
+    if (tol > 0.0 && residual.slice(0, 0, k).max().item<double>() <= tol * S[0].item<double>()) break;
+    V = orthonormalize(Z);
+  }
+  return {U, S, V, residual, at::scalar_tensor(it, at::TensorOptions().dtype(at::kLong))};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) {
+  m.impl("subspace_iteration", &subspace_iteration);
+}
+
+}  // namespace lipfast

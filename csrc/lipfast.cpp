@@ -1,0 +1,42 @@
+// Every op schema of lipfast, in one place. Kernels register themselves next to their code
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu). The Python wrappers, fake kernels and docs are in lipfast/ops.py.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+TORCH_LIBRARY(lipfast, m) {
+  m.set_python_module("lipfast.ops");
+  // subspace_iteration: warm-started block subspace iteration on WᵀW with Rayleigh–Ritz every sweep.
+  //   W [m, n], V0 [n, p] starting block (any full-rank block; orthonormalised inside), k <= p triplets
+  //   whose residual decides convergence. Stops when max_{j<k} ‖Wᵀu_j − σ_j v_j‖ <= tol·σ1 or after
+  //   max_iters sweeps. Returns U [m, p], S [p] (descending, float64), V [n, p], residual [p] (float64),
+  //   iters [] (int64, sweeps done).
+  m.def("subspace_iteration(Tensor W, Tensor V0, int k, int max_iters, float tol) -> "
+        "(Tensor U, Tensor S, Tensor V, Tensor residual, Tensor iters)");
+  // hessian_contract: H[E_i,E_i] (value, lo, hi of the truncation bracket) from the projections of each
+  //   direction E_i onto the top-k triplets: a [N, k] = Uᵀ(E_i v1), b [N, k] = Vᵀ(E_iᵀ u1),
+  //   xnorm2 [N] = ‖E_i v1‖², ynorm2 [N] = ‖E_iᵀ u1‖², S [k] descending, sigma_next = σ_{k+1}.
+  //   Outputs [N] float64 each.
+  m.def("hessian_contract(Tensor a, Tensor b, Tensor xnorm2, Tensor ynorm2, Tensor S, float sigma_next) -> "
+        "(Tensor value, Tensor lo, Tensor hi)");
+  // persample_linear: fused per-sample statistics of a Linear layer, G_i = D_iᵀ X_i never formed.
+  //   X [B, T, n] inputs, D [B, T, m] output-gradients of each sample's own loss, U [m, k], S [k], V [n, k],
+  //   sigma_next = σ_{k+1}. Returns proj [B] = u1ᵀ G_i v1 and hess, hess_lo, hess_hi [B] = H[G_i, G_i],
+  //   all float64.
+  m.def("persample_linear(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
+        "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi)");
+}
+
+#ifndef LIPFAST_TORCH_VERSION
+#define LIPFAST_TORCH_VERSION "unknown"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lipfast compiled ops (registered under torch.ops.lipfast) and build facts";
+#ifdef LIPFAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.attr("torch_version") = LIPFAST_TORCH_VERSION;
+  m.attr("version") = "0.1.0";
+}

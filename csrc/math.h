@@ -1,0 +1,47 @@
+// Per-element math shared by the CPU loops and the CUDA kernels (MATH.md §1, "Hessian quadratic form"
+// and "Truncated spectrum"). Everything here is double: the denominators σ1² − σj² lose digits in float.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define LIPFAST_HOST_DEVICE __host__ __device__
+#else
+#define LIPFAST_HOST_DEVICE
+#endif
+
+namespace lipfast {
+
+struct HessianTerms {
+  double value;  // core_k + R/σ1           (the estimate; exact when the spectrum is)
+  double lo;     // core_k + R/(σ1+σ_{k+1}) (lower end of the truncation bracket)
+  double hi;     // core_k + R/(σ1−σ_{k+1}) (upper end)
+};
+
+// H[E,E] from the projections of one direction E onto the known top-k triplets.
+//   a[j] = u_jᵀ (E v1), b[j] = v_jᵀ (Eᵀ u1)   (strided by `stride`, j = 0..k-1)
+//   xnorm2 = ‖E v1‖², ynorm2 = ‖Eᵀ u1‖², S[0..k-1] descending, sigma_next = σ_{k+1} (0 when exact).
+// A zero gap (σ1 == σ2) or σ1 == 0 has no finite Hessian: NaN is returned and the caller flags it.
+LIPFAST_HOST_DEVICE inline HessianTerms hessian_terms(const double* a, const double* b, int64_t stride,
+                                                      const double* S, int64_t k, double sigma_next,
+                                                      double xnorm2, double ynorm2) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double s1 = S[0];
+  if (!(s1 > 0.0) || (k > 1 && !(S[1] < s1))) return {nan, nan, nan};
+  double core = 0.0;
+  double known = a[0] * a[0] + b[0] * b[0];
+  for (int64_t j = 1; j < k; ++j) {
+    const double aj = a[j * stride], bj = b[j * stride], sj = S[j];
+    core += (s1 * (aj * aj + bj * bj) + 2.0 * sj * aj * bj) / ((s1 - sj) * (s1 + sj));
+    known += aj * aj + bj * bj;
+  }
+  // The unknown mass is non-negative in exact arithmetic; rounding can push it a hair below 0.
+  double rest = xnorm2 + ynorm2 - known;
+  if (rest < 0.0) rest = 0.0;
+  if (!(sigma_next < s1)) return {nan, nan, nan};
+  return {core + rest / s1, core + rest / (s1 + sigma_next), core + rest / (s1 - sigma_next)};
+}
+
+}  // namespace lipfast

@@ -1,0 +1,225 @@
+"""``lipfast`` command line: demo, train, sweep, report, simulate (API.md "Command line").
+
+``main(argv=None) -> int`` so tests can call it. A usage error or bad input exits with status 2 and one
+line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+DEMO_OUT = "lipfast-runs/demo"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit status 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise _UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    defaults = TrainConfig()
+    g = p.add_argument_group("training options (also settable in --config FILE, TOML, same names)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = _HELP.get(f.name, "") + f" (default: {default})"
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "widths":
+            g.add_argument(flag, dest=f.name, default=None, type=int, nargs="+", metavar="W", help=help_text)
+        else:
+            typ = {"int | None": int, "float": float, "int": int, "str": str, "str | None": str}.get(str(f.type), str)
+            g.add_argument(flag, dest=f.name, default=None, type=typ, metavar=f.name.upper(), help=help_text)
+
+
+_HELP = {
+    "dataset": "digits | mnist-sample | mnist1d | synthetic (offline); mnist | fashion-mnist | cifar10 (torchvision, downloads)",
+    "n_samples": "use only this many samples of the dataset",
+    "test_fraction": "held-out fraction",
+    "data_root": "folder for torchvision datasets (downloads there)",
+    "model": "mlp | cnn | resnet",
+    "widths": "hidden widths (mlp) or channels (cnn, resnet)",
+    "init_scale": "factor on every Linear/Conv2d weight after the default init",
+    "batchnorm": "BatchNorm in cnn/resnet (couples samples: see the Tracker docs)",
+    "label_noise": "symmetric label-noise rate in [0, 1)",
+    "batch_size": "samples per step",
+    "lr": "SGD learning rate",
+    "momentum": "SGD heavy-ball momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "SGD weight decay",
+    "steps": "optimizer steps (or use --epochs)",
+    "epochs": "epochs, when --steps is not given",
+    "seed": "initialisation seed",
+    "data_seed": "data order (and split) seed, separate from the initialisation",
+    "noise_seed": "label-noise seed",
+    "rank": "top-k singular triplets tracked per layer",
+    "every": "track every k-th step",
+    "iters": "subspace sweeps per spectrum update",
+    "gap_tol": "relative spectral gap under which a step is flagged degenerate",
+    "step_tol": "flag a step degenerate when ||dW||_F / (s1 - s2) exceeds this",
+    "device": "cpu | cuda | cuda:N",
+    "dtype": "float32 | float64",
+    "checkpoint_every": "steps between checkpoints (for --resume)",
+    "eval_every": "steps between log lines with --quiet",
+    "sde_paths": "Euler-Maruyama paths for the SDE band",
+    "sde_seed": "seed of the SDE paths",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lipfast", description="How, and why, does my network's Lipschitz constant change while "
+                     "it trains? Tracks the three Ito forces on every layer's operator norm.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="the main job on embedded defaults (offline digits, small MLP)")
+    demo.add_argument("--out", default=DEMO_OUT, help=f"run folder (default: {DEMO_OUT}; replaced if it is a run)")
+    demo.add_argument("--steps", type=int, default=300, help="tracked SGD steps (default: 300)")
+    demo.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+
+    train = sub.add_parser("train", help="one tracked run")
+    train.add_argument("--config", help="TOML file of training options")
+    train.add_argument("--out", required=True, help="run folder")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    train.add_argument("--no-report", dest="report", action="store_false", help="skip simulate + report at the end")
+    _train_options(train)
+
+    report = sub.add_parser("report", help="figures and report.html of a finished run")
+    report.add_argument("run_dir", help="run folder")
+
+    simulate = sub.add_parser("simulate", help="SDE bands from a finished run's recorded coefficients")
+    simulate.add_argument("run_dir", help="run folder")
+    simulate.add_argument("--paths", type=int, default=4096, help="Euler-Maruyama paths (default: 4096)")
+    simulate.add_argument("--seed", type=int, default=0, help="seed of the paths (default: 0)")
+    return parser
+
+
+def _config_from_args(args) -> "object":
+    from .train import TrainConfig, load_config_file
+
+    values = load_config_file(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = tuple(v) if f.name == "widths" else v
+    return TrainConfig.from_mapping(values, where=args.config or "options")
+
+
+def _cmd_demo(args) -> int:
+    from . import report as reporting
+    from . import runio
+    from .train import TrainConfig, train
+
+    out = Path(args.out)
+    overwrite = runio.is_run_folder(out)
+    cfg = TrainConfig(steps=args.steps)
+    print(f"lipfast demo: {cfg.model} {list(cfg.widths)} on {cfg.dataset}, {cfg.steps} SGD steps, rank {cfg.rank} "
+          f"-> {out}", flush=True)
+    train(cfg, out, overwrite=overwrite, quiet=args.quiet)
+    run = runio.load_run(out)
+    print(reporting.summary_table(run))
+    print(f"report: {(out / runio.REPORT_FILE).resolve()}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from . import report as reporting
+    from . import runio
+    from .train import train
+
+    if args.overwrite and args.resume:
+        raise _UsageError("lipfast train: error: --overwrite and --resume exclude each other")
+    cfg = _config_from_args(args)
+    out = train(cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet, report=args.report)
+    if args.report:
+        print(reporting.summary_table(runio.load_run(out)))
+        print(f"report: {(Path(out) / runio.REPORT_FILE).resolve()}")
+    else:
+        print(f"run: {Path(out).resolve()}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from . import report as reporting
+    from . import runio
+
+    run = runio.load_run(args.run_dir)
+    path = reporting.make_report(args.run_dir)
+    print(reporting.summary_table(run))
+    print(f"report: {Path(path).resolve()}")
+    return 0
+
+
+def _cmd_simulate(args) -> int:
+    from . import analysis
+
+    if args.paths < 2:
+        raise _UsageError(f"lipfast simulate: error: --paths must be >= 2, got {args.paths}")
+    result = analysis.write_simulation(args.run_dir, n_paths=args.paths, seed=args.seed)
+    print(_simulation_lines(result))
+    return 0
+
+
+def _simulation_lines(result) -> str:
+    if not isinstance(result, dict):
+        return str(result)
+    lines = []
+    for name, info in (result.get("layers") or {}).items():
+        if isinstance(info, dict) and "coverage" in info:
+            lines.append(f"{name}: SDE band coverage {info['coverage']:.2f}")
+    net = result.get("network")
+    if isinstance(net, dict) and "coverage" in net:
+        lines.append(f"log_bound: SDE band coverage {net['coverage']:.2f}")
+    return "\n".join(lines) or "simulation written"
+
+
+_COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "report": _cmd_report, "simulate": _cmd_simulate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lipfast`` and ``python -m lipfast``; returns the exit status."""
+    try:
+        args = _build_parser().parse_args(argv)
+        return _dispatch(args)
+    except _UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lipfast: interrupted; every completed step's records are in the run folder (resume with "
+              "lipfast train --resume --out DIR)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from .data import DatasetUnavailable
+    from .runio import RunFolderError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, RunFolderError, DatasetUnavailable, FileNotFoundError) as exc:
+        print(f"lipfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

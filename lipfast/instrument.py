@@ -1,0 +1,181 @@
+"""Capture of layer inputs and output-gradients with forward hooks and tensor hooks.
+
+Per forward call of a tracked layer the input is kept (autograd keeps it for the weight gradient
+anyway) and a hook on the output tensor receives the output-gradient during backward. As soon as every
+call of one forward pass has its gradient, the per-sample statistics are computed and both tensors are
+dropped: what survives until ``optimizer.step()`` is four float64 numbers per sample.
+
+Sample grouping: dim 0 of a layer's input is the sample dimension. Calls of a layer inside one forward
+pass of the root model act on the same samples (a layer called twice, weight sharing): their
+contributions to each per-sample gradient add up. Calls from different forward passes (gradient
+accumulation) bring new samples.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .functional import Spectrum, conv2d_projections, contract_projections
+
+try:  # torch.func transforms wrap tensors; a tensor hook on such an output would misfire.
+    from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
+except ImportError:  # pragma: no cover - older torch
+    def _is_functorch_wrapped(t: Tensor) -> bool:
+        return False
+
+
+@dataclass
+class Call:
+    """One forward call of a layer: its input, and the output-gradient once backward reaches it."""
+
+    x: Tensor
+    d: Tensor | None = None
+
+
+@dataclass
+class ForwardGroup:
+    """The calls of one layer within one forward pass of the root model (the same samples)."""
+
+    calls: list[Call] = field(default_factory=list)
+
+    def complete(self) -> bool:
+        return all(c.d is not None for c in self.calls)
+
+
+def conv_geometry(module: nn.Conv2d) -> tuple | None:
+    """``(kernel, stride, padding, dilation)`` pairs of a Conv2d lipfast supports, else None."""
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same": symmetric only when every dilation·(kernel−1) is even
+            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            if any(t % 2 for t in total):
+                return None
+            padding = tuple(t // 2 for t in total)
+    return tuple(module.kernel_size), tuple(module.stride), tuple(padding), tuple(module.dilation)
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module with a weight cannot be tracked, or None when it can."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
+        if module.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
+        if conv_geometry(module) is None:
+            return "Conv2d with asymmetric padding='same' (even kernel extent)"
+        return None
+    return f"{type(module).__name__} is not a supported layer type (Linear, Conv2d)"
+
+
+class LayerCapture:
+    """Hooks and per-step buffers of one tracked layer."""
+
+    def __init__(self, name: str, module: nn.Module, owner) -> None:
+        self.name = name
+        self.module = module
+        self.kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+        self.geometry = conv_geometry(module) if self.kind == "conv2d" else None
+        self.weight: nn.Parameter = module.weight
+        self.m = self.weight.shape[0]
+        self.n = self.weight[0].numel()
+        self.owner = owner
+        self.groups: dict[int, ForwardGroup] = {}
+        self.stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # per micro-batch [B] each
+        self.dropped_calls = 0
+        self.handle = module.register_forward_hook(self._on_forward)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _on_forward(self, module: nn.Module, args, output) -> None:
+        owner = self.owner
+        if not owner.capturing or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad or _is_functorch_wrapped(output):
+            return
+        if not args or not isinstance(args[0], Tensor):
+            return
+        call = Call(x=args[0].detach())
+        self.groups.setdefault(owner.forward_id, ForwardGroup()).calls.append(call)
+        output.register_hook(functools.partial(self._on_grad, owner.forward_id, call))
+
+    def _on_grad(self, forward_id: int, call: Call, grad: Tensor) -> None:
+        call.d = grad.detach()
+        group = self.groups.get(forward_id)
+        if group is not None and group.complete():
+            del self.groups[forward_id]
+            self._reduce(group.calls)
+
+    # -- statistics --------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Before the step: finish groups whose calls got only part of their gradients (an output
+        unused by the loss has zero gradient) and drop forward passes that had no backward."""
+        for group in self.groups.values():
+            calls = [c for c in group.calls if c.d is not None]
+            self.dropped_calls += len(group.calls) - len(calls)
+            if calls:
+                self._reduce(calls)
+        self.groups.clear()
+
+    def _reduce(self, calls: list[Call]) -> None:
+        with torch.no_grad():
+            spec = self.owner.spectrum_before(self)
+            dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            if self.kind == "linear":
+                self.stats.append(self._linear_stats(spec, calls, dtype))
+            else:
+                self.stats.append(self._conv_stats(spec, calls, dtype))
+
+    def _linear_stats(self, spec: Spectrum, calls: list[Call], dtype):
+        B = calls[0].x.shape[0] if calls[0].x.dim() > 1 else 1
+        xs, ds = [], []
+        for c in calls:
+            if c.x.dim() == 1:  # an unbatched call: one sample
+                xs.append(c.x.reshape(1, 1, -1))
+                ds.append(c.d.reshape(1, 1, -1))
+            else:
+                xs.append(c.x.reshape(c.x.shape[0], -1, self.n))
+                ds.append(c.d.reshape(c.d.shape[0], -1, self.m))
+        if any(x.shape[0] != B for x in xs):  # calls on different sample sets: treat them as such
+            return _cat_stats([self._linear_stats(spec, [c], dtype) for c in calls])
+        X = torch.cat(xs, dim=1).to(dtype)
+        D = torch.cat(ds, dim=1).to(dtype)
+        return ops.persample_linear(X, D, spec.U.to(dtype), spec.S, spec.V.to(dtype), float(spec.sigma_next))
+
+    def _conv_stats(self, spec: Spectrum, calls: list[Call], dtype):
+        B = calls[0].x.shape[0]
+        if any(c.x.shape[0] != B or c.x.dim() != 4 for c in calls[1:]):
+            return _cat_stats([self._conv_stats(spec, [c], dtype) for c in calls])
+        xvec = yvec = None
+        for c in calls:
+            x = c.x if c.x.dim() == 4 else c.x.unsqueeze(0)
+            d = c.d if c.d.dim() == 4 else c.d.unsqueeze(0)
+            xv, yv = conv2d_projections(spec, x.to(dtype), d.to(dtype), *self.geometry)
+            xvec = xv if xvec is None else xvec + xv
+            yvec = yv if yvec is None else yvec + yv
+        ps = contract_projections(spec, xvec, yvec)
+        return ps.proj, ps.hess, ps.hess_lo, ps.hess_hi
+
+    def take_stats(self):
+        """All per-sample statistics since the last step, concatenated, and reset."""
+        stats, self.stats = self.stats, []
+        return _cat_stats(stats) if stats else None
+
+    def reset(self) -> None:
+        self.groups.clear()
+        self.stats = []
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.reset()
+
+
+def _cat_stats(parts):
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))

@@ -1,0 +1,100 @@
+"""Typed wrappers over the compiled ops ``torch.ops.lipfast.*`` and their fake (meta) kernels.
+
+The schemas live in ``csrc/lipfast.cpp``; CPU kernels in ``csrc/cpu``, CUDA kernels in ``csrc/cuda``.
+None of these ops is differentiable: the wrappers detach their inputs, since every statistic lipfast
+computes is a measurement of training, never part of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["subspace_iteration", "hessian_contract", "persample_linear"]
+
+
+def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float):
+    """Warm-started block subspace iteration on ``WᵀW`` with Rayleigh–Ritz (MATH.md §5).
+
+    Args:
+        W: ``[m, n]`` float32/float64 matrix.
+        V0: ``[n, p]`` starting block, ``p <= min(m, n)``; orthonormalised inside.
+        k: the leading ``k <= p`` triplets whose residual decides convergence.
+        max_iters: at most this many sweeps (each sweep is two GEMMs with ``W``).
+        tol: stop once ``max_{j<k} ‖Wᵀu_j − σ_j v_j‖ <= tol·σ1``; ``0`` runs ``max_iters`` sweeps
+            without a host synchronisation for the check.
+
+    Returns:
+        ``(U [m, p], S [p] float64 descending, V [n, p], residual [p] float64, iters [] int64)``.
+    """
+    return torch.ops.lipfast.subspace_iteration.default(W.detach(), V0.detach(), int(k), int(max_iters), float(tol))
+
+
+def hessian_contract(a: Tensor, b: Tensor, xnorm2: Tensor, ynorm2: Tensor, S: Tensor, sigma_next: float):
+    """``H[E_i, E_i]`` of MATH.md §1 from the projections of each direction onto the top-k triplets.
+
+    Args:
+        a: ``[N, k]``, ``a[i, j] = u_jᵀ (E_i v1)``.
+        b: ``[N, k]``, ``b[i, j] = v_jᵀ (E_iᵀ u1)``.
+        xnorm2: ``[N]``, ``‖E_i v1‖²``.
+        ynorm2: ``[N]``, ``‖E_iᵀ u1‖²``.
+        S: ``[k]`` singular values, descending.
+        sigma_next: ``σ_{k+1}``, or ``0`` when the spectrum is exact.
+
+    Returns:
+        ``(value, lo, hi)``, each ``[N]`` float64: the estimate and the truncation bracket. NaN where
+        ``σ1 == σ2`` or ``σ1 == 0`` (no finite Hessian there).
+    """
+    return torch.ops.lipfast.hessian_contract.default(
+        a.detach(), b.detach(), xnorm2.detach(), ynorm2.detach(), S.detach(), float(sigma_next)
+    )
+
+
+def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float):
+    """Fused per-sample statistics of a Linear layer, never forming ``G_i = D_iᵀ X_i`` (MATH.md §4).
+
+    Args:
+        X: ``[B, T, n]`` layer inputs.
+        D: ``[B, T, m]`` gradients of each sample's own loss w.r.t. the layer output.
+        U: ``[m, k]``, S: ``[k]``, V: ``[n, k]``: the top-k triplets of the weight.
+        sigma_next: ``σ_{k+1}``, or ``0`` when the spectrum is exact.
+
+    Returns:
+        ``(proj, hess, hess_lo, hess_hi)``, each ``[B]`` float64: ``u1ᵀ G_i v1`` and ``H[G_i, G_i]``.
+    """
+    return torch.ops.lipfast.persample_linear.default(
+        X.detach(), D.detach(), U.detach(), S.detach(), V.detach(), float(sigma_next)
+    )
+
+
+@torch.library.register_fake("lipfast::subspace_iteration")
+def _subspace_iteration_fake(W, V0, k, max_iters, tol):
+    torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
+    torch._check(V0.dim() == 2, lambda: f"V0 must have shape [n, p], got {tuple(V0.shape)}")
+    m, n = W.shape
+    p = V0.shape[1]
+    torch._check(V0.shape[0] == n, lambda: f"V0.size(0) must equal W.size(1) = {n}")
+    f64 = dict(dtype=torch.float64, device=W.device)
+    return (
+        W.new_empty((m, p)),
+        torch.empty((p,), **f64),
+        W.new_empty((n, p)),
+        torch.empty((p,), **f64),
+        torch.empty((), dtype=torch.int64, device=W.device),
+    )
+
+
+@torch.library.register_fake("lipfast::hessian_contract")
+def _hessian_contract_fake(a, b, xnorm2, ynorm2, S, sigma_next):
+    torch._check(a.dim() == 2, lambda: f"a must have shape [N, k], got {tuple(a.shape)}")
+    torch._check(b.shape == a.shape, lambda: f"b must have a's shape {tuple(a.shape)}")
+    N = a.shape[0]
+    return tuple(torch.empty((N,), dtype=torch.float64, device=a.device) for _ in range(3))
+
+
+@torch.library.register_fake("lipfast::persample_linear")
+def _persample_linear_fake(X, D, U, S, V, sigma_next):
+    torch._check(X.dim() == 3, lambda: f"X must have shape [B, T, n], got {tuple(X.shape)}")
+    torch._check(D.dim() == 3, lambda: f"D must have shape [B, T, m], got {tuple(D.shape)}")
+    B = X.shape[0]
+    return tuple(torch.empty((B,), dtype=torch.float64, device=X.device) for _ in range(4))

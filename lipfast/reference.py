@@ -1,0 +1,108 @@
+"""Pure-PyTorch twins of every compiled op and of the functional layer, written to be obviously right.
+
+Tests, benchmarks and the reference tracker call these. Two kinds live here:
+- the same algorithm in plain torch ops (``subspace_iteration``, ``hessian_contract``,
+  ``persample_linear``): the compiled ops must match them to rounding;
+- dense, materialising definitions (``hessian_form_dense``, ``persample_dense``,
+  ``persample_conv2d_unfold``): slow, memory-hungry, and the ground truth.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float):
+    """Twin of ``lipfast::subspace_iteration`` with Householder QR for the orthonormalisation."""
+    V = torch.linalg.qr(V0)[0]
+    it = 0
+    while True:
+        it += 1
+        Y = W @ V
+        Yd = Y.to(torch.float64)
+        theta, Q = torch.linalg.eigh(Yd.mT @ Yd)
+        theta, Q = theta.flip(0).clamp_min(0), Q.flip(1)
+        S = theta.sqrt()
+        inv = torch.where(S > 0, 1 / S, torch.zeros_like(S))
+        V = V @ Q.to(W.dtype)
+        U = ((Yd @ Q) * inv).to(W.dtype)
+        Z = W.mT @ U
+        res = (Z.to(torch.float64) - V.to(torch.float64) * S).norm(dim=0)
+        if it >= max_iters or (tol > 0 and float(res[:k].max()) <= tol * float(S[0])):
+            return U, S, V, res, torch.tensor(it)
+        V = torch.linalg.qr(Z)[0]
+
+
+def hessian_contract(a: Tensor, b: Tensor, xnorm2: Tensor, ynorm2: Tensor, S: Tensor, sigma_next: float):
+    """Twin of ``lipfast::hessian_contract`` (MATH.md §1), vectorised over N, float64."""
+    a, b, xnorm2, ynorm2, S = (t.to(torch.float64) for t in (a, b, xnorm2, ynorm2, S))
+    s1 = S[0]
+    sj = S[1:]
+    core = ((s1 * (a[:, 1:] ** 2 + b[:, 1:] ** 2) + 2 * sj * a[:, 1:] * b[:, 1:]) / (s1**2 - sj**2)).sum(-1)
+    rest = (xnorm2 + ynorm2 - (a**2).sum(-1) - (b**2).sum(-1)).clamp_min(0)
+    value, lo, hi = core + rest / s1, core + rest / (s1 + sigma_next), core + rest / (s1 - sigma_next)
+    bad = not (float(s1) > 0) or (S.numel() > 1 and not float(S[1]) < float(s1)) or not sigma_next < float(s1)
+    if bad:
+        value, lo, hi = (torch.full_like(t, float("nan")) for t in (value, lo, hi))
+    return value, lo, hi
+
+
+def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float):
+    """Twin of ``lipfast::persample_linear``: X [B,T,n], D [B,T,m] -> proj, hess, hess_lo, hess_hi [B]."""
+    X, D, U, V = (t.to(torch.float64) for t in (X, D, U, V))
+    XV = X @ V                                    # [B, T, k]
+    DU = D @ U                                    # [B, T, k]
+    x = torch.einsum("btm,bt->bm", D, XV[..., 0])  # G_i v1
+    y = torch.einsum("btn,bt->bn", X, DU[..., 0])  # G_iᵀ u1
+    a = x @ U
+    b = y @ V
+    hess = hessian_contract(a, b, (x * x).sum(-1), (y * y).sum(-1), S, sigma_next)
+    return (a[:, 0], *hess)
+
+
+def spectrum_exact(W: Tensor, k: int):
+    """LAPACK truncated SVD in float64: ``(U [m,k], S [k], V [n,k], sigma_next)``."""
+    U, S, Vh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
+    r = S.numel()
+    sigma_next = float(S[k]) if k < r else 0.0
+    return U[:, :k], S[:k], Vh.mT[:, :k], sigma_next
+
+
+def hessian_form_dense(W: Tensor, E: Tensor) -> Tensor:
+    """``H[E,E]`` from the full SVD, term by term as MATH.md §1 writes it (float64). E [m,n] or [N,m,n]."""
+    U, S, Vh = torch.linalg.svd(W.to(torch.float64), full_matrices=True)
+    m, n = W.shape
+    r = min(m, n)
+    E3 = E.to(torch.float64).reshape(-1, m, n)
+    out = []
+    for Ei in E3:
+        x = Ei @ Vh[0]
+        y = Ei.mT @ U[:, 0]
+        a = U.mT @ x          # all m left vectors
+        b = Vh @ y            # all n right vectors
+        h = 0.0
+        for j in range(1, r):
+            h = h + (S[0] * (a[j] ** 2 + b[j] ** 2) + 2 * S[j] * a[j] * b[j]) / (S[0] ** 2 - S[j] ** 2)
+        h = h + ((x @ x) - (a[:r] ** 2).sum() + (y @ y) - (b[:r] ** 2).sum()) / S[0]
+        out.append(h)
+    res = torch.stack([torch.as_tensor(h, dtype=torch.float64) for h in out])
+    return res[0] if E.dim() == 2 else res
+
+
+def persample_dense(W: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    """From materialised per-sample gradients ``G [B, m, n]``: ``(proj [B], hess [B])`` exactly."""
+    U, S, Vh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
+    G = G.to(torch.float64)
+    proj = torch.einsum("m,bmn,n->b", U[:, 0], G, Vh[0])
+    return proj, hessian_form_dense(W, G)
+
+
+def persample_conv2d_unfold(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float,
+                            kernel_size, stride=1, padding=0, dilation=1):
+    """Conv2d per-sample statistics through the materialised unfold (the memory-hungry route)."""
+    B = x.shape[0]
+    cols = F.unfold(x.to(torch.float64), kernel_size, dilation=dilation, padding=padding, stride=stride)  # [B, K, T]
+    D = grad_out.to(torch.float64).reshape(B, grad_out.shape[1], -1)                                       # [B, m, T]
+    return persample_linear(cols.mT, D.mT, U, S, V, sigma_next)

@@ -1,0 +1,588 @@
+"""Figures and a one-page report from a run folder: what ``lipfast report RUN_DIR`` produces.
+
+``make_report(run_dir)`` writes ``figures/*.png`` and a self-contained ``report.html`` (images
+embedded as base64 data URIs, no scripts, every string from the run HTML-escaped).
+``summary_table(run)`` is the plain-text table the command line prints.
+
+matplotlib is imported lazily, and only its object-oriented API with the Agg canvas is used
+(``matplotlib.figure.Figure`` + ``FigureCanvasAgg``): no pyplot, no global backend switch, never
+a GUI window.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import analysis, runio
+
+__all__ = ["make_report", "make_figures", "summary_table", "FIGURES"]
+
+# file name -> caption (HTML-safe: fixed text)
+FIGURES = {
+    "sigma.png": "σ₁ of each layer (observed) with the SDE mean and quantile band simulated from "
+    "the measured coefficients.",
+    "forces.png": "The three forces per step and layer: drift (i), Itô correction (iii) and the "
+    "noise scale √(diffusion_var) (ii).",
+    "pathwise.png": "Pathwise check: cumulative predicted change Σ δ_pred against the observed "
+    "change σ_t − σ_0.",
+    "log_bound.png": "Network Lipschitz bound log Π σ_ℓ with its SDE band.",
+    "gap.png": "Relative spectral gap (σ₁ − σ₂)/σ₁ per layer; degenerate steps marked.",
+    "loss.png": "Training loss and accuracy.",
+}
+
+_TITLE_MAX = 48
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{x:.{digits}g}" if math.isfinite(x) else "n/a"
+
+
+def _pct(x: Any, digits: int = 1) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{100 * x:.{digits}f}%" if math.isfinite(x) else "n/a"
+
+
+def _as_float(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _mtext(s: str) -> str:
+    """A run string made safe for a matplotlib text: no mathtext, bounded length."""
+    s = s if len(s) <= _TITLE_MAX else s[: _TITLE_MAX - 1] + "…"
+    return s.replace("$", r"\$")
+
+
+def _coverages(run: runio.Run, sim: dict | None) -> tuple[dict[str, float], float]:
+    """Per-layer and network band coverage from a simulate_run result or summary.json."""
+    if sim is not None:
+        layers = {k: v["coverage"] for k, v in sim.get("layers", {}).items()}
+        net = sim["network"]["coverage"] if sim.get("network") else math.nan
+        return layers, net
+    sde = (run.summary or {}).get("sde") or {}
+    layers = {k: _as_float((v or {}).get("coverage")) for k, v in (sde.get("layers") or {}).items()}
+    net = _as_float((sde.get("network") or {}).get("coverage"))
+    return layers, net
+
+
+def _pathwise(run: runio.Run) -> tuple[dict[str, dict], dict | None]:
+    groups: dict[str, list[dict]] = {}
+    for r in run.layers:
+        groups.setdefault(r["layer"], []).append(r)
+    layers = {name: analysis.pathwise_layer(rows) for name, rows in groups.items()}
+    net = analysis.pathwise_network(run.network) if run.network else None
+    return layers, net
+
+
+# --------------------------------------------------------------------------------------------
+# Plain-text summary
+# --------------------------------------------------------------------------------------------
+
+
+def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -> str:
+    """A plain-text table, one line per layer: σ start -> end, the share of each force
+    (drift / Itô / noise scale), the pathwise relative residual and the SDE band coverage,
+    then a line for the network's log bound.
+
+    Args:
+        run: a Run or a run folder.
+        sim: a :func:`lipfast.analysis.simulate_run` result to take coverages from; by default
+            they come from summary.json (``lipfast simulate``), "n/a" when absent.
+    """
+    run = run if isinstance(run, runio.Run) else runio.load_run(run)
+    pw_layers, pw_net = _pathwise(run)
+    cov_layers, cov_net = _coverages(run, sim)
+    header = ["layer", "sigma start -> end", "drift", "ito", "noise", "pathwise resid", "coverage"]
+    rows = []
+    for name, pw in pw_layers.items():
+        rows.append([
+            name,
+            f"{_num(pw['sigma_start'])} -> {_num(pw['sigma_end'])}",
+            _pct(pw["share_drift"]),
+            _pct(pw["share_ito"]),
+            _pct(pw["share_noise"]),
+            _pct(pw["rel_residual"], 2),
+            _pct(cov_layers.get(name, math.nan)),
+        ])  # fmt: skip
+    if pw_net is not None:
+        rows.append([
+            "(network log bound)",
+            f"{_num(pw_net['log_bound_start'])} -> {_num(pw_net['log_bound_end'])}",
+            _pct(pw_net["share_drift"]),
+            _pct(pw_net["share_ito"]),
+            _pct(pw_net["share_noise"]),
+            "",
+            _pct(cov_net),
+        ])  # fmt: skip
+    if not rows:
+        return f"{run.path}: no records"
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first] + rest).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out.append("shares of |cum drift| + |cum ito| + sqrt(sum diffusion_var); pathwise resid = "
+               "|sum obs - sum pred| / |sum obs|; coverage = observed inside the SDE band")  # fmt: skip
+    if run.dropped_lines:
+        out.append(f"note: {run.dropped_lines} partial CSV line(s) from an interrupted write "
+                   "were ignored")  # fmt: skip
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def _mpl():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError(
+            "lipfast report needs matplotlib: pip install matplotlib (or pip install 'lipfast[run]')"
+        ) from exc
+    return Figure, FigureCanvasAgg
+
+
+def _grid(n: int, ncols_max: int = 3) -> tuple[int, int]:
+    ncols = max(1, min(ncols_max, n))
+    return max(1, math.ceil(n / ncols)), ncols
+
+
+def _layer_figure(n: int, *, width: float = 4.4, height: float = 3.0):
+    Figure, Canvas = _mpl()
+    nrows, ncols = _grid(n)
+    fig = Figure(figsize=(width * ncols, height * nrows + 0.4), layout="constrained")
+    Canvas(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # A layer name with characters the default font lacks must not break the report.
+        warnings.filterwarnings("ignore", message=r"Glyph .*missing from", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def _with_breaks(steps: np.ndarray, *cols: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Insert NaN between blocks of consecutive steps so lines and bands break there."""
+    steps = np.asarray(steps, dtype=np.float64)
+    if steps.size < 2:
+        return (steps,) + tuple(np.asarray(c, dtype=np.float64) for c in cols)
+    cut = np.flatnonzero(np.diff(steps) != 1) + 1
+    ins = lambda a: np.insert(np.asarray(a, dtype=np.float64), cut, np.nan)  # noqa: E731
+    return (ins(steps),) + tuple(ins(c) for c in cols)
+
+
+def _rows_by_layer(run: runio.Run) -> dict[str, dict[str, np.ndarray]]:
+    groups: dict[str, dict[int, dict]] = {}
+    for r in run.layers:
+        groups.setdefault(r["layer"], {})[int(r["step"])] = r
+    out = {}
+    for name, by_step in groups.items():
+        rows = [by_step[s] for s in sorted(by_step)]
+        d = {c: np.array([r[c] for r in rows], dtype=np.float64) for c in runio.LAYER_COLUMNS
+             if c not in runio.STR_COLUMNS}  # fmt: skip
+        out[name] = d
+    return out
+
+
+def _band_plot(ax, series: dict | None, obs_steps, obs, q: Sequence[float], label_obs: str):
+    if series is not None and len(series["steps"]):
+        st, mean, lo, hi, ob = _with_breaks(
+            series["steps"], series["mean"], series["lo"], series["hi"], series["observed"]
+        )
+        ax.fill_between(st, lo, hi, color="tab:orange", alpha=0.3, linewidth=0,
+                        label=f"SDE {q[0]:.0%}–{q[1]:.0%} band")  # fmt: skip
+        ax.plot(st, mean, color="tab:orange", linestyle="--", linewidth=1.2, label="SDE mean")
+        ax.plot(st, ob, color="tab:blue", linewidth=1.3, label=label_obs)
+    else:
+        ax.plot(obs_steps, obs, color="tab:blue", linewidth=1.3, label=label_obs)
+
+
+def make_figures(
+    run: runio.Run, sim: dict | None, *, quantiles: Sequence[float] = (0.05, 0.95)
+) -> dict[str, bytes]:
+    """Render the report's figures. Returns {file name: PNG bytes} (keys as in FIGURES).
+
+    Args:
+        run: the run.
+        sim: ``{"layers": {name: series}, "network": series or None}`` as from
+            :func:`lipfast.analysis.load_simulation` or ``simulate_run``; None plots the
+            observations without bands.
+        quantiles: the band's quantiles, for the legend.
+    """
+    _mpl()
+    layers = _rows_by_layer(run)
+    names = list(layers)
+    sim_layers = (sim or {}).get("layers") or {}
+    sim_net = (sim or {}).get("network")
+    figs: dict[str, bytes] = {}
+    n = max(1, len(names))
+
+    # 1. sigma with the SDE band
+    fig, axes = _layer_figure(n)
+    for ax, name in zip(axes, names):
+        d = layers[name]
+        _band_plot(ax, sim_layers.get(name), d["step"], d["sigma"], quantiles, "observed σ₁")
+        ax.set_title(_mtext(name), fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("σ₁")
+    if names:
+        axes[0].legend(fontsize=8)
+    figs["sigma.png"] = _png(fig)
+
+    # 2. forces: per step (left) and cumulative (right), one row per layer
+    Figure, Canvas = _mpl()
+    fig = Figure(figsize=(10.0, 2.8 * n + 0.4), layout="constrained")
+    Canvas(fig)
+    grid = fig.subplots(n, 2, squeeze=False)
+    for (ax, cax), name in zip(grid, names):
+        d = layers[name]
+        st, dr, it, dv = _with_breaks(d["step"], d["drift"], d["ito"], d["diffusion_var"])
+        noise = np.sqrt(np.where(dv > 0, dv, np.where(np.isnan(dv), np.nan, 0.0)))
+        ax.axhline(0.0, color="0.6", linewidth=0.8)
+        ax.plot(st, dr, color="tab:blue", linewidth=1.0, label="drift (i)")
+        ax.plot(st, it, color="tab:orange", linewidth=1.0, label="Itô (iii)")
+        ax.plot(st, noise, color="tab:green", linewidth=1.0, label="√diffusion_var (ii)")
+        ax.set_title(f"{_mtext(name)}: per step", fontsize=10)
+        ax.set_xlabel("step")
+        after = d["step"] + 1
+        fin = lambda a: np.where(np.isfinite(a), a, 0.0)  # noqa: E731
+        cax.axhline(0.0, color="0.6", linewidth=0.8)
+        cax.plot(after, np.cumsum(fin(d["drift"])), color="tab:blue", linewidth=1.3,
+                 label="Σ drift")  # fmt: skip
+        cax.plot(after, np.cumsum(fin(d["ito"])), color="tab:orange", linewidth=1.3,
+                 label="Σ Itô")  # fmt: skip
+        cax.plot(after, np.sqrt(np.cumsum(np.maximum(fin(d["diffusion_var"]), 0.0))),
+                 color="tab:green", linewidth=1.3, label="√Σ diffusion_var")  # fmt: skip
+        cax.set_title(f"{_mtext(name)}: cumulative", fontsize=10)
+        cax.set_xlabel("step")
+    if names:
+        grid[0][0].legend(fontsize=8)
+        grid[0][1].legend(fontsize=8)
+    figs["forces.png"] = _png(fig)
+
+    # 3. pathwise: cumulative predicted vs observed
+    fig, axes = _layer_figure(n)
+    for ax, name in zip(axes, names):
+        d = layers[name]
+        after = d["step"] + 1
+        pred = np.where(np.isfinite(d["delta_pred"]), d["delta_pred"], 0.0)
+        ax.plot(after, np.cumsum(pred), color="tab:red", linestyle="--", linewidth=1.3,
+                label=r"predicted $\sum\,\delta_{\mathrm{pred}}$")  # fmt: skip
+        ax.plot(after, d["sigma_next"] - d["sigma"][0], color="tab:blue", linewidth=1.3,
+                label=r"observed $\sigma_t - \sigma_0$")  # fmt: skip
+        if len(d["step"]) > 1 and np.any(np.diff(d["step"]) != 1):
+            obs = np.where(np.isfinite(d["delta_obs"]), d["delta_obs"], 0.0)
+            ax.plot(after, np.cumsum(obs), color="tab:green", linestyle=":", linewidth=1.3,
+                    label=r"$\sum\,\delta_{\mathrm{obs}}$ (tracked steps)")  # fmt: skip
+        ax.set_title(_mtext(name), fontsize=10)
+        ax.set_xlabel("step")
+    if names:
+        axes[0].legend(fontsize=8)
+    figs["pathwise.png"] = _png(fig)
+
+    # 4. log bound
+    Figure, Canvas = _mpl()
+    fig = Figure(figsize=(7.5, 3.6), layout="constrained")
+    Canvas(fig)
+    ax = fig.add_subplot()
+    net = _sorted_net(run.network)
+    if net:
+        st = np.array([r["step"] for r in net], dtype=np.float64)
+        lb = np.array([r["log_bound"] for r in net], dtype=np.float64)
+        _band_plot(ax, sim_net, st, lb, quantiles, "observed log bound")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no network records", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel(r"log bound $\sum_\ell \log \sigma_1(W_\ell)$")
+    figs["log_bound.png"] = _png(fig)
+
+    # 5. spectral gap with degenerate steps
+    fig, axes = _layer_figure(n)
+    for ax, name in zip(axes, names):
+        d = layers[name]
+        st, gap = _with_breaks(d["step"], d["gap"])
+        ax.plot(st, gap, color="tab:purple", linewidth=1.0, label="gap")
+        deg = d["degenerate"] > 0
+        ax.scatter(d["step"][deg], d["gap"][deg], color="tab:red", marker="x", s=22, zorder=3,
+                   label="degenerate")  # fmt: skip
+        ax.set_title(_mtext(name), fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("(σ₁ − σ₂)/σ₁")
+    if names:
+        axes[0].legend(fontsize=8)
+    figs["gap.png"] = _png(fig)
+
+    # 6. loss / accuracy
+    fig = Figure(figsize=(7.5, 3.4), layout="constrained")
+    Canvas(fig)
+    ax = fig.add_subplot()
+    if net:
+        st = np.array([r["step"] for r in net], dtype=np.float64)
+        loss = np.array([r["loss"] for r in net], dtype=np.float64)
+        acc = np.array([r["train_acc"] for r in net], dtype=np.float64)
+        handles = ax.plot(st, loss, color="tab:blue", linewidth=1.0, label="loss")
+        ax.set_ylabel("loss")
+        ok = np.isfinite(acc)
+        if ok.any():
+            ax2 = ax.twinx()
+            handles += ax2.plot(st[ok], acc[ok], color="tab:green", linewidth=1.0,
+                                label="train accuracy")  # fmt: skip
+            ax2.set_ylabel("accuracy")
+        ax.legend(handles=handles, fontsize=8, loc="center right")
+    else:
+        ax.text(0.5, 0.5, "no network records", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    figs["loss.png"] = _png(fig)
+    return figs
+
+
+def _sorted_net(rows: list[dict]) -> list[dict]:
+    """Network rows sorted by step, a repeated step keeping its last record."""
+    by_step = {int(r["step"]): r for r in rows}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1180px;
+margin:1.5em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;
+border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right;vertical-align:top}
+th{background:#f4f4f4}td.l,th.l{text-align:left}code{font-size:.95em}
+.meta{color:#555}.warn{background:#fff4d6;border:1px solid #e8c15a;padding:.4em .7em}
+figure{margin:1.2em 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:.9em}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, dict):
+        out: list[tuple[str, str]] = []
+        for k, v in obj.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out or [(prefix, "{}")]
+    if isinstance(obj, str):
+        return [(prefix, obj)]
+    return [(prefix, json.dumps(obj, allow_nan=True, default=str))]
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Cells must be escaped already; the first ``left`` columns are left-aligned."""
+    cls = lambda i: ' class="l"' if i < left else ""  # noqa: E731
+    head = "".join(f"<th{cls(i)}>{h}</th>" for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html(run: runio.Run, figs: dict[str, bytes], summary: dict) -> str:
+    pw_layers, pw_net = _pathwise(run)
+    cov_layers, cov_net = _coverages(run, None)
+    sde = summary.get("sde") or {}
+    q = sde.get("quantiles") or [0.05, 0.95]
+    steps = sorted({r["step"] for r in run.layers})
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "img-src data:; style-src 'unsafe-inline'\">",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>lipfast report: {_e(run.path.name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>lipfast report: <code>{_e(run.path.name)}</code></h1>",
+        f'<p class="meta">created {_e(run.meta.get("created", "?"))} with lipfast '
+        f'{_e(run.meta.get("lipfast_version", "?"))}; {len(pw_layers)} tracked layer(s); '
+        f"{len(steps)} tracked step(s)"
+        + (f" ({_e(steps[0])} to {_e(steps[-1])})" if steps else "")
+        + "</p>",
+    ]
+    if run.dropped_lines:
+        parts.append(
+            f'<p class="warn">{run.dropped_lines} partial CSV line(s) left by an interrupted '
+            "write were ignored.</p>"
+        )
+
+    # per-layer table
+    rows = []
+    for name, pw in pw_layers.items():
+        rows.append([
+            f"<code>{_e(name)}</code>",
+            f"{_num(pw['sigma_start'])} → {_num(pw['sigma_end'])}",
+            f"{_num(pw['cum_drift'])} ({_pct(pw['share_drift'])})",
+            f"{_num(pw['cum_ito'])} ({_pct(pw['share_ito'])})",
+            f"{_num(pw['noise_scale'])} ({_pct(pw['share_noise'])})",
+            f"{_num(pw['sum_delta_pred'])} / {_num(pw['sum_delta_obs_valid'])}",
+            _pct(pw["rel_residual"], 2),
+            _pct(cov_layers.get(name, math.nan)),
+            _pct(pw["degenerate_fraction"]),
+        ])  # fmt: skip
+    parts.append("<h2>Per layer</h2>")
+    parts.append(_table(
+        ["layer", "σ₁ start → end", "Σ drift (share)", "Σ Itô (share)",
+         "noise scale √Σvar (share)", "Σ δ_pred / Σ δ_obs", "pathwise residual",
+         f"band coverage ({_e(_pct(q[0], 0))}–{_e(_pct(q[1], 0))})", "degenerate steps"],
+        rows,
+    ))  # fmt: skip
+    parts.append(
+        '<p class="meta">Shares are of |Σ drift| + |Σ Itô| + √Σ diffusion_var. The pathwise '
+        "residual is |Σ δ_obs − Σ δ_pred| / |Σ δ_obs| over the steps where both are finite. "
+        "Band coverage is the fraction of observed values inside the simulated band (block "
+        "starts excluded).</p>"
+    )
+    if pw_net is not None:
+        parts.append("<h2>Network</h2>")
+        parts.append(_table(
+            ["quantity", "log bound start → end", "Σ drift (share)", "Σ Itô (share)",
+             "noise scale (share)", "band coverage"],
+            [["Σ<sub>ℓ</sub> log σ<sub>ℓ</sub>",
+              f"{_num(pw_net['log_bound_start'])} → {_num(pw_net['log_bound_end'])}",
+              f"{_num(pw_net['cum_drift'])} ({_pct(pw_net['share_drift'])})",
+              f"{_num(pw_net['cum_ito'])} ({_pct(pw_net['share_ito'])})",
+              f"{_num(pw_net['noise_scale'])} ({_pct(pw_net['share_noise'])})",
+              _pct(cov_net)]],
+        ))  # fmt: skip
+
+    parts.append("<h2>Figures</h2>")
+    for name, png in figs.items():
+        b64 = base64.b64encode(png).decode("ascii")
+        caption = FIGURES.get(name, "")
+        parts.append(
+            f'<figure><img src="data:image/png;base64,{b64}" alt="{_e(name)}">'
+            f"<figcaption><code>figures/{_e(name)}</code>: {_e(caption)}</figcaption></figure>"
+        )
+
+    if sde:
+        parts.append("<h2>SDE simulation</h2>")
+        parts.append(
+            f"<p>{_e(sde.get('method', ''))} Paths: {_e(sde.get('n_paths', '?'))}, seed "
+            f"{_e(sde.get('seed', '?'))}, quantiles {_e(q)}.</p>"
+        )
+
+    parts.append("<h2>Configuration</h2>")
+    cfg = _flatten(run.config)
+    if cfg:
+        parts.append(_table(["option", "value"], [[_e(k), _e(v)] for k, v in cfg], left=2))
+    else:
+        parts.append("<p>(empty)</p>")
+
+    extra = {k: v for k, v in summary.items() if k not in ("sde", "pathwise")}
+    if extra:
+        parts.append("<h2>Run summary</h2>")
+        parts.append(
+            _table(["field", "value"], [[_e(k), _e(v)] for k, v in _flatten(extra)], left=2)
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_simulation(path: Path, summary: dict | None) -> bool:
+    sde_files = [path / runio.SDE_LAYERS_FILE, path / runio.SDE_NETWORK_FILE]
+    if not all(p.is_file() for p in sde_files):
+        return True
+    if not summary or "sde" not in summary or "pathwise" not in summary:
+        return True
+    newest_record = max(
+        (p.stat().st_mtime for p in (path / runio.LAYERS_FILE, path / runio.NETWORK_FILE)
+         if p.is_file()),
+        default=0.0,
+    )  # fmt: skip
+    return min(p.stat().st_mtime for p in sde_files) < newest_record
+
+
+def make_report(
+    run_dir: str | os.PathLike,
+    *,
+    n_paths: int = 4096,
+    seed: int = 0,
+    quantiles: Sequence[float] = (0.05, 0.95),
+    resimulate: bool = False,
+) -> Path:
+    """Write ``figures/*.png`` and ``report.html`` into a run folder.
+
+    The SDE simulation (:func:`lipfast.analysis.write_simulation`, with ``n_paths``, ``seed``
+    and ``quantiles``) is run first when sde_*.csv are missing, older than the records, or
+    absent from summary.json, or when ``resimulate`` is set.
+
+    Returns:
+        The path of report.html.
+
+    Raises:
+        RunFolderError: the folder is not a readable run, or it has no layer records yet.
+        ImportError: matplotlib is not installed (the message says how to install it).
+    """
+    _mpl()
+    run = runio.load_run(run_dir)
+    if not run.layers:
+        raise runio.RunFolderError(f"{run.path} has no layer records yet: nothing to report")
+    path = run.path
+    if resimulate or _needs_simulation(path, run.summary):
+        analysis.write_simulation(path, n_paths=n_paths, seed=seed, quantiles=quantiles)
+        run = runio.load_run(path)
+    summary = run.summary or {}
+    sim = analysis.load_simulation(path)
+    q = (summary.get("sde") or {}).get("quantiles") or list(quantiles)
+    figs = make_figures(run, sim, quantiles=q)
+    figdir = path / runio.FIGURES_DIR
+    try:
+        figdir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise runio.RunWriteError(exc.errno or 5, f"lipfast: cannot create {figdir}: "
+                                  f"{exc.strerror or exc}") from exc  # fmt: skip
+    for name, png in figs.items():
+        runio.write_bytes_atomic(figdir / name, png)
+    out = path / runio.REPORT_FILE
+    runio.write_text_atomic(out, _html(run, figs, summary))
+    return out

@@ -1,0 +1,456 @@
+"""``lipfast.Tracker``: the three forces on every layer's operator norm, measured while a model trains.
+
+Attach it to an unmodified model and optimizer; it captures what it needs during forward/backward
+(:mod:`lipfast.instrument`) and around ``optimizer.step()`` (step pre/post hooks), and appends one
+record per tracked layer and one network record per tracked step (API.md, MATH.md §2–§3).
+
+What the per-sample numbers mean:
+- ``loss_reduction="mean"``: the gradient the optimizer sees is taken to be the mean of the per-sample
+  loss gradients over every sample whose forward/backward ran since the last step (with gradient
+  accumulation, divide each micro-batch loss by the number of micro-batches, as is usual).
+  ``"sum"``: it is their sum.
+- BatchNorm in training mode couples the samples of a batch: ``D_iᵀX_i`` is then sample i's share of the
+  batch gradient, not the gradient of its own loss. The decomposition stays exact for the realised step
+  (first/second order), while the noise terms describe the spread of those shares. A warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .functional import Spectrum, compute_spectrum, contract_projections
+from .instrument import LayerCapture, unsupported_reason
+from .optim import StepCoefficients, find_group, step_coefficients
+
+__all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS"]
+
+logger = logging.getLogger("lipfast")
+
+LAYER_FIELDS = ("step", "layer", "kind", "m", "n", "batch", "lr", "sigma", "sigma2", "sigma_next",
+                "delta_obs", "first_order", "second_order", "delta_pred", "drift", "diffusion_var",
+                "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "nonfinite", "flags")
+NETWORK_FIELDS = ("step", "log_bound", "log_bound_next", "drift", "diffusion_var", "ito", "loss", "train_acc")
+_FORCE_FIELDS = ("first_order", "second_order", "delta_pred", "drift", "diffusion_var", "ito", "ito_lo", "ito_hi")
+_STATE_FORMAT = 1
+NAN = float("nan")
+
+
+class LipfastWarning(UserWarning):
+    """Something about the tracked run the user should know (the numbers' meaning, skipped data)."""
+
+
+@dataclass
+class _Cached:
+    """The spectrum of a weight and which weight it belongs to (autograd's in-place version counter,
+    or after a restore, a fingerprint of the values)."""
+
+    spec: Spectrum
+    version: int | None
+    fingerprint: tuple[float, float] | None = None
+
+
+def _fingerprint(W: Tensor) -> tuple[float, float]:
+    Wd = W.detach().to(torch.float64)
+    return float(Wd.sum()), float(Wd.norm())
+
+
+def _matrix(t: Tensor, m: int) -> Tensor:
+    return t.detach().reshape(m, -1)
+
+
+class Tracker:
+    """Tracks σ1 of every supported layer and the three forces that move it (API.md).
+
+    Args:
+        model: the ``nn.Module`` being trained (a ``DistributedDataParallel`` wrapper is unwrapped;
+            names are those of the inner module).
+        optimizer: the optimizer that trains it.
+        rank: top-k singular triplets kept per layer (warm-started between steps); at or above a
+            layer's ``min(m, n)`` its spectrum is exact.
+        every: track every ``every``-th optimizer step; the others cost a counter increment.
+        layers: None (every supported layer), an iterable of qualified names, or a predicate
+            ``(name, module) -> bool``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss the optimizer differentiates combines
+            per-sample losses (sets the per-sample scaling).
+        dataset_size: when given, batches are taken as sampled without replacement from this many
+            samples, and the noise terms get the factor ``(N − B)/(N − 1)`` (MATH.md §3).
+        gap_tol: relative gap ``(σ1 − σ2)/σ1`` below which a layer's step is ``degenerate``.
+        step_tol: a step is also ``degenerate`` when ``‖ΔW‖_F/(σ1 − σ2)`` exceeds this (MATH.md §1).
+        iters: subspace sweeps per spectrum update (warm start); the first is cold (up to 100).
+        tol: relative residual that ends the sweeps early (0: always ``iters`` sweeps, no sync).
+        on_nonfinite: ``"flag"`` (record the step as non-finite, keep training) or ``"raise"``.
+        on_record: optional callback ``(layer_records, network_record) -> None`` after each tracked step.
+        keep_records: keep records in ``tracker.records``/``tracker.network`` (turn off for very
+            long runs that stream records through ``on_record``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
+                 layers: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+                 loss_reduction: str = "mean", dataset_size: int | None = None, *,
+                 gap_tol: float = 1e-3, step_tol: float = 0.5, iters: int = 2, tol: float | None = None,
+                 on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True):
+        self._check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol,
+                         iters, on_nonfinite)
+        self.model = model
+        self.optimizer = optimizer
+        self.rank = rank
+        self.every = every
+        self.loss_reduction = loss_reduction
+        self.dataset_size = dataset_size
+        self.gap_tol = float(gap_tol)
+        self.step_tol = float(step_tol)
+        self.iters = iters
+        self.tol = tol
+        self.on_nonfinite = on_nonfinite
+        self.on_record = on_record
+        self.keep_records = keep_records
+        self.records: list[dict] = []
+        self.network: list[dict] = []
+        self.step = 0
+        self.forward_id = 0
+        self.skipped: dict[str, str] = {}
+        self._logged: dict[str, float] = {}
+        self._cache: dict[str, _Cached] = {}
+        self._pending: dict[str, dict] = {}
+        self._warned: set[str] = set()
+        self._closed = False
+
+        root = self._unwrap(model)
+        self.captures: dict[str, LayerCapture] = {}
+        for name, module in self._select(root, layers):
+            self.captures[name] = LayerCapture(name, module, self)
+        self._handles = [
+            root.register_forward_pre_hook(self._on_root_forward),
+            optimizer.register_step_pre_hook(self._on_step_pre),
+            optimizer.register_step_post_hook(self._on_step_post),
+        ]
+        self._announce(root, optimizer)
+
+    # -- attach ----------------------------------------------------------------------------------
+    @staticmethod
+    def _check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol, iters,
+                    on_nonfinite) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Tracker: model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiled_call_impl", None):
+            raise TypeError(
+                "Tracker: model is torch.compile'd; lipfast's tensor hooks would be traced away and record "
+                "nothing. Attach the tracker to the uncompiled model (train it eagerly while tracking).")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Tracker: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for name, value, minimum in (("rank", rank, 1), ("every", every, 1), ("iters", iters, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"Tracker: {name} must be an int >= {minimum}, got {value!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"Tracker: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
+                                         or dataset_size < 2):
+            raise ValueError(f"Tracker: dataset_size must be None or an int >= 2, got {dataset_size!r}")
+        for name, value in (("gap_tol", gap_tol), ("step_tol", step_tol)):
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"Tracker: {name} must be a number >= 0, got {value!r}")
+        if on_nonfinite not in ("flag", "raise"):
+            raise ValueError(f"Tracker: on_nonfinite must be 'flag' or 'raise', got {on_nonfinite!r}")
+
+    @staticmethod
+    def _unwrap(model: nn.Module) -> nn.Module:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.module
+        return model
+
+    def _select(self, root: nn.Module, layers):
+        if layers is not None and not callable(layers):
+            wanted = list(layers)
+            if not all(isinstance(w, str) for w in wanted):
+                raise TypeError(f"Tracker: layers must be names (str) or a predicate, got {wanted!r}")
+            known = dict(root.named_modules())
+            missing = [w for w in wanted if w not in known]
+            if missing:
+                raise ValueError(f"Tracker: layers {missing} are not modules of the model; "
+                                 f"its modules with weights are {[n for n, m in known.items() if _has_weight(m)]}")
+            wanted = set(wanted)
+            keep = lambda name, module: name in wanted  # noqa: E731
+        else:
+            keep = layers or (lambda name, module: True)
+        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        chosen = []
+        for name, module in root.named_modules():
+            if not _has_weight(module):
+                continue
+            if not keep(name, module):
+                self.skipped[name] = "excluded by the layers argument"
+                continue
+            reason = unsupported_reason(module)
+            if reason is None and id(module.weight) not in owned:
+                reason = "its weight is not among the optimizer's parameters"
+            if reason is None and not module.weight.requires_grad:
+                reason = "its weight does not require grad (frozen)"
+            if reason is not None:
+                self.skipped[name] = reason
+            else:
+                chosen.append((name, module))
+        if not chosen:
+            detail = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped.items()) or "it has no modules with weights"
+            if any("not among the optimizer" in r for r in self.skipped.values()):
+                raise ValueError("Tracker: the optimizer does not own the weights of the model's layers; pass the "
+                                 f"optimizer that trains this model ({detail})")
+            raise ValueError(f"Tracker: the model has no layer lipfast can track (Linear, Conv2d with groups=1); {detail}")
+        return chosen
+
+    def _announce(self, root: nn.Module, optimizer) -> None:
+        if self.skipped:
+            logger.warning("lipfast: not tracking %d module(s) with weights: %s", len(self.skipped),
+                           "; ".join(f"{n}: {r}" for n, r in self.skipped.items()))
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in root.modules()):
+            warnings.warn(
+                "lipfast: the model has BatchNorm layers; in training mode they couple the samples of a batch, "
+                "so each per-sample 'gradient' D_iᵀX_i is sample i's share of the batch gradient rather than the "
+                "gradient of its own loss. first/second_order and delta_pred stay exact; drift, diffusion_var and "
+                "ito then describe the spread of those shares (see the Tracker docs).", LipfastWarning, stacklevel=3)
+        if not isinstance(optimizer, torch.optim.SGD):
+            logger.warning("lipfast: %s is not SGD; drift/diffusion_var/ito are reported as for plain SGD with the "
+                           "group's learning rate, first/second_order use the real update", type(optimizer).__name__)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    @property
+    def capturing(self) -> bool:
+        return not self._closed and self.step % self.every == 0
+
+    def _on_root_forward(self, module, args) -> None:
+        self.forward_id += 1
+
+    def spectrum_before(self, cap: LayerCapture) -> Spectrum:
+        """The spectrum of ``cap``'s weight as it is now, from the cache when the weight is unchanged."""
+        W = _matrix(cap.weight, cap.m)
+        cached = self._cache.get(cap.name)
+        if cached is not None:
+            if cached.version == cap.weight._version:
+                return cached.spec
+            if cached.fingerprint is not None and cached.fingerprint == _fingerprint(W):
+                cached.version, cached.fingerprint = cap.weight._version, None
+                return cached.spec
+        basis = cached.spec.basis if cached is not None else None
+        spec = self._spectrum(W, basis)
+        self._cache[cap.name] = _Cached(spec, cap.weight._version)
+        return spec
+
+    def _spectrum(self, W: Tensor, basis: Tensor | None) -> Spectrum:
+        W = W if W.dtype in (torch.float32, torch.float64) else W.float()
+        return compute_spectrum(W, self.rank, basis, self.iters if basis is not None else None, self.tol)
+
+    def _on_step_pre(self, optimizer, args, kwargs) -> None:
+        if not self.capturing:
+            for cap in self.captures.values():
+                cap.reset()
+            return
+        with torch.no_grad():
+            for name, cap in self.captures.items():
+                cap.flush()
+                if cap.dropped_calls:
+                    self._warn_once("no_backward", f"lipfast: {cap.dropped_calls} forward call(s) of '{name}' had no "
+                                    "backward before optimizer.step(); their inputs were discarded (wrap evaluation "
+                                    "passes in torch.no_grad() to avoid capturing them)")
+                    cap.dropped_calls = 0
+                stats = cap.take_stats()
+                grad = cap.weight.grad
+                if stats is None or grad is None:
+                    self._warn_once("no_stats", f"lipfast: no forward/backward of '{name}' was captured before "
+                                    "optimizer.step() at step {self.step}; that layer has no record for this step")
+                    continue
+                self._pending[name] = self._prepare(cap, stats, grad)
+
+    def _prepare(self, cap: LayerCapture, stats, grad: Tensor) -> dict:
+        """Everything that needs the state before the step: spectrum, W, gradient and buffer projections."""
+        spec = self.spectrum_before(cap)
+        proj, hess, hess_lo, hess_hi = stats
+        N = int(proj.shape[0])
+        G = _matrix(grad, cap.m).to(torch.float64)
+        loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
+        scale = 1.0 if self.loss_reduction == "sum" else float(N)
+        gbar = G / loss_factor
+        u1, v1 = spec.U[:, 0].to(torch.float64), spec.V[:, 0].to(torch.float64)
+        h_gbar = contract_projections(spec, (gbar @ v1)[None], (gbar.mT @ u1)[None])
+        coef = step_coefficients(self.optimizer, cap.weight)
+        known = 0.0 if coef.known is None else float(u1 @ _matrix(coef.known, cap.m).to(torch.float64) @ v1)
+        return dict(spec=spec, W=cap.weight.detach().clone(), N=N, s=proj * scale,
+                    h=(hess * scale**2, hess_lo * scale**2, hess_hi * scale**2), h_gbar=h_gbar, coef=coef,
+                    c=coef.fresh * loss_factor, known=known, grad_finite=bool(torch.isfinite(G).all()))
+
+    def _on_step_post(self, optimizer, args, kwargs) -> None:
+        if self._pending:
+            with torch.no_grad():
+                rows = [self._record(self.captures[name], p) for name, p in self._pending.items()]
+            self._pending.clear()
+            net = self._network_record(rows)
+            if self.keep_records:
+                self.records.extend(rows)
+                self.network.append(net)
+            if self.on_record is not None:
+                self.on_record(rows, net)
+        self._logged = {}
+        self.step += 1
+
+    # -- records ---------------------------------------------------------------------------------
+    def _record(self, cap: LayerCapture, p: dict) -> dict:
+        spec: Spectrum = p["spec"]
+        coef: StepCoefficients = p["coef"]
+        N, s, c = p["N"], p["s"], p["c"]
+        flags = []
+        W_after = _matrix(cap.weight, cap.m)
+        dW = (W_after - _matrix(p["W"], cap.m)).to(torch.float64)
+        finite_after = bool(torch.isfinite(dW).all())
+        sigma = float(spec.S[0])
+        sigma2 = float(spec.S[1]) if spec.k > 1 else float(spec.sigma_next)
+        if finite_after:
+            spec_after = self._spectrum(W_after, spec.basis)
+            self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
+            sigma_next = float(spec_after.S[0])
+        else:
+            sigma_next = NAN
+        u1, v1 = spec.U[:, 0].to(torch.float64), spec.V[:, 0].to(torch.float64)
+        first = float(u1 @ dW @ v1)
+        second = 0.5 * float(contract_projections(spec, (dW @ v1)[None], (dW.mT @ u1)[None]).hess[0])
+
+        # The SDE terms of MATH.md §3 from one mini-batch (s_i and H[G_i, G_i] scaled per sample).
+        mean_s = float(s.mean())
+        fpc = 1.0
+        if self.dataset_size is not None:
+            fpc = max(self.dataset_size - N, 0) / (self.dataset_size - 1)
+        drift = -c * mean_s - coef.decay * sigma + p["known"]
+        if N > 1:
+            var_s = float(((s - mean_s) ** 2).sum()) / (N - 1)
+            h, h_lo, h_hi = (float(t.sum()) for t in p["h"])
+            hg = p["h_gbar"]
+            hg_v, hg_lo, hg_hi = float(hg.hess[0]), float(hg.hess_lo[0]), float(hg.hess_hi[0])
+            k_ito = c * c / (2 * N) * fpc / (N - 1)
+            diffusion = c * c * var_s / N * fpc
+            ito, ito_lo, ito_hi = k_ito * (h - N * hg_v), k_ito * (h_lo - N * hg_hi), k_ito * (h_hi - N * hg_lo)
+        else:
+            flags.append("single_sample")
+            diffusion = ito = ito_lo = ito_hi = NAN
+        gap = (sigma - sigma2) / sigma if sigma > 0 else 0.0
+        step_ratio = float(dW.norm()) / (sigma - sigma2) if sigma > sigma2 else math.inf
+        degenerate = gap < self.gap_tol or step_ratio > self.step_tol
+        nonfinite = not (finite_after and p["grad_finite"] and math.isfinite(mean_s)
+                         and all(math.isfinite(float(t.sum())) for t in p["h"]))
+        row = dict(step=self.step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N, lr=coef.lr,
+                   sigma=sigma, sigma2=sigma2, sigma_next=sigma_next, delta_obs=sigma_next - sigma,
+                   first_order=first, second_order=second, delta_pred=first + second, drift=drift,
+                   diffusion_var=diffusion, ito=ito, ito_lo=ito_lo, ito_hi=ito_hi, gap=gap, degenerate=degenerate,
+                   residual=spec.residual / sigma if sigma > 0 else 0.0, nonfinite=nonfinite, flags="")
+        if degenerate:
+            flags.append("degenerate")
+        if nonfinite:
+            flags.append("nonfinite")
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(f"lipfast: non-finite gradient or weights in layer '{cap.name}' at step "
+                                         f"{self.step} (on_nonfinite='raise')")
+        if degenerate or nonfinite:
+            row.update({f: NAN for f in _FORCE_FIELDS})
+        if not coef.exact:
+            flags.append("sgd_equivalent")
+        row["flags"] = ";".join(flags)
+        return row
+
+    def _network_record(self, rows: list[dict]) -> dict:
+        """Log-space aggregation over layers (MATH.md §3, Itô on log σ)."""
+        def total(f):
+            return sum((f(r) for r in rows), 0.0)
+        logged = self._logged
+        return dict(
+            step=self.step,
+            log_bound=total(lambda r: _log(r["sigma"])),
+            log_bound_next=total(lambda r: _log(r["sigma_next"])),
+            drift=total(lambda r: r["drift"] / r["sigma"]),
+            diffusion_var=total(lambda r: r["diffusion_var"] / r["sigma"] ** 2),
+            ito=total(lambda r: r["ito"] / r["sigma"] - 0.5 * r["diffusion_var"] / r["sigma"] ** 2),
+            loss=float(logged.get("loss", NAN)),
+            train_acc=float(logged.get("train_acc", NAN)),
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, LipfastWarning, stacklevel=4)
+
+    # -- public API ------------------------------------------------------------------------------
+    def log(self, loss: float | Tensor | None = None, train_acc: float | Tensor | None = None) -> None:
+        """Attach the current step's loss / training accuracy to its network record (call before
+        ``optimizer.step()``). Optional: without it those fields are NaN."""
+        if loss is not None:
+            self._logged["loss"] = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        if train_acc is not None:
+            self._logged["train_acc"] = float(train_acc.detach()) if isinstance(train_acc, Tensor) else float(train_acc)
+
+    def to_pandas(self):
+        """``(layer_frame, network_frame)`` as pandas DataFrames (pandas is optional)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("Tracker.to_pandas needs pandas: pip install pandas") from exc
+        return (pd.DataFrame(self.records, columns=list(LAYER_FIELDS)),
+                pd.DataFrame(self.network, columns=list(NETWORK_FIELDS)))
+
+    def state_dict(self) -> dict:
+        """Step counter and warm-start spectra; loads with ``torch.load(weights_only=True)``."""
+        layers = {}
+        for name, cached in self._cache.items():
+            s = cached.spec
+            W = _matrix(self.captures[name].weight, self.captures[name].m)
+            layers[name] = dict(U=s.U, S=s.S, V=s.V, sigma_next=s.sigma_next, residuals=s.residuals,
+                                exact=s.exact, shape=list(s.shape), basis=s.basis, iters=s.iters,
+                                fingerprint=list(_fingerprint(W)) if cached.version == self.captures[name].weight._version
+                                else None)
+        return {"format": _STATE_FORMAT, "step": self.step, "rank": self.rank, "layers": layers}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue step numbering and warm starts from :meth:`state_dict` (load the model first)."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"Tracker.load_state_dict: expected a lipfast tracker state of format {_STATE_FORMAT}, "
+                             f"got {state.get('format') if isinstance(state, dict) else type(state).__name__!r}")
+        unknown = set(state["layers"]) - set(self.captures)
+        if unknown:
+            raise ValueError(f"Tracker.load_state_dict: the state has layers {sorted(unknown)} this tracker does not "
+                             f"track ({sorted(self.captures)})")
+        self.step = int(state["step"])
+        self._cache.clear()
+        for name, s in state["layers"].items():
+            spec = Spectrum(U=s["U"], S=s["S"], V=s["V"], sigma_next=s["sigma_next"], residuals=s["residuals"],
+                            exact=bool(s["exact"]), shape=tuple(s["shape"]), basis=s["basis"], iters=int(s["iters"]))
+            fp = tuple(s["fingerprint"]) if s.get("fingerprint") is not None else None
+            self._cache[name] = _Cached(spec, version=None, fingerprint=fp)
+
+    def close(self) -> None:
+        """Remove every hook and drop buffered tensors. Idempotent."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for cap in self.captures.values():
+            cap.remove()
+        self._pending.clear()
+        self._closed = True
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Tracker(layers={list(self.captures)}, rank={self.rank}, every={self.every}, step={self.step}, "
+                f"records={len(self.records)})")
+
+
+def _has_weight(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight", None), Tensor)
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else NAN

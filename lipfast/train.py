@@ -1,0 +1,317 @@
+"""One tracked training run into a run folder: data, model, SGD, the tracker, checkpoints, resume.
+
+Plain functions, no framework: :func:`train` drives :class:`lipfast.Tracker` and streams its records
+into :class:`lipfast.runio.RunWriter` as each step completes, so an interrupted run keeps every
+completed step, and ``resume=True`` continues from the last checkpoint to the records an uninterrupted
+run gives (the data order depends only on ``(data_seed, epoch)``; model, optimizer, tracker state and
+RNG come from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import data as datasets
+from . import models, runio
+from .tracker import Tracker
+
+__all__ = ["TrainConfig", "train", "load_config_file", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A training option has a wrong name, type or value (the message names it)."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a tracked run. ``lipfast train --help`` lists them with the same names."""
+
+    dataset: str = "digits"
+    n_samples: int | None = None
+    test_fraction: float = 0.2
+    data_root: str | None = None
+    model: str = "mlp"
+    widths: tuple[int, ...] = (128, 128)
+    init_scale: float = 1.0
+    batchnorm: bool = False
+    label_noise: float = 0.0
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    steps: int | None = 300
+    epochs: int | None = None
+    seed: int = 0
+    data_seed: int = 0
+    noise_seed: int = 0
+    rank: int = 8
+    every: int = 1
+    iters: int = 2
+    gap_tol: float = 1e-3
+    step_tol: float = 0.5
+    device: str = "cpu"
+    dtype: str = "float32"
+    checkpoint_every: int = 50
+    eval_every: int = 50
+    sde_paths: int = 4096
+    sde_seed: int = 0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            close = {u: [n for n in names if _similar(u, n)] for u in unknown}
+            hint = "; ".join(f"'{u}'" + (f" (did you mean '{close[u][0]}'?)" if close[u] else "") for u in unknown)
+            raise ConfigError(f"{where}: unknown option {hint}")
+        cfg = cls(**{k: v for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad option."""
+        if isinstance(self.widths, (list, tuple)):
+            self.widths = tuple(self.widths)
+        _check(self.dataset in datasets.DATASETS, "dataset", self.dataset, f"one of {list(datasets.DATASETS)}")
+        _check(self.model in models.MODELS, "model", self.model, f"one of {list(models.MODELS)}")
+        _check(isinstance(self.widths, tuple) and len(self.widths) > 0 and all(_is_int(w) and w > 0 for w in self.widths),
+               "widths", self.widths, "a non-empty list of positive ints")
+        for name in ("batch_size", "rank", "every", "iters", "checkpoint_every", "eval_every", "sde_paths"):
+            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        for name in ("seed", "data_seed", "noise_seed", "sde_seed"):
+            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, getattr(self, name), "an int >= 0")
+        _check(_is_num(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
+        _check(_is_num(self.init_scale) and self.init_scale > 0, "init_scale", self.init_scale, "a number > 0")
+        _check(_is_num(self.label_noise) and 0 <= self.label_noise < 1, "label_noise", self.label_noise, "a number in [0, 1)")
+        _check(_is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        _check(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(_is_num(self.test_fraction) and 0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
+        _check(_is_num(self.gap_tol) and self.gap_tol >= 0, "gap_tol", self.gap_tol, "a number >= 0")
+        _check(_is_num(self.step_tol) and self.step_tol > 0, "step_tol", self.step_tol, "a number > 0")
+        _check(self.n_samples is None or (_is_int(self.n_samples) and self.n_samples >= 2), "n_samples", self.n_samples, "an int >= 2")
+        _check(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps", self.steps, "an int >= 1")
+        _check(self.epochs is None or (_is_int(self.epochs) and self.epochs >= 1), "epochs", self.epochs, "an int >= 1")
+        _check(self.steps is not None or self.epochs is not None, "steps", self.steps, "set when epochs is not")
+        _check(self.dtype in ("float32", "float64"), "dtype", self.dtype, "'float32' or 'float64'")
+        _check(isinstance(self.nesterov, bool), "nesterov", self.nesterov, "true or false")
+        _check(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "used with momentum > 0")
+        _check(isinstance(self.batchnorm, bool), "batchnorm", self.batchnorm, "true or false")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            _check(False, "device", self.device, "a torch device such as 'cpu' or 'cuda'")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device: '{self.device}' was asked for but torch sees no CUDA device")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
+
+
+def _similar(a: str, b: str) -> bool:
+    import difflib
+    return difflib.SequenceMatcher(None, a, b).ratio() > 0.75
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Options from a TOML file (a flat table of TrainConfig names; parsed as data, never executed)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as exc:
+            raise ConfigError("--config needs Python 3.11+ or the 'tomli' package (pip install tomli)") from exc
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        with p.open("rb") as f:
+            values = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    nested = [k for k, v in values.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"config file {p}: tables are not supported, got [{nested[0]}]; write options at the top level")
+    return values
+
+
+# -- the run --------------------------------------------------------------------------------------
+@dataclass
+class _Progress:
+    step: int = 0
+    loss: float = math.nan
+    log_bound: float = math.nan
+
+
+def train(config: TrainConfig, out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+          quiet: bool = False, report: bool = True, max_steps: int | None = None) -> Path:
+    """Run one tracked training into the run folder ``out`` and return its path.
+
+    Args:
+        config: the options (validated here).
+        out: run folder; an existing run needs ``overwrite`` or ``resume``.
+        overwrite: replace lipfast's files in ``out``.
+        resume: continue the run in ``out`` from its last checkpoint.
+        quiet: no progress bar (log lines only).
+        report: simulate the SDE bands and write figures + report.html at the end.
+        max_steps: stop after this many steps of this invocation (to interrupt a run on purpose,
+            e.g. in tests of resume); the run folder then stays resumable.
+    """
+    config.validate()
+    out = Path(out)
+    device = torch.device(config.device)
+    dtype = getattr(torch, config.dtype)
+    checkpoint = out / runio.CHECKPOINT_FILE
+    state = None
+    if resume:
+        if not runio.is_run_folder(out):
+            raise runio.RunFolderError(f"cannot resume {out}: it is not a lipfast run folder")
+        if checkpoint.is_file():
+            state = torch.load(checkpoint, map_location=device, weights_only=True)
+    writer = runio.RunWriter(out, config.to_dict(), overwrite=overwrite, resume=resume,
+                             resume_from_step=int(state["step"]) if state else (0 if resume else None))
+    try:
+        return _run(config, out, writer, state, device, dtype, quiet=quiet, report=report, max_steps=max_steps)
+    finally:
+        writer.close()
+
+
+def _run(config: TrainConfig, out: Path, writer: runio.RunWriter, state, device, dtype, *, quiet: bool,
+         report: bool, max_steps: int | None) -> Path:
+    ds = datasets.load_dataset(config.dataset, root=config.data_root, test_fraction=config.test_fraction,
+                               seed=config.data_seed, n_samples=config.n_samples)
+    y_train = ds.y_train
+    if config.label_noise > 0:
+        y_train, _ = datasets.add_label_noise(y_train, config.label_noise, ds.n_classes, seed=config.noise_seed)
+    x_train, y_train = ds.x_train.to(device, dtype), y_train.to(device)
+    x_test, y_test = ds.x_test.to(device, dtype), ds.y_test.to(device)
+    n_train = x_train.shape[0]
+    if config.batch_size > n_train:
+        raise ConfigError(f"batch_size must be <= the {n_train} training samples of {config.dataset}, got {config.batch_size}")
+    model = models.build_model(config.model, ds.input_shape, ds.n_classes, widths=config.widths,
+                               init_scale=config.init_scale, seed=config.seed, batchnorm=config.batchnorm)
+    model = model.to(device, dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                          weight_decay=config.weight_decay)
+    per_epoch = n_train // config.batch_size
+    total = config.steps if config.steps is not None else config.epochs * per_epoch
+    progress = _Progress()
+
+    def on_record(rows, net):
+        writer.write_layers(rows)
+        writer.write_network(net)
+        progress.log_bound = net["log_bound_next"]
+
+    tracker = Tracker(model, opt, rank=config.rank, every=config.every, dataset_size=n_train,
+                      gap_tol=config.gap_tol, step_tol=config.step_tol, iters=config.iters,
+                      on_record=on_record, keep_records=False)
+    step = 0
+    started = time.perf_counter()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        tracker.load_state_dict(state["tracker"])
+        torch.set_rng_state(state["rng"])
+        step = int(state["step"])
+    bar = _progress_bar(total, step, quiet)
+    loss_fn = nn.CrossEntropyLoss()
+    done_here = 0
+    try:
+        while step < total:
+            epoch, index = divmod(step, per_epoch)
+            batch = datasets.batches(n_train, config.batch_size, seed=config.data_seed, epoch=epoch, drop_last=True)[index]
+            batch = batch.to(device)
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            logits = model(x_train[batch])
+            loss = loss_fn(logits, y_train[batch])
+            loss.backward()
+            tracker.log(loss=loss, train_acc=(logits.argmax(1) == y_train[batch]).float().mean())
+            opt.step()
+            step += 1
+            done_here += 1
+            progress.loss = float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{progress.loss:.4f}", log_bound=f"{progress.log_bound:.4f}")
+            if step % config.checkpoint_every == 0 or step == total:
+                _save_checkpoint(out, model, opt, tracker, step)
+            if quiet and (step % config.eval_every == 0 or step == total):
+                print(f"lipfast: step {step}/{total} loss {progress.loss:.4f} log_bound {progress.log_bound:.4f}",
+                      file=sys.stderr, flush=True)
+            if max_steps is not None and done_here >= max_steps:
+                return out
+    finally:
+        if bar is not None:
+            bar.close()
+        tracker.close()
+    test_acc, test_loss = _evaluate(model, x_test, y_test)
+    train_acc, train_loss = _evaluate(model, x_train, y_train)
+    writer.write_summary({
+        "finished": True, "steps": step, "dataset": ds.describe(), "n_train": n_train,
+        "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
+        "wall_seconds_this_session": time.perf_counter() - started, "layers": list(tracker.captures),
+        "skipped_layers": tracker.skipped,
+    })
+    writer.flush()
+    if report:
+        from . import analysis
+        from . import report as reporting
+        analysis.write_simulation(out, n_paths=config.sde_paths, seed=config.sde_seed)
+        reporting.make_report(out)
+    return out
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x[i:i + 1024]) for i in range(0, x.shape[0], 1024)])
+        loss = float(nn.functional.cross_entropy(logits, y))
+        acc = float((logits.argmax(1) == y).float().mean())
+    return acc, loss
+
+
+def _save_checkpoint(out: Path, model, opt, tracker: Tracker, step: int) -> None:
+    """Everything resume needs, written atomically; tensors and plain containers only, so it loads
+    with ``torch.load(weights_only=True)``."""
+    import io
+    buf = io.BytesIO()
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "tracker": tracker.state_dict(), "rng": torch.get_rng_state()}, buf)
+    runio.write_bytes_atomic(out / runio.CHECKPOINT_FILE, buf.getvalue())
+
+
+def _progress_bar(total: int, start: int, quiet: bool):
+    if quiet:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)

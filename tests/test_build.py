@@ -1,0 +1,75 @@
+"""The compiled extension loads, reports its build facts honestly, and registers every op schema."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import lipfast
+
+EXPECTED_SCHEMAS = {
+    "subspace_iteration": (
+        "lipfast::subspace_iteration(Tensor W, Tensor V0, int k, int max_iters, float tol) -> "
+        "(Tensor U, Tensor S, Tensor V, Tensor residual, Tensor iters)"
+    ),
+    "hessian_contract": (
+        "lipfast::hessian_contract(Tensor a, Tensor b, Tensor xnorm2, Tensor ynorm2, Tensor S, float sigma_next) -> "
+        "(Tensor value, Tensor lo, Tensor hi)"
+    ),
+    "persample_linear": (
+        "lipfast::persample_linear(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
+        "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi)"
+    ),
+}
+
+
+def test_extension_imports():
+    C = importlib.import_module("lipfast._C")
+    assert C is lipfast._C
+    assert isinstance(C.version, str) and C.version
+    assert lipfast.__version__ == C.version
+
+
+def test_with_cuda_is_a_bool_and_false_on_cpu_torch():
+    assert type(lipfast._C.with_cuda) is bool
+    if torch.version.cuda is None:
+        # A CPU wheel of torch ships ATen/cuda headers but no libtorch_cuda: no CUDA kernels can exist.
+        assert lipfast._C.with_cuda is False
+
+
+def test_built_against_the_running_torch():
+    assert lipfast._C.torch_version == torch.__version__
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SCHEMAS))
+def test_schema_registered(name):
+    packet = getattr(torch.ops.lipfast, name)
+    assert str(packet.default._schema) == EXPECTED_SCHEMAS[name]
+
+
+def test_public_names_exist():
+    assert lipfast.__all__, "lipfast.__all__ is empty"
+    assert len(set(lipfast.__all__)) == len(lipfast.__all__)
+    missing = [name for name in lipfast.__all__ if not hasattr(lipfast, name)]
+    assert missing == []
+    for name in ("spectrum", "hessian_form", "persample", "persample_conv2d", "Spectrum", "HessianForm", "PerSample"):
+        assert name in lipfast.__all__
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and lipfast._C.with_cuda),
+                    reason="needs a CUDA device and lipfast built with CUDA kernels")
+def test_cuda_kernels_registered():
+    dev = "cuda"
+    W = torch.randn(5, 4, device=dev)
+    U, S, V, res, it = torch.ops.lipfast.subspace_iteration(W, torch.randn(4, 2, device=dev), 1, 2, 0.0)
+    assert U.device.type == dev and S.device.type == dev
+    a = torch.randn(3, 2, device=dev)
+    value, lo, hi = torch.ops.lipfast.hessian_contract(a, a, (a * a).sum(1) + 1, (a * a).sum(1) + 1,
+                                                       torch.tensor([2.0, 1.0], device=dev), 0.0)
+    assert value.device.type == dev
+    X, D = torch.randn(3, 1, 4, device=dev), torch.randn(3, 1, 5, device=dev)
+    out = torch.ops.lipfast.persample_linear(X, D, U, S, V, 0.5)
+    assert all(t.device.type == dev for t in out)

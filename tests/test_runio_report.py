@@ -1,0 +1,495 @@
+"""Run folder writing/reading (runio), the SDE/pathwise analysis and the HTML report."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import random
+import struct
+import sys
+
+import pytest
+
+from lipfast import analysis, report, runio
+
+HOSTILE = "<script>alert(1)</script>"
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny fake "training": σ random walks with consistent records
+# ----------------------------------------------------------------------------------------------
+
+
+def fake_training(n_steps=30, layers=("fc1", "fc2"), *, seed=0, degenerate_at=(4, 17)):
+    """(layer rows per step, network row per step) of a plausible run.
+
+    Each layer's σ follows σ += drift + ito + sqrt(var)·z; the predicted change differs from
+    the observed one by a small relative error; degenerate steps carry NaN terms.
+    """
+    rng = random.Random(seed)
+    sigma = {name: 1.0 + 0.5 * i for i, name in enumerate(layers)}
+    steps = []
+    for step in range(n_steps):
+        rows = []
+        lb = lbn = n_drift = n_var = n_ito = 0.0
+        for i, name in enumerate(layers):
+            s = sigma[name]
+            drift = rng.gauss(2e-3, 1e-3)
+            var = (1e-2 * rng.uniform(0.5, 1.5)) ** 2
+            ito = 1e-4 * rng.uniform(0.0, 1.0)
+            s_next = s + drift + ito + math.sqrt(var) * rng.gauss(0.0, 1.0)
+            delta = s_next - s
+            first = delta * (1.0 + 1e-3 * rng.gauss(0.0, 1.0))
+            second = 1e-6 * rng.uniform(-1.0, 1.0)
+            degenerate = step in degenerate_at
+            if degenerate:
+                drift = var = ito = first = second = math.nan
+            pred = first + second
+            rows.append({
+                "step": step, "layer": name, "kind": "linear", "m": 8 + i, "n": 5, "batch": 16,
+                "lr": 0.1, "sigma": s, "sigma2": 0.7 * s, "sigma_next": s_next,
+                "delta_obs": delta, "first_order": first, "second_order": second,
+                "delta_pred": pred, "drift": drift, "diffusion_var": var, "ito": ito,
+                "ito_lo": ito * 0.9, "ito_hi": ito * 1.1,
+                "gap": 1e-5 if degenerate else 0.3 + 0.01 * rng.random(),
+                "degenerate": degenerate, "residual": delta - pred, "nonfinite": False,
+                "flags": "degenerate" if degenerate else "",
+            })  # fmt: skip
+            lb += math.log(s)
+            lbn += math.log(s_next)
+            n_drift += drift / s
+            n_var += var / s**2
+            n_ito += ito / s - var / (2 * s**2)
+            sigma[name] = s_next
+        net = {
+            "step": step, "log_bound": lb, "log_bound_next": lbn, "drift": n_drift,
+            "diffusion_var": n_var, "ito": n_ito, "loss": 2.0 * math.exp(-step / 20),
+            "train_acc": None if step % 7 == 3 else min(1.0, 0.1 + step / n_steps),
+        }  # fmt: skip
+        steps.append((rows, net))
+    return steps
+
+
+CONFIG = {"model": "mlp", "lr": 0.1, "batch": 16, "dataset": "digits", "widths": [8, 9]}
+
+
+def write_run(path, steps, config=CONFIG, **kw):
+    with runio.RunWriter(path, config, **kw) as w:
+        for rows, net in steps:
+            w.write_layers(rows)
+            w.write_network(net)
+        w.write_summary({"final_loss": steps[-1][1]["loss"], "steps": len(steps)})
+    return path
+
+
+def same_float(a, b):
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return struct.pack("<d", a) == struct.pack("<d", b)
+
+
+def assert_rows_equal(got, want, columns):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert list(g) == columns
+        for c in columns:
+            wv = w[c]
+            if c in ("step", "m", "n", "batch"):
+                assert type(g[c]) is int and g[c] == wv
+            elif c in ("degenerate", "nonfinite"):
+                assert type(g[c]) is bool and g[c] == wv
+            elif c in ("layer", "kind", "flags"):
+                assert g[c] == wv
+            else:
+                assert type(g[c]) is float
+                assert same_float(g[c], math.nan if wv is None else float(wv)), (c, g[c], wv)
+
+
+@pytest.fixture(scope="module")
+def steps():
+    return fake_training()
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory):
+    """A run with a hostile layer name and config value, simulated and reported once."""
+    path = tmp_path_factory.mktemp("rep") / "run"
+    config = dict(CONFIG, dataset='<img src=x onerror="alert(2)">', note="a & b")
+    write_run(path, fake_training(n_steps=25, layers=("fc1", HOSTILE, "cost$5$")), config)
+    analysis.write_simulation(path, n_paths=256, seed=1)
+    out = report.make_report(path)
+    return path, out
+
+
+# ----------------------------------------------------------------------------------------------
+# runio: writing and reading
+# ----------------------------------------------------------------------------------------------
+
+
+def test_round_trip_is_exact(tmp_path, steps):
+    path = write_run(tmp_path / "run", steps)
+    run = runio.load_run(path)
+    assert run.path == path
+    assert run.config == CONFIG
+    assert run.meta["schema_version"] == runio.SCHEMA_VERSION == 1
+    assert run.dropped_lines == 0
+    assert run.layer_names == ["fc1", "fc2"]
+    assert_rows_equal(run.layers, [r for rows, _ in steps for r in rows], runio.LAYER_COLUMNS)
+    assert_rows_equal(run.network, [n for _, n in steps], runio.NETWORK_COLUMNS)
+    assert run.summary == {"final_loss": steps[-1][1]["loss"], "steps": len(steps)}
+    header = (path / "layers.csv").read_text().split("\n", 1)[0]
+    assert header == ",".join(runio.LAYER_COLUMNS)
+    assert (path / "network.csv").read_text().split("\n", 1)[0] == ",".join(runio.NETWORK_COLUMNS)
+
+
+def test_to_pandas(tmp_path, steps):
+    pytest.importorskip("pandas")
+    lf, nf = runio.load_run(write_run(tmp_path / "run", steps[:5])).to_pandas()
+    assert list(lf.columns) == runio.LAYER_COLUMNS and len(lf) == 10
+    assert list(nf.columns) == runio.NETWORK_COLUMNS and len(nf) == 5
+
+
+def test_bad_rows_are_rejected_and_nothing_written(tmp_path, steps):
+    rows, net = steps[0]
+    with runio.RunWriter(tmp_path / "run", CONFIG) as w:
+        bad = [dict(rows[0]), {k: v for k, v in rows[1].items() if k != "gap"}]
+        bad[0]["colour"] = "red"
+        with pytest.raises(ValueError, match=r"missing \['gap'\]"):
+            w.write_layers(bad[1:])
+        with pytest.raises(ValueError, match=r"unknown \['colour'\]"):
+            w.write_layers(rows[:1] + bad[:1])
+        with pytest.raises(ValueError, match="'step' must be an integer"):
+            w.write_network(dict(net, step=1.5))
+        with pytest.raises(ValueError, match="line breaks"):
+            w.write_layers([dict(rows[0], layer="a\nb")])
+    run = runio.load_run(tmp_path / "run")
+    assert run.layers == [] and run.network == []
+
+
+def test_truncated_last_line_is_dropped_and_counted(tmp_path, steps):
+    path = write_run(tmp_path / "run", steps[:6])
+    with open(path / "layers.csv", "ab") as f:
+        f.write(b"6,fc1,linear,8,5,16,0.1,1.01")  # killed mid-write
+    with open(path / "network.csv", "ab") as f:
+        f.write(b"6,0.0")
+    run = runio.load_run(path)
+    assert run.dropped_lines == 2
+    assert [r["step"] for r in run.network] == list(range(6))
+    assert_rows_equal(run.layers, [r for rows, _ in steps[:6] for r in rows], runio.LAYER_COLUMNS)
+    assert "partial CSV line" in report.summary_table(run)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, steps):
+    full = write_run(tmp_path / "full", steps)
+    part = tmp_path / "part"
+    with runio.RunWriter(part, CONFIG, fsync_every=3) as w:
+        for rows, net in steps[:12]:  # the checkpoint is at step 9; steps 9..11 get redone
+            w.write_layers(rows)
+            w.write_network(net)
+    with open(part / "layers.csv", "ab") as f:
+        f.write(b"12,fc1,lin")
+    created = json.loads((part / "config.json").read_text())["created"]
+
+    with runio.RunWriter(part, CONFIG, resume=True) as w:
+        assert w.truncate_to(9) == (6, 3)
+        for rows, net in steps[9:]:
+            w.write_layers(rows)
+            w.write_network(net)
+        w.write_summary({"final_loss": steps[-1][1]["loss"], "steps": len(steps)})
+    for name in ("layers.csv", "network.csv", "summary.json"):
+        assert (part / name).read_bytes() == (full / name).read_bytes(), name
+    meta = json.loads((part / "config.json").read_text())
+    assert meta["created"] == created and len(meta["resumed"]) == 1
+
+    # resume_from_step does the same at construction
+    with runio.RunWriter(part, CONFIG, resume=True, resume_from_step=3):
+        pass
+    assert [r["step"] for r in runio.load_run(part).network] == [0, 1, 2]
+
+
+def test_refuses_a_folder_that_is_not_a_run(tmp_path, steps):
+    path = tmp_path / "mine"
+    path.mkdir()
+    (path / "notes.txt").write_text("keep me")
+    with pytest.raises(runio.RunFolderError, match="refusing.*not a lipfast run.*overwrite"):
+        runio.RunWriter(path, CONFIG)
+    with pytest.raises(runio.RunFolderError, match="cannot resume"):
+        runio.RunWriter(path, CONFIG, resume=True)
+    write_run(path, steps[:2], overwrite=True)
+    assert (path / "notes.txt").read_text() == "keep me"
+    assert len(runio.load_run(path).network) == 2
+    assert issubclass(runio.RunFolderError, ValueError)
+
+
+def test_existing_run_needs_overwrite_or_resume(tmp_path, steps):
+    path = write_run(tmp_path / "run", steps[:4])
+    (path / "figures").mkdir()
+    (path / "figures" / "sigma.png").write_bytes(b"old")
+    (path / "figures" / "mine.txt").write_text("user file")
+    (path / "data.npz").write_bytes(b"user data")
+    with pytest.raises(runio.RunFolderError, match="--overwrite.*--resume"):
+        runio.RunWriter(path, CONFIG)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        runio.RunWriter(path, CONFIG, overwrite=True, resume=True)
+    with runio.RunWriter(path, {"other": 1}, overwrite=True):
+        pass
+    run = runio.load_run(path)
+    assert run.layers == [] and run.network == [] and run.summary is None
+    assert run.config == {"other": 1}
+    assert not (path / "figures" / "sigma.png").exists()
+    assert (path / "figures" / "mine.txt").exists() and (path / "data.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_folder", "does not exist"),
+        ("missing_config", "config.json is missing"),
+        ("invalid_json", "not valid JSON"),
+        ("no_schema", "no schema_version"),
+        ("future_schema", "schema_version 2.*upgrade lipfast"),
+        ("bad_header", "unexpected CSV header"),
+        ("bad_row", "line 3"),
+    ],
+)
+def test_load_run_errors_are_one_clear_line(tmp_path, steps, case, match):
+    path = write_run(tmp_path / "run", steps[:3])
+    cfg = path / "config.json"
+    if case == "missing_folder":
+        path = tmp_path / "nowhere"
+    elif case == "missing_config":
+        cfg.unlink()
+    elif case == "invalid_json":
+        cfg.write_text('{"schema_version": 1,')
+    elif case == "no_schema":
+        cfg.write_text('{"config": {}}')
+    elif case == "future_schema":
+        meta = json.loads(cfg.read_text())
+        cfg.write_text(json.dumps(dict(meta, schema_version=2)))
+    elif case == "bad_header":
+        text = (path / "network.csv").read_text()
+        (path / "network.csv").write_text(text.replace("log_bound,", "logbound,", 1))
+    elif case == "bad_row":
+        lines = (path / "layers.csv").read_text().split("\n")
+        lines[2] = lines[2].replace(",linear,", ",linear,x,", 1)
+        (path / "layers.csv").write_text("\n".join(lines))
+    with pytest.raises(runio.RunFolderError, match=match) as info:
+        runio.load_run(path)
+    assert "\n" not in str(info.value)
+
+
+def test_summary_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "run"
+    with runio.RunWriter(path, CONFIG) as w:
+        w.write_summary({"a": 1, "nan": math.nan})
+        assert runio.read_summary(path) == {"a": 1, "nan": None}
+        before = (path / "summary.json").read_bytes()
+
+        def failing_replace(src, dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(runio.os, "replace", failing_replace)
+        with pytest.raises(OSError, match="summary.json.*No space left"):
+            w.write_summary({"b": 2})
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="not JSON-serialisable"):
+            w.write_summary({"b": object()})
+        w.write_summary({"c": 3})  # merged over what is there
+    assert (path / "summary.json").read_bytes() != before
+    assert runio.read_summary(path) == {"a": 1, "nan": None, "c": 3}
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json", "layers.csv", "network.csv", "summary.json"
+    ]  # fmt: skip
+
+
+def test_failed_append_keeps_earlier_rows(tmp_path, steps, monkeypatch):
+    path = tmp_path / "run"
+    real_write = os.write
+    with runio.RunWriter(path, CONFIG) as w:
+        for rows, net in steps[:5]:
+            w.write_layers(rows)
+            w.write_network(net)
+
+        def half_then_fail(fd, data):
+            real_write(fd, bytes(data[: len(data) // 2]))  # a torn write ...
+            raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
+
+        monkeypatch.setattr(runio.os, "write", half_then_fail)
+        with pytest.raises(runio.RunWriteError, match=r"layers\.csv.*No space left") as info:
+            w.write_layers(steps[5][0])
+        assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+        monkeypatch.undo()
+        run = runio.load_run(path)
+        assert run.dropped_lines == 0
+        assert [r["step"] for r in run.layers] == [s for s in range(5) for _ in range(2)]
+        w.write_layers(steps[5][0])  # the writer is still usable
+    assert runio.load_run(path).layers[-1]["step"] == 5
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=r"cannot create run folder .*file[/\\]run"):
+        runio.RunWriter(blocker / "run", CONFIG)
+    with pytest.raises(runio.RunFolderError, match="not a folder"):
+        runio.RunWriter(blocker, CONFIG)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores folder permissions"
+)
+def test_read_only_folder_keeps_rows(tmp_path, steps):
+    path = tmp_path / "run"
+    with runio.RunWriter(path, CONFIG) as w:
+        w.write_layers(steps[0][0])
+        os.chmod(path, 0o500)
+        try:
+            with pytest.raises(OSError, match="summary.json"):
+                w.write_summary({"a": 1})
+        finally:
+            os.chmod(path, 0o700)
+    assert len(runio.load_run(path).layers) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# analysis: SDE bands, pathwise check, forces
+# ----------------------------------------------------------------------------------------------
+
+
+def test_simulate_run(tmp_path, steps):
+    path = write_run(tmp_path / "run", steps)
+    run = runio.load_run(path)
+    sim = analysis.simulate_run(run, n_paths=512, seed=3)
+    assert sim["n_paths"] == 512 and sim["seed"] == 3 and sim["quantiles"] == [0.05, 0.95]
+    assert list(sim["layers"]) == ["fc1", "fc2"]
+    n = len(steps)
+    for name, s in sim["layers"].items():
+        rows = [r for rows, _ in steps for r in rows if r["layer"] == name]
+        assert s["steps"].tolist() == list(range(n + 1))
+        assert s["observed"].tolist() == [r["sigma"] for r in rows] + [rows[-1]["sigma_next"]]
+        for key in ("mean", "std", "lo", "hi"):
+            assert s[key].shape == (n + 1,)
+        assert s["mean"][0] == s["observed"][0]
+        assert (s["lo"] <= s["mean"] + 1e-12).all() and (s["mean"] <= s["hi"] + 1e-12).all()
+        assert 0.0 <= s["coverage"] <= 1.0 and s["n_points"] == n
+        assert s["n_fallback"] >= 1 and s["n_segments"] == 1 and s["consecutive"]
+        pw = sim["pathwise"]["layers"][name]
+        assert pw["n_steps"] == n and pw["n_valid"] == n - 2
+        assert pw["sigma_start"] == rows[0]["sigma"] and pw["sigma_end"] == rows[-1]["sigma_next"]
+        assert math.isclose(pw["sum_delta_obs"], pw["observed_change"], abs_tol=1e-12)
+        assert abs(pw["residual"]) < 1e-3 * sum(abs(r["delta_obs"]) for r in rows)
+        assert pw["rel_residual"] >= 0
+        assert math.isclose(pw["share_drift"] + pw["share_ito"] + pw["share_noise"], 1.0)
+        assert pw["noise_scale"] == math.sqrt(pw["sum_diffusion_var"]) > 0
+        assert pw["degenerate_fraction"] == 2 / n and pw["nonfinite_fraction"] == 0
+    net = sim["network"]
+    assert net["steps"].tolist() == list(range(n + 1)) and 0.0 <= net["coverage"] <= 1.0
+    assert sim["pathwise"]["network"]["n_steps"] == n
+    again = analysis.simulate_run(path, n_paths=512, seed=3)
+    assert (again["layers"]["fc1"]["hi"] == sim["layers"]["fc1"]["hi"]).all()
+    with pytest.raises(ValueError, match="quantiles"):
+        analysis.simulate_run(run, quantiles=(0.9, 0.1))
+    with pytest.raises(ValueError, match="n_paths"):
+        analysis.simulate_run(run, n_paths=0)
+
+
+def test_simulate_run_with_sparse_tracking(tmp_path):
+    every = 3
+    steps = [s for s in fake_training(n_steps=20, degenerate_at=()) if s[1]["step"] % every == 0]
+    path = write_run(tmp_path / "run", steps)
+    sim = analysis.write_simulation(path, n_paths=128)
+    s = sim["layers"]["fc1"]
+    tracked = [n["step"] for _, n in steps]
+    assert s["n_segments"] == len(tracked) and not s["consecutive"]
+    assert s["steps"].tolist() == [p for t in tracked for p in (t, t + 1)]
+    assert s["anchor"].tolist() == [True, False] * len(tracked)
+    assert s["n_points"] == len(tracked) and 0.0 <= s["coverage"] <= 1.0
+    pw = sim["pathwise"]["layers"]["fc1"]
+    assert not pw["consecutive"] and pw["n_steps"] == len(tracked)
+    text = (path / "sde_layers.csv").read_text().splitlines()
+    assert text[0] == "step,layer,observed,mean,lo,hi" and len(text) == 1 + 2 * 2 * len(tracked)
+
+
+def test_write_simulation_files_and_summary(tmp_path, steps):
+    path = write_run(tmp_path / "run", steps)
+    sim = analysis.write_simulation(path, n_paths=256, seed=5, quantiles=(0.1, 0.9))
+    summary = runio.read_summary(path)
+    assert summary["final_loss"] == steps[-1][1]["loss"]  # the loop's keys are kept
+    sde = summary["sde"]
+    assert sde["n_paths"] == 256 and sde["seed"] == 5 and sde["quantiles"] == [0.1, 0.9]
+    for name in ("fc1", "fc2"):
+        assert sde["layers"][name]["coverage"] == sim["layers"][name]["coverage"]
+        assert 0.0 <= sde["layers"][name]["coverage"] <= 1.0
+        assert summary["pathwise"]["layers"][name]["n_valid"] == len(steps) - 2
+    assert 0.0 <= sde["network"]["coverage"] <= 1.0
+    assert "residual" in summary["pathwise"]["layers"]["fc1"]
+    loaded = analysis.load_simulation(path)
+    for name in ("fc1", "fc2"):
+        for key in ("steps", "observed", "mean", "lo", "hi"):
+            assert loaded["layers"][name][key].tolist() == sim["layers"][name][key].tolist()
+    assert loaded["network"]["hi"].tolist() == sim["network"]["hi"].tolist()
+    net_lines = (path / "sde_network.csv").read_text().splitlines()
+    assert net_lines[0] == "step,observed,mean,lo,hi" and len(net_lines) == len(steps) + 2
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+
+
+def test_make_report_figures_and_html(reported_run):
+    path, out = reported_run
+    assert out == path / "report.html"
+    for name in report.FIGURES:
+        png = (path / "figures" / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    assert text.count('src="data:image/png;base64,') == len(report.FIGURES)
+    assert "<script" not in text and "onerror=" not in text.replace("onerror=&quot;", "")
+    assert HOSTILE not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "&lt;img src=x onerror=&quot;alert(2)&quot;&gt;" in text
+    assert "a &amp; b" in text and "cost$5$" in text
+    for heading in ("Per layer", "Network", "Figures", "Configuration"):
+        assert f"<h2>{heading}</h2>" in text
+
+
+def test_make_report_simulates_when_needed(tmp_path, steps):
+    path = write_run(tmp_path / "run", steps[:8])
+    out = report.make_report(path, n_paths=64)
+    assert (path / "sde_layers.csv").exists() and (path / "sde_network.csv").exists()
+    assert runio.read_summary(path)["sde"]["n_paths"] == 64
+    assert out.exists()
+    with runio.RunWriter(tmp_path / "empty", CONFIG):
+        pass
+    with pytest.raises(runio.RunFolderError, match="no layer records"):
+        report.make_report(tmp_path / "empty")
+
+
+def test_summary_table(reported_run, tmp_path, steps):
+    path, _ = reported_run
+    run = runio.load_run(path)
+    table = report.summary_table(run)
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["layer", "sigma"]
+    pw = run.summary["pathwise"]["layers"]["fc1"]
+    cov = run.summary["sde"]["layers"]["fc1"]["coverage"]
+    fc1 = next(line for line in lines if line.startswith("fc1 "))
+    assert f"{pw['sigma_start']:.4g} -> {pw['sigma_end']:.4g}" in fc1
+    assert f"{100 * cov:.1f}%" in fc1 and f"{100 * pw['share_noise']:.1f}%" in fc1
+    assert f"{100 * pw['rel_residual']:.2f}%" in fc1
+    assert any(line.startswith(HOSTILE) for line in lines)
+    assert any(line.startswith("(network log bound)") for line in lines)
+    # before `lipfast simulate` there is no coverage yet
+    fresh = report.summary_table(write_run(tmp_path / "fresh", steps[:5]))
+    assert next(line for line in fresh.splitlines() if line.startswith("fc1 ")).endswith("n/a")
+
+
+def test_missing_matplotlib_is_a_clear_error(tmp_path, steps, monkeypatch):
+    path = write_run(tmp_path / "run", steps[:3])
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        report.make_report(path)
+    assert not (path / "report.html").exists()
