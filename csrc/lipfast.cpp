@@ -1,5 +1,7 @@
 // Every op schema of lipfast, in one place. Kernels register themselves next to their code
 // (csrc/cpu/*.cpp, csrc/cuda/*.cu). The Python wrappers, fake kernels and docs are in lipfast/ops.py.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
@@ -24,6 +26,36 @@ TORCH_LIBRARY(lipfast, m) {
   //   all float64.
   m.def("persample_linear(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
         "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi)");
+  // gradient_statistics: the tracker's reductions before a step, from per-sample statistics proj/hess/
+  //   hess_lo/hess_hi [N] (float64, as persample_linear returns them), the weight gradient G [m, n] and the
+  //   spectrum U [m, k], S [k], V [n, k]. Returns float64 [11]: N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi
+  //   (additive across data-parallel ranks), K = u1ᵀḡv1, H[ḡ,ḡ] (value, lo, hi), all-finite flag; with
+  //   s = scale·proj, H = scale²·hess, ḡ = G / loss_factor.
+  m.def("gradient_statistics(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor G, Tensor U, "
+        "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor) -> Tensor");
+  // update_statistics: after a step, from W_before and W_after [m, n] and the spectrum before the step.
+  //   Returns float64 [6]: u1ᵀΔWv1, ½H[ΔW,ΔW] (value, lo, hi), ‖ΔW‖_F, all-finite flag.
+  m.def("update_statistics(Tensor W_before, Tensor W_after, Tensor U, Tensor S, Tensor V, float sigma_next) "
+        "-> Tensor");
+}
+
+namespace {
+
+// Every lipfast op measures training and is never part of it. This Autograd kernel runs the op below
+// autograd, so its outputs carry no grad_fn: they are plain, non-differentiable results, at the cost of
+// one C++ redispatch (a Python-level autograd registration costs ~10 µs a call on the tracked step).
+void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lipfast, Autograd, m) {
+  for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics",
+                           "update_statistics"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_below_autograd>());
+  }
 }
 
 #ifndef LIPFAST_TORCH_VERSION

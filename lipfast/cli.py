@@ -90,6 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=DEMO_OUT, help=f"run folder (default: {DEMO_OUT}; replaced if it is a run)")
     demo.add_argument("--steps", type=int, default=300, help="tracked SGD steps (default: 300)")
     demo.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="write into --out even if it holds other files (lipfast's own files are replaced)")
 
     train = sub.add_parser("train", help="one tracked run")
     train.add_argument("--config", help="TOML file of training options")
@@ -111,13 +113,24 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args) -> "object":
+    from . import runio
     from .train import TrainConfig, load_config_file
 
-    values = load_config_file(args.config) if args.config else {}
+    given = load_config_file(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
-            values[f.name] = tuple(v) if f.name == "widths" else v
+            given[f.name] = tuple(v) if f.name == "widths" else v
+    if not (args.resume and runio.is_run_folder(args.out)):
+        return TrainConfig.from_mapping(given, where=args.config or "options")
+    # --resume: the run's own options, overridden by those given now (train() refuses the ones that
+    # would change the run), so `lipfast train --resume --out DIR` alone continues the run.
+    values = dict(runio.load_run(args.out).config)
+    if "steps" in given and "epochs" not in given:
+        values["epochs"] = None
+    if "epochs" in given and "steps" not in given:
+        values["steps"] = None
+    values.update(given)
     return TrainConfig.from_mapping(values, where=args.config or "options")
 
 
@@ -127,7 +140,7 @@ def _cmd_demo(args) -> int:
     from .train import TrainConfig, train
 
     out = Path(args.out)
-    overwrite = runio.is_run_folder(out)
+    overwrite = args.overwrite or runio.is_run_folder(out)
     cfg = TrainConfig(steps=args.steps)
     print(f"lipfast demo: {cfg.model} {list(cfg.widths)} on {cfg.dataset}, {cfg.steps} SGD steps, rank {cfg.rank} "
           f"-> {out}", flush=True)
@@ -168,9 +181,13 @@ def _cmd_report(args) -> int:
 
 def _cmd_simulate(args) -> int:
     from . import analysis
+    from . import runio
 
     if args.paths < 2:
         raise _UsageError(f"lipfast simulate: error: --paths must be >= 2, got {args.paths}")
+    run = runio.load_run(args.run_dir)
+    if not run.layers:
+        raise runio.RunFolderError(f"{run.path} has no layer records yet: nothing to simulate")
     result = analysis.write_simulation(args.run_dir, n_paths=args.paths, seed=args.seed)
     print(_simulation_lines(result))
     return 0
@@ -208,17 +225,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     from .data import DatasetUnavailable
-    from .runio import RunFolderError
+    from .runio import RunFolderError, RunWriteError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, RunFolderError, DatasetUnavailable, FileNotFoundError) as exc:
+    except (ValueError, RunFolderError, RunWriteError, DatasetUnavailable, FileNotFoundError) as exc:
         print(f"lipfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    from .runio import RunWriteError
+
+    text = str(exc)
+    if isinstance(exc, RunWriteError) and exc.strerror:  # str() would add "[Errno N]" and the file name again
+        text = exc.strerror.removeprefix("lipfast: ")
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ per-sample statistics of Linear and Conv2d layers without per-sample gradients (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,15 @@ class Spectrum:
     shape: tuple[int, int]
     basis: Tensor | None = None
     iters: int = 0
+
+    @cached_property
+    def U64(self) -> Tensor:
+        """``U`` in float64 (the Hessian contractions run in float64; converted once per spectrum)."""
+        return self.U.to(torch.float64)
+
+    @cached_property
+    def V64(self) -> Tensor:
+        return self.V.to(torch.float64)
 
     @property
     def k(self) -> int:
@@ -148,7 +158,8 @@ def spectrum(W: Tensor, k: int = 8, state: Spectrum | None = None, iters: int | 
 
 
 def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int | None = None,
-                     tol: float | None = None, oversample: int | None = None, seed: int = 0) -> Spectrum:
+                     tol: float | None = None, oversample: int | None = None, seed: int = 0,
+                     impl=ops) -> Spectrum:
     """:func:`spectrum` without argument checks, warm-started from a bare ``basis [n, p]``.
 
     For callers that validated already (the tracker): no finiteness pass, no host sync beyond the
@@ -168,7 +179,7 @@ def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int 
         V0 = torch.randn(n, p, generator=gen, device=W.device, dtype=W.dtype)
         max_iters = iters or _COLD_ITERS
     tol = _DEFAULT_TOL[W.dtype] if tol is None else float(tol)
-    U, S, V, res, it = ops.subspace_iteration(W, V0, k + 1, max_iters, tol)
+    U, S, V, res, it = impl.subspace_iteration(W, V0, k + 1, max_iters, tol)
     # The Ritz value of σ_{k+1} lies below the true one; adding its residual keeps the truncation
     # bracket honest (a singular value lies within the residual of every Ritz value).
     sigma_next = torch.minimum(S[k] + res[k], S[k - 1])
@@ -205,13 +216,13 @@ def _check_spectrum(fn: str, spec) -> None:
         raise TypeError(f"{fn}: spec must be a Spectrum from lipfast.spectrum, got {type(spec).__name__}")
 
 
-def _contract(spec: Spectrum, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _contract(spec: Spectrum, x: Tensor, y: Tensor, impl=ops) -> tuple[Tensor, Tensor, Tensor]:
     """Hessian form from ``x = E v1 [N, m]`` and ``y = Eᵀ u1 [N, n]``, in float64."""
     x = x.to(torch.float64)
     y = y.to(torch.float64)
-    a = x @ spec.U.to(torch.float64)
-    b = y @ spec.V.to(torch.float64)
-    return ops.hessian_contract(a, b, (x * x).sum(-1), (y * y).sum(-1), spec.S, float(spec.sigma_next))
+    a = x @ spec.U64
+    b = y @ spec.V64
+    return impl.hessian_contract(a, b, (x * x).sum(-1), (y * y).sum(-1), spec.S, float(spec.sigma_next))
 
 
 def _nan_if(degenerate: bool, *values: Tensor) -> tuple[Tensor, ...]:
@@ -233,10 +244,12 @@ def hessian_form(spec: Spectrum, E: Tensor) -> HessianForm:
     check.tensor(fn, "E", E, (2, 3), "[m, n] or [N, m, n]")
     if tuple(E.shape[-2:]) != spec.shape:
         raise ValueError(f"{fn}: E must have the matrix shape {list(spec.shape)} of spec, got {tuple(E.shape)}")
+    if E.dim() == 3 and E.shape[0] == 0:
+        raise ValueError(f"{fn}: E must hold at least one direction, got an empty batch {tuple(E.shape)}")
     check.finite(fn, "E", E)
     E3 = E.detach().to(torch.float64).reshape(-1, *spec.shape)
-    x = E3 @ spec.V[:, 0].to(torch.float64)
-    y = E3.mT @ spec.U[:, 0].to(torch.float64)
+    x = E3 @ spec.V64[:, 0]
+    y = E3.mT @ spec.U64[:, 0]
     value, lo, hi = _nan_if(spec.degenerate, *_contract(spec, x, y))
     if E.dim() == 2:
         value, lo, hi = value[0], lo[0], hi[0]
@@ -366,8 +379,8 @@ def conv2d_projections(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size:
     return xvec, yvec.reshape(B, n)
 
 
-def contract_projections(spec: Spectrum, xvec: Tensor, yvec: Tensor) -> PerSample:
+def contract_projections(spec: Spectrum, xvec: Tensor, yvec: Tensor, impl=ops) -> PerSample:
     """Per-sample statistics from ``x_i = G_i v1 [B, m]`` and ``y_i = G_iᵀ u1 [B, n]``."""
-    value, lo, hi = _nan_if(spec.degenerate, *_contract(spec, xvec, yvec))
-    proj = xvec.to(torch.float64) @ spec.U[:, 0].to(torch.float64)
+    value, lo, hi = _nan_if(spec.degenerate, *_contract(spec, xvec, yvec, impl))
+    proj = xvec.to(torch.float64) @ spec.U64[:, 0]
     return PerSample(proj, value, lo, hi, degenerate=spec.degenerate)

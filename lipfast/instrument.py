@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import ops
 from .functional import Spectrum, conv2d_projections, contract_projections
 
 try:  # torch.func transforms wrap tensors; a tensor hook on such an output would misfire.
@@ -147,7 +146,7 @@ class LayerCapture:
             return _cat_stats([self._linear_stats(spec, [c], dtype) for c in calls])
         X = torch.cat(xs, dim=1).to(dtype)
         D = torch.cat(ds, dim=1).to(dtype)
-        return ops.persample_linear(X, D, spec.U.to(dtype), spec.S, spec.V.to(dtype), float(spec.sigma_next))
+        return self.owner.impl.persample_linear(X, D, spec.U.to(dtype), spec.S, spec.V.to(dtype), float(spec.sigma_next))
 
     def _conv_stats(self, spec: Spectrum, calls: list[Call], dtype):
         B = calls[0].x.shape[0]
@@ -160,7 +159,7 @@ class LayerCapture:
             xv, yv = conv2d_projections(spec, x.to(dtype), d.to(dtype), *self.geometry)
             xvec = xv if xvec is None else xvec + xv
             yvec = yv if yvec is None else yvec + yv
-        ps = contract_projections(spec, xvec, yvec)
+        ps = contract_projections(spec, xvec, yvec, self.owner.impl)
         return ps.proj, ps.hess, ps.hess_lo, ps.hess_hi
 
     def take_stats(self):

@@ -1,8 +1,9 @@
 """Typed wrappers over the compiled ops ``torch.ops.lipfast.*`` and their fake (meta) kernels.
 
 The schemas live in ``csrc/lipfast.cpp``; CPU kernels in ``csrc/cpu``, CUDA kernels in ``csrc/cuda``.
-None of these ops is differentiable: the wrappers detach their inputs, since every statistic lipfast
-computes is a measurement of training, never part of it.
+None of these ops is differentiable: every statistic lipfast computes is a measurement of training,
+never part of it. An Autograd-key kernel (csrc/lipfast.cpp) runs them below autograd, so their outputs
+never require grad, and the wrappers detach their inputs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["subspace_iteration", "hessian_contract", "persample_linear"]
+__all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics", "update_statistics"]
 
 
 def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float):
@@ -67,6 +68,49 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     )
 
 
+def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Tensor, G: Tensor, U: Tensor,
+                        S: Tensor, V: Tensor, sigma_next: float, scale: float, loss_factor: float) -> Tensor:
+    """The tracker's reductions before a step (MATH.md §3), fused.
+
+    Args:
+        proj, hess, hess_lo, hess_hi: ``[N]`` per-sample statistics as the capture produced them.
+        G: ``[m, n]`` the weight's gradient; ``ḡ = G / loss_factor``.
+        U, S, V: the spectrum before the step; sigma_next: ``σ_{k+1}``.
+        scale: per-sample scale, ``s_i = scale·proj_i`` and ``H[G_i,G_i] = scale²·hess_i``.
+
+    Returns:
+        float64 ``[11]``: ``N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi`` (additive across data-parallel ranks),
+        ``K = u1ᵀḡv1`` (the shift that keeps the variance exact), ``H[ḡ,ḡ]`` value/lo/hi, and 1.0 when
+        every input reduction is finite (0.0 otherwise).
+    """
+    return torch.ops.lipfast.gradient_statistics.default(
+        proj.detach(), hess.detach(), hess_lo.detach(), hess_hi.detach(), G.detach(), U.detach(), S.detach(),
+        V.detach(), float(sigma_next), float(scale), float(loss_factor))
+
+
+def update_statistics(W_before: Tensor, W_after: Tensor, U: Tensor, S: Tensor, V: Tensor,
+                      sigma_next: float) -> Tensor:
+    """First- and second-order prediction of a step's change of σ1 (MATH.md §2), fused.
+
+    Returns:
+        float64 ``[6]``: ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]`` value/lo/hi, ``‖ΔW‖_F``, and 1.0 when finite.
+    """
+    return torch.ops.lipfast.update_statistics.default(
+        W_before.detach(), W_after.detach(), U.detach(), S.detach(), V.detach(), float(sigma_next))
+
+
+@torch.library.register_fake("lipfast::gradient_statistics")
+def _gradient_statistics_fake(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next, scale, loss_factor):
+    torch._check(G.dim() == 2, lambda: f"G must have shape [m, n], got {tuple(G.shape)}")
+    return torch.empty((11,), dtype=torch.float64, device=G.device)
+
+
+@torch.library.register_fake("lipfast::update_statistics")
+def _update_statistics_fake(W_before, W_after, U, S, V, sigma_next):
+    torch._check(W_before.shape == W_after.shape, lambda: "W_after must have W_before's shape")
+    return torch.empty((6,), dtype=torch.float64, device=W_before.device)
+
+
 @torch.library.register_fake("lipfast::subspace_iteration")
 def _subspace_iteration_fake(W, V0, k, max_iters, tol):
     torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
@@ -98,3 +142,4 @@ def _persample_linear_fake(X, D, U, S, V, sigma_next):
     torch._check(D.dim() == 3, lambda: f"D must have shape [B, T, m], got {tuple(D.shape)}")
     B = X.shape[0]
     return tuple(torch.empty((B,), dtype=torch.float64, device=X.device) for _ in range(4))
+

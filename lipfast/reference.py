@@ -106,3 +106,34 @@ def persample_conv2d_unfold(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, V
     cols = F.unfold(x.to(torch.float64), kernel_size, dilation=dilation, padding=padding, stride=stride)  # [B, K, T]
     D = grad_out.to(torch.float64).reshape(B, grad_out.shape[1], -1)                                       # [B, m, T]
     return persample_linear(cols.mT, D.mT, U, S, V, sigma_next)
+
+
+def _hessian_of_direction(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float) -> Tensor:
+    U64, V64 = U.to(torch.float64), V.to(torch.float64)
+    value, lo, hi = hessian_contract((x @ U64)[None], (y @ V64)[None], (x @ x)[None], (y @ y)[None], S, sigma_next)
+    return torch.cat([value, lo, hi])
+
+
+def gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next: float, scale: float,
+                        loss_factor: float) -> Tensor:
+    """Twin of ``lipfast::gradient_statistics`` (see lipfast/ops.py for the layout of the result)."""
+    x = (G @ V[:, 0].to(G.dtype)).to(torch.float64) / loss_factor
+    y = (G.mT @ U[:, 0].to(G.dtype)).to(torch.float64) / loss_factor
+    K = U[:, 0].to(torch.float64) @ x
+    hg = _hessian_of_direction(x, y, U, S, V, sigma_next)
+    s = proj.to(torch.float64) * scale - K
+    sums = torch.stack([s.sum(), (s * s).sum()] + [t.to(torch.float64).sum() * scale**2 for t in (hess, hess_lo, hess_hi)])
+    finite = torch.isfinite(torch.cat([x, y, sums])).all().to(torch.float64)
+    return torch.cat([torch.tensor([float(proj.shape[0])], dtype=torch.float64, device=G.device), sums,
+                      K[None], hg, finite[None]])
+
+
+def update_statistics(W_before, W_after, U, S, V, sigma_next: float) -> Tensor:
+    """Twin of ``lipfast::update_statistics``."""
+    dW = W_after - W_before
+    x = (dW @ V[:, 0].to(dW.dtype)).to(torch.float64)
+    y = (dW.mT @ U[:, 0].to(dW.dtype)).to(torch.float64)
+    first = U[:, 0].to(torch.float64) @ x
+    second = 0.5 * _hessian_of_direction(x, y, U, S, V, sigma_next)
+    finite = torch.isfinite(torch.cat([x, y])).all().to(torch.float64)
+    return torch.cat([first[None], second, dW.norm().to(torch.float64)[None], finite[None]])

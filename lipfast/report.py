@@ -83,7 +83,10 @@ def _coverages(run: runio.Run, sim: dict | None) -> tuple[dict[str, float], floa
         layers = {k: v["coverage"] for k, v in sim.get("layers", {}).items()}
         net = sim["network"]["coverage"] if sim.get("network") else math.nan
         return layers, net
-    sde = (run.summary or {}).get("sde") or {}
+    summary = run.summary or {}
+    if "sde" not in summary:  # the Run may predate `lipfast simulate`: look at the folder now
+        summary = runio.read_summary(run.path) or {}
+    sde = summary.get("sde") or {}
     layers = {k: _as_float((v or {}).get("coverage")) for k, v in (sde.get("layers") or {}).items()}
     net = _as_float((sde.get("network") or {}).get("coverage"))
     return layers, net

@@ -628,7 +628,7 @@ def simulate_recorded(
         carry = buf[-1].copy()
         b64 = np.asarray(buf, dtype=np.float64)
         noise_mean[start + 1 : stop + 1] = b64.mean(axis=1)
-        noise_std[start + 1 : stop + 1] = b64.std(axis=1, ddof=0)*1.01
+        noise_std[start + 1 : stop + 1] = b64.std(axis=1, ddof=1)
         noise_lo[start + 1 : stop + 1] = np.quantile(b64, q_lo, axis=1)
         noise_hi[start + 1 : stop + 1] = np.quantile(b64, q_hi, axis=1)
         del buf, tbuf, b64
@@ -672,7 +672,9 @@ def pathwise_residual(delta_pred, delta_obs) -> dict:
     pred = _series(fn, "delta_pred", delta_pred)
     obs = _series(fn, "delta_obs", delta_obs)
     if pred.shape != obs.shape:
-        raise ValueError(f"{fn}: delta_pred and delta_obs must have the same length, got {pred.shape[0]} and {obs.shape[0]}")
+        raise ValueError(
+            f"{fn}: delta_pred and delta_obs must have the same length, got {pred.shape[0]} and {obs.shape[0]}"
+        )
     for name, a in (("delta_pred", pred), ("delta_obs", obs)):
         if np.isinf(a).any():
             raise ValueError(f"{fn}: {name} is infinite at steps {_steps(np.isinf(a))}")

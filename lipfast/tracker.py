@@ -25,7 +25,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .functional import Spectrum, compute_spectrum, contract_projections
+from . import ops, reference
+from .functional import Spectrum, compute_spectrum
 from .instrument import LayerCapture, unsupported_reason
 from .optim import StepCoefficients, find_group, step_coefficients
 
@@ -89,15 +90,21 @@ class Tracker:
         on_record: optional callback ``(layer_records, network_record) -> None`` after each tracked step.
         keep_records: keep records in ``tracker.records``/``tracker.network`` (turn off for very
             long runs that stream records through ``on_record``).
+        implementation: ``"compiled"`` (the C++ ops) or ``"reference"`` (their pure-PyTorch twins in
+            :mod:`lipfast.reference`: the same algorithm, for cross-checks and benchmarks).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
                  layers: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
                  loss_reduction: str = "mean", dataset_size: int | None = None, *,
                  gap_tol: float = 1e-3, step_tol: float = 0.5, iters: int = 2, tol: float | None = None,
-                 on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True):
+                 on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True,
+                 implementation: str = "compiled"):
         self._check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol,
                          iters, on_nonfinite)
+        if implementation not in ("compiled", "reference"):
+            raise ValueError(f"Tracker: implementation must be 'compiled' or 'reference', got {implementation!r}")
+        self.impl = ops if implementation == "compiled" else reference
         self.model = model
         self.optimizer = optimizer
         self.rank = rank
@@ -243,7 +250,8 @@ class Tracker:
 
     def _spectrum(self, W: Tensor, basis: Tensor | None) -> Spectrum:
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
-        return compute_spectrum(W, self.rank, basis, self.iters if basis is not None else None, self.tol)
+        return compute_spectrum(W, self.rank, basis, self.iters if basis is not None else None, self.tol,
+                                impl=self.impl)
 
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
         if not self.capturing:
@@ -271,17 +279,17 @@ class Tracker:
         spec = self.spectrum_before(cap)
         proj, hess, hess_lo, hess_hi = stats
         N = int(proj.shape[0])
-        G = _matrix(grad, cap.m).to(torch.float64)
         loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
         scale = 1.0 if self.loss_reduction == "sum" else float(N)
-        gbar = G / loss_factor
-        u1, v1 = spec.U[:, 0].to(torch.float64), spec.V[:, 0].to(torch.float64)
-        h_gbar = contract_projections(spec, (gbar @ v1)[None], (gbar.mT @ u1)[None])
+        G = _matrix(grad, cap.m)
         coef = step_coefficients(self.optimizer, cap.weight)
-        known = 0.0 if coef.known is None else float(u1 @ _matrix(coef.known, cap.m).to(torch.float64) @ v1)
-        return dict(spec=spec, W=cap.weight.detach().clone(), N=N, s=proj * scale,
-                    h=(hess * scale**2, hess_lo * scale**2, hess_hi * scale**2), h_gbar=h_gbar, coef=coef,
-                    c=coef.fresh * loss_factor, known=known, grad_finite=bool(torch.isfinite(G).all()))
+        known = None
+        if coef.known is not None:
+            known = spec.U64[:, 0] @ (_matrix(coef.known, cap.m) @ spec.V[:, 0].to(G.dtype)).double()
+        sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
+                                       float(spec.sigma_next), scale, loss_factor)
+        return dict(spec=spec, W=cap.weight.detach().clone(), sums=sums, coef=coef,
+                    c=coef.fresh * loss_factor, known=known)
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
         if self._pending:
@@ -301,45 +309,40 @@ class Tracker:
     def _record(self, cap: LayerCapture, p: dict) -> dict:
         spec: Spectrum = p["spec"]
         coef: StepCoefficients = p["coef"]
-        N, s, c = p["N"], p["s"], p["c"]
-        flags = []
+        c = p["c"]
         W_after = _matrix(cap.weight, cap.m)
-        dW = (W_after - _matrix(p["W"], cap.m)).to(torch.float64)
-        finite_after = bool(torch.isfinite(dW).all())
-        sigma = float(spec.S[0])
-        sigma2 = float(spec.S[1]) if spec.k > 1 else float(spec.sigma_next)
+        upd = self.impl.update_statistics(_matrix(p["W"], cap.m), W_after, spec.U, spec.S, spec.V, float(spec.sigma_next))
+        first, second, second_lo, second_hi, dw_norm, finite_after = upd.tolist()
+        N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = self._reduce(p["sums"]).tolist()
+        N = int(N)
+        sigma, sigma2 = (spec.S[:2].tolist() + [float(spec.sigma_next)])[:2]
+        sigma_next = NAN
         if finite_after:
             spec_after = self._spectrum(W_after, spec.basis)
             self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
             sigma_next = float(spec_after.S[0])
-        else:
-            sigma_next = NAN
-        u1, v1 = spec.U[:, 0].to(torch.float64), spec.V[:, 0].to(torch.float64)
-        first = float(u1 @ dW @ v1)
-        second = 0.5 * float(contract_projections(spec, (dW @ v1)[None], (dW.mT @ u1)[None]).hess[0])
+        flags = []
 
-        # The SDE terms of MATH.md §3 from one mini-batch (s_i and H[G_i, G_i] scaled per sample).
-        mean_s = float(s.mean())
+        # The SDE terms of MATH.md §3 from one mini-batch; sums are shifted by K ≈ mean(s) so the
+        # variance keeps its digits.
+        mean_s = K + sum_s / N
         fpc = 1.0
         if self.dataset_size is not None:
             fpc = max(self.dataset_size - N, 0) / (self.dataset_size - 1)
-        drift = -c * mean_s - coef.decay * sigma + p["known"]
+        known = 0.0 if p["known"] is None else float(p["known"])
+        drift = -c * mean_s - coef.decay * sigma + known
         if N > 1:
-            var_s = float(((s - mean_s) ** 2).sum()) / (N - 1)
-            h, h_lo, h_hi = (float(t.sum()) for t in p["h"])
-            hg = p["h_gbar"]
-            hg_v, hg_lo, hg_hi = float(hg.hess[0]), float(hg.hess_lo[0]), float(hg.hess_hi[0])
+            var_s = max(sum_ss - sum_s * sum_s / N, 0.0) / (N - 1)
             k_ito = c * c / (2 * N) * fpc / (N - 1)
             diffusion = c * c * var_s / N * fpc
-            ito, ito_lo, ito_hi = k_ito * (h - N * hg_v), k_ito * (h_lo - N * hg_hi), k_ito * (h_hi - N * hg_lo)
+            ito, ito_lo, ito_hi = k_ito * (h - N * hg), k_ito * (h_lo - N * hg_hi), k_ito * (h_hi - N * hg_lo)
         else:
             flags.append("single_sample")
             diffusion = ito = ito_lo = ito_hi = NAN
         gap = (sigma - sigma2) / sigma if sigma > 0 else 0.0
-        step_ratio = float(dW.norm()) / (sigma - sigma2) if sigma > sigma2 else math.inf
+        step_ratio = dw_norm / (sigma - sigma2) if sigma > sigma2 else math.inf
         degenerate = gap < self.gap_tol or step_ratio > self.step_tol
-        nonfinite = not (finite_after and p["grad_finite"] and math.isfinite(mean_s)
-                         and all(math.isfinite(float(t.sum())) for t in p["h"]))
+        nonfinite = not (finite_after and finite_grad)
         row = dict(step=self.step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N, lr=coef.lr,
                    sigma=sigma, sigma2=sigma2, sigma_next=sigma_next, delta_obs=sigma_next - sigma,
                    first_order=first, second_order=second, delta_pred=first + second, drift=drift,
@@ -358,6 +361,10 @@ class Tracker:
             flags.append("sgd_equivalent")
         row["flags"] = ";".join(flags)
         return row
+
+    def _reduce(self, sums: Tensor) -> Tensor:
+        """Hook for data parallelism: the additive part of the sums over every rank's samples."""
+        return sums
 
     def _network_record(self, rows: list[dict]) -> dict:
         """Log-space aggregation over layers (MATH.md §3, Itô on log σ)."""

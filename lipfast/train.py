@@ -75,7 +75,10 @@ class TrainConfig:
             close = {u: [n for n in names if _similar(u, n)] for u in unknown}
             hint = "; ".join(f"'{u}'" + (f" (did you mean '{close[u][0]}'?)" if close[u] else "") for u in unknown)
             raise ConfigError(f"{where}: unknown option {hint}")
-        cfg = cls(**{k: v for k, v in values.items()})
+        values = dict(values)
+        if values.get("epochs") is not None and "steps" not in values:
+            values["steps"] = None  # epochs given, steps not: the default step count must not win
+        cfg = cls(**values)
         cfg.validate()
         return cfg
 
@@ -108,6 +111,9 @@ class TrainConfig:
         _check(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps", self.steps, "an int >= 1")
         _check(self.epochs is None or (_is_int(self.epochs) and self.epochs >= 1), "epochs", self.epochs, "an int >= 1")
         _check(self.steps is not None or self.epochs is not None, "steps", self.steps, "set when epochs is not")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(f"steps and epochs exclude each other, got steps={self.steps!r} and "
+                              f"epochs={self.epochs!r}; give one of them")
         _check(self.dtype in ("float32", "float64"), "dtype", self.dtype, "'float32' or 'float64'")
         _check(isinstance(self.nesterov, bool), "nesterov", self.nesterov, "true or false")
         _check(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "used with momentum > 0")
@@ -183,6 +189,8 @@ def train(config: TrainConfig, out: str | os.PathLike, *, overwrite: bool = Fals
         max_steps: stop after this many steps of this invocation (to interrupt a run on purpose,
             e.g. in tests of resume); the run folder then stays resumable.
     """
+    if overwrite and resume:
+        raise ValueError("train: overwrite and resume are mutually exclusive")
     config.validate()
     out = Path(out)
     device = torch.device(config.device)
@@ -192,28 +200,55 @@ def train(config: TrainConfig, out: str | os.PathLike, *, overwrite: bool = Fals
     if resume:
         if not runio.is_run_folder(out):
             raise runio.RunFolderError(f"cannot resume {out}: it is not a lipfast run folder")
+        _check_resume_config(config, runio.load_run(out).config, out)
         if checkpoint.is_file():
             state = torch.load(checkpoint, map_location=device, weights_only=True)
+    # Data (and the options that depend on it) before the run folder is touched: a bad dataset or
+    # batch size must not leave a half-made run behind that a corrected rerun then trips over.
+    ds, y_train = _load_data(config)
     writer = runio.RunWriter(out, config.to_dict(), overwrite=overwrite, resume=resume,
                              resume_from_step=int(state["step"]) if state else (0 if resume else None))
     try:
-        return _run(config, out, writer, state, device, dtype, quiet=quiet, report=report, max_steps=max_steps)
+        return _run(config, out, writer, state, device, dtype, ds, y_train, quiet=quiet, report=report,
+                    max_steps=max_steps)
     finally:
         writer.close()
 
 
-def _run(config: TrainConfig, out: Path, writer: runio.RunWriter, state, device, dtype, *, quiet: bool,
-         report: bool, max_steps: int | None) -> Path:
+# Options a resumed run may change: they do not alter the records of the steps to come.
+RESUME_MAY_CHANGE = frozenset({"steps", "epochs", "eval_every", "checkpoint_every", "sde_paths", "sde_seed",
+                               "data_root", "device"})
+
+
+def _check_resume_config(config: TrainConfig, stored: Mapping[str, Any], out: Path) -> None:
+    """Refuse to resume a run with options that would change its trajectory (a checkpoint of another
+    model cannot be loaded, and a changed lr/seed/... would silently mix two runs)."""
+    given = config.to_dict()
+    changed = [k for k in given if k in stored and k not in RESUME_MAY_CHANGE and stored[k] != given[k]]
+    if changed:
+        diffs = ", ".join(f"{k} {stored[k]!r} -> {given[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume {out} with other options than it was started with ({diffs}); only "
+                          f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume")
+
+
+def _load_data(config: TrainConfig):
+    """(dataset, train labels with the label noise applied); checks batch_size against the data."""
     ds = datasets.load_dataset(config.dataset, root=config.data_root, test_fraction=config.test_fraction,
                                seed=config.data_seed, n_samples=config.n_samples)
     y_train = ds.y_train
     if config.label_noise > 0:
         y_train, _ = datasets.add_label_noise(y_train, config.label_noise, ds.n_classes, seed=config.noise_seed)
+    n_train = ds.x_train.shape[0]
+    if config.batch_size > n_train:
+        raise ConfigError(f"batch_size must be <= the {n_train} training samples of {config.dataset}, got {config.batch_size}")
+    return ds, y_train
+
+
+def _run(config: TrainConfig, out: Path, writer: runio.RunWriter, state, device, dtype, ds, y_train, *,
+         quiet: bool, report: bool, max_steps: int | None) -> Path:
     x_train, y_train = ds.x_train.to(device, dtype), y_train.to(device)
     x_test, y_test = ds.x_test.to(device, dtype), ds.y_test.to(device)
     n_train = x_train.shape[0]
-    if config.batch_size > n_train:
-        raise ConfigError(f"batch_size must be <= the {n_train} training samples of {config.dataset}, got {config.batch_size}")
     model = models.build_model(config.model, ds.input_shape, ds.n_classes, widths=config.widths,
                                init_scale=config.init_scale, seed=config.seed, batchnorm=config.batchnorm)
     model = model.to(device, dtype)

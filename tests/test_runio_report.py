@@ -395,6 +395,22 @@ def test_simulate_run(tmp_path, steps):
         analysis.simulate_run(run, n_paths=0)
 
 
+def test_simulate_run_tolerates_bad_coefficients(tmp_path):
+    steps = fake_training(n_steps=20, layers=("fc1",), degenerate_at=())
+    rows = {r["step"]: r for rs, _ in steps for r in rs}
+    rows[5]["drift"] = math.inf  # advances by the observed increment instead
+    rows[8]["diffusion_var"] = -1e-9  # rounding below zero: clamped
+    rows[12].update(drift=math.nan, sigma_next=math.nan, delta_obs=math.nan, nonfinite=True)
+    path = write_run(tmp_path / "run", steps)
+    sim = analysis.simulate_run(path, n_paths=64)
+    s = sim["layers"]["fc1"]
+    assert s["n_skipped"] == 1 and s["n_segments"] == 2 and s["n_fallback"] == 1
+    assert 12 in s["steps"].tolist() and 13 in s["steps"].tolist()  # end of block 1, start of 2
+    assert 0.0 <= s["coverage"] <= 1.0
+    assert sim["pathwise"]["layers"]["fc1"]["nonfinite_fraction"] == 1 / 20
+    assert report.make_report(path).exists()
+
+
 def test_simulate_run_with_sparse_tracking(tmp_path):
     every = 3
     steps = [s for s in fake_training(n_steps=20, degenerate_at=()) if s[1]["step"] % every == 0]
@@ -483,8 +499,11 @@ def test_summary_table(reported_run, tmp_path, steps):
     assert any(line.startswith(HOSTILE) for line in lines)
     assert any(line.startswith("(network log bound)") for line in lines)
     # before `lipfast simulate` there is no coverage yet
-    fresh = report.summary_table(write_run(tmp_path / "fresh", steps[:5]))
-    assert next(line for line in fresh.splitlines() if line.startswith("fc1 ")).endswith("n/a")
+    fresh = runio.load_run(write_run(tmp_path / "fresh", steps[:5]))
+    fc1_line = lambda text: next(ln for ln in text.splitlines() if ln.startswith("fc1 "))  # noqa: E731
+    assert fc1_line(report.summary_table(fresh)).endswith("n/a")
+    analysis.write_simulation(fresh.path, n_paths=64)  # the Run object predates it
+    assert fc1_line(report.summary_table(fresh)).endswith("%")
 
 
 def test_missing_matplotlib_is_a_clear_error(tmp_path, steps, monkeypatch):

@@ -108,9 +108,17 @@ CONTRACT_CASES = [
     ("x0 1-D", dict(x0=torch.zeros(3, dtype=F64)), r"x0 must have shape \[P, d\] \(2-D\), got shape \(3,\)"),
     ("x0 3-D", dict(x0=torch.zeros(3, 2, 1, dtype=F64)), r"got shape \(3, 2, 1\)"),
     ("x0 int", dict(x0=torch.zeros(3, 2, dtype=torch.int64)), r"floating-point dtype, got torch.int64"),
-    ("x0 nan", dict(x0=torch.tensor([[0.0, float("nan")], [0.0, 0.0], [float("inf"), 0.0]])), r"x0 must be finite, got 2 NaN/Inf"),
+    (
+        "x0 nan",
+        dict(x0=torch.tensor([[0.0, float("nan")], [0.0, 0.0], [float("inf"), 0.0]])),
+        r"x0 must be finite, got 2 NaN/Inf",
+    ),
     ("ts repeated", dict(ts=[0.0, 1.0, 1.0]), r"strictly increasing, got ts\[1\]=1.0 followed by ts\[2\]=1.0"),
-    ("ts decreasing", dict(ts=torch.tensor([0.0, 2.0, 1.0])), r"strictly increasing, got ts\[1\]=2.0 followed by ts\[2\]=1.0"),
+    (
+        "ts decreasing",
+        dict(ts=torch.tensor([0.0, 2.0, 1.0])),
+        r"strictly increasing, got ts\[1\]=2.0 followed by ts\[2\]=1.0",
+    ),
     ("ts 2-D", dict(ts=[[0.0, 1.0]]), r"ts must be 1-D with at least one time, got shape \(1, 2\)"),
     ("ts empty", dict(ts=[]), r"ts must be 1-D with at least one time, got shape \(0,\)"),
     ("ts nan", dict(ts=[0.0, float("nan")]), r"ts must be finite"),
@@ -122,11 +130,23 @@ CONTRACT_CASES = [
     ("generator and seed", dict(generator=torch.Generator(), seed=1), r"either generator or seed, not both"),
     ("generator type", dict(generator=3), r"generator must be a torch.Generator, got int"),
     ("seed type", dict(seed=1.5), r"seed must be an int, got 1.5"),
-    ("f shape", dict(f=lambda t, x: x[:, 0]), r"f\(t, x\) must return a tensor of shape \[P, d\] = \[3, 2\], got \(3,\)"),
+    (
+        "f shape",
+        dict(f=lambda t, x: x[:, 0]),
+        r"f\(t, x\) must return a tensor of shape \[P, d\] = \[3, 2\], got \(3,\)",
+    ),
     ("f type", dict(f=lambda t, x: 1.0), r"f\(t, x\) must return a tensor .*got float"),
-    ("g shape", dict(g=lambda t, x: x[:, :1]), r"g\(t, x\) must return a tensor of shape \[P, d\] = \[3, 2\] for diagonal noise, got \(3, 1\)"),
+    (
+        "g shape",
+        dict(g=lambda t, x: x[:, :1]),
+        r"g\(t, x\) must return a tensor of shape \[P, d\] = \[3, 2\] for diagonal noise, got \(3, 1\)",
+    ),
     ("g scalar shape", dict(noise_type="scalar", g=lambda t, x: x[:, :1]), r"for scalar noise, got \(3, 1\)"),
-    ("g general 2-D", dict(noise_type="general"), r"\[P, d, m\] = \[3, 2, m\] with m >= 1 for general noise, got \(3, 2\)"),
+    (
+        "g general 2-D",
+        dict(noise_type="general"),
+        r"\[P, d, m\] = \[3, 2, m\] with m >= 1 for general noise, got \(3, 2\)",
+    ),
 ]
 
 
@@ -159,7 +179,13 @@ def test_sdeint_rejects_unknown_kwargs():
 
 @pytest.mark.parametrize(
     "method, noise_type",
-    [("euler", "diagonal"), ("euler", "scalar"), ("euler", "general"), ("milstein", "diagonal"), ("milstein", "scalar")],
+    [
+        ("euler", "diagonal"),
+        ("euler", "scalar"),
+        ("euler", "general"),
+        ("milstein", "diagonal"),
+        ("milstein", "scalar"),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(0, 3), (1, 1), (7, 5)])
@@ -196,7 +222,8 @@ def test_sdeint_step_grid_hits_output_times():
     np.testing.assert_allclose(steps, np.arange(10) / 10, rtol=0, atol=1e-12)  # 3 + 7 steps of 0.1
     seen.clear()
     sde.sdeint(f, _g, torch.zeros(2, 1, dtype=F64), [0.0, 0.3, 1.0], dt=0.25, seed=0)
-    np.testing.assert_allclose(seen[1:], [0.0, 0.15, 0.3, 0.3 + 0.7 / 3, 0.3 + 1.4 / 3], atol=1e-12)  # 2 + 3 equal steps <= dt
+    # 0.3/0.25 -> 2 steps of 0.15, 0.7/0.25 -> 3 steps of 0.7/3: equal steps, each <= dt
+    np.testing.assert_allclose(seen[1:], [0.0, 0.15, 0.3, 0.3 + 0.7 / 3, 0.3 + 1.4 / 3], atol=1e-12)
     seen.clear()
     sde.sdeint(f, _g, torch.zeros(2, 1, dtype=F64), [0.0, 0.3, 1.0], seed=0)
     assert seen[1:] == [0.0, 0.3]
@@ -354,6 +381,18 @@ def test_simulate_recorded_matches_closed_form(dtype):
         assert np.all(np.abs(got[t] - (mean[t] + z * sd[t])) <= N_SE * se), q
 
 
+def test_simulate_recorded_two_paths_statistics_are_exact():
+    # With two paths a < b: mean = (a + b)/2, std (ddof=1) = (b − a)/√2, and the linear-interpolation
+    # quantiles are a + q (b − a), so every statistic is pinned by lo and hi without sampling error.
+    drift, ito, var = _coefficients(T=6)
+    band = sde.simulate_recorded(0.3, drift, ito, var, n_paths=2, seed=0, quantiles=(0.1, 0.7))
+    gap = (band.hi - band.lo) / 0.6
+    a = band.lo - 0.1 * gap
+    np.testing.assert_allclose(band.std, gap / math.sqrt(2), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(band.mean, a + gap / 2, rtol=1e-12, atol=1e-15)
+    assert np.all(gap[1:] > 0)
+
+
 def test_simulate_recorded_accepts_lists_and_tensors():
     drift, ito, var = _coefficients(T=12)
     ref = sde.simulate_recorded(0.5, drift, ito, var, n_paths=64, seed=4)
@@ -436,7 +475,8 @@ def test_simulate_recorded_negative_variance():
 
 def test_simulate_recorded_length_mismatch_names_arrays():
     drift, ito, var = _coefficients(T=10)
-    with pytest.raises(ValueError, match=r"drift, ito, diffusion_var must all have the same length T, got drift=10, ito=9, diffusion_var=10"):
+    match = r"drift, ito, diffusion_var must all have the same length T, got drift=10, ito=9, diffusion_var=10"
+    with pytest.raises(ValueError, match=match):
         sde.simulate_recorded(0.0, drift, ito[:9], var)
     with pytest.raises(ValueError, match=r"got drift=10, ito=10, diffusion_var=10, fallback=11"):
         sde.simulate_recorded(0.0, drift, ito, var, fallback=np.zeros(11))

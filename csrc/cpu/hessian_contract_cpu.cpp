@@ -16,10 +16,12 @@ void check_hessian_contract_inputs(const at::Tensor& a, const at::Tensor& b, con
   LIPFAST_CHECK_DIM("lipfast::hessian_contract", xnorm2, "xnorm2", 1, "[N]");
   LIPFAST_CHECK_DIM("lipfast::hessian_contract", ynorm2, "ynorm2", 1, "[N]");
   LIPFAST_CHECK_DIM("lipfast::hessian_contract", S, "S", 1, "[k]");
-  for (const auto* t : {&a, &b, &xnorm2, &ynorm2, &S}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op,
-                ": inputs must be float32 or float64, got ", t->scalar_type());
-    TORCH_CHECK(t->device() == a.device(), op, ": inputs must all be on ", a.device(), ", got ", t->device());
+  for (const auto& [t, name] : {std::pair{&a, "a"}, std::pair{&b, "b"}, std::pair{&xnorm2, "xnorm2"},
+                                 std::pair{&ynorm2, "ynorm2"}, std::pair{&S, "S"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
+                " must be float32 or float64, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == a.device(), op, ": ", name, " must be on ", a.device(), " (a's device), got ",
+                t->device());
   }
   const int64_t N = a.size(0), k = a.size(1);
   TORCH_CHECK(k >= 1, op, ": a must have at least one column (k >= 1), got shape ", a.sizes());

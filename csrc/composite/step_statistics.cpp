@@ -1,0 +1,104 @@
+// The tracker's per-layer, per-step reductions (MATH.md §2–§3) as two ops, so a tracked step costs a
+// handful of dispatcher calls instead of dozens of small Python-level tensor ops. Built from ATen calls
+// and lipfast::hessian_contract, so one registration serves every backend; the results stay on the
+// device (no host synchronisation) until the caller reads them.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace lipfast {
+namespace {
+
+// H[E,E] (value, lo, hi) of the one direction whose projections are x = E v1 [m], y = Eᵀ u1 [n] (float64).
+at::Tensor hessian_of_direction(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U64,
+                                const at::Tensor& S, const at::Tensor& V64, double sigma_next) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lipfast::hessian_contract", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, double)>();
+  auto a = at::mv(U64.t(), x).unsqueeze(0);  // [1, k]
+  auto b = at::mv(V64.t(), y).unsqueeze(0);  // [1, k]
+  auto [value, lo, hi] = op.call(a, b, x.dot(x).reshape({1}), y.dot(y).reshape({1}), S, sigma_next);
+  return at::cat({value, lo, hi});           // [3]
+}
+
+void check_spectrum_inputs(const char* op, const at::Tensor& M, const at::Tensor& U, const at::Tensor& S,
+                           const at::Tensor& V) {
+  TORCH_CHECK(M.dim() == 2, op, ": the weight-shaped input must have shape [m, n], got ", M.sizes());
+  TORCH_CHECK(U.dim() == 2 && U.size(0) == M.size(0), op, ": U must have shape [m=", M.size(0), ", k], got ",
+              U.sizes());
+  TORCH_CHECK(V.dim() == 2 && V.size(0) == M.size(1) && V.size(1) == U.size(1), op, ": V must have shape [n=",
+              M.size(1), ", k=", U.size(1), "], got ", V.sizes());
+  TORCH_CHECK(S.dim() == 1 && S.size(0) == U.size(1), op, ": S must have shape [k=", U.size(1), "], got ",
+              S.sizes());
+}
+
+// gradient_statistics: before the step. Returns float64 [11]:
+//   0 N, 1 Σ(s_i − K), 2 Σ(s_i − K)², 3 Σ H[G_i,G_i], 4 Σ lo, 5 Σ hi   (additive across ranks)
+//   6 K = u1ᵀ ḡ v1 (the shift, ≈ mean s_i), 7 H[ḡ,ḡ], 8 lo, 9 hi, 10 1.0 if everything is finite else 0.0
+// with s_i = scale·proj_i, H[G_i,G_i] = scale²·hess_i, ḡ = G / loss_factor.
+at::Tensor gradient_statistics(const at::Tensor& proj,     // [N] float64
+                               const at::Tensor& hess,     // [N]
+                               const at::Tensor& hess_lo,  // [N]
+                               const at::Tensor& hess_hi,  // [N]
+                               const at::Tensor& G,        // [m, n] weight gradient
+                               const at::Tensor& U,        // [m, k]
+                               const at::Tensor& S,        // [k]
+                               const at::Tensor& V,        // [n, k]
+                               double sigma_next, double scale, double loss_factor) {
+  constexpr const char* op = "lipfast::gradient_statistics";
+  check_spectrum_inputs(op, G, U, S, V);
+  TORCH_CHECK(proj.dim() == 1 && hess.sizes() == proj.sizes() && hess_lo.sizes() == proj.sizes() &&
+                  hess_hi.sizes() == proj.sizes(),
+              op, ": proj, hess, hess_lo, hess_hi must all have shape [N], got ", proj.sizes(), ", ",
+              hess.sizes(), ", ", hess_lo.sizes(), ", ", hess_hi.sizes());
+  auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), S64 = S.to(at::kDouble);
+  auto u1 = U.select(1, 0).to(G.scalar_type()), v1 = V.select(1, 0).to(G.scalar_type());
+  auto x = at::mv(G, v1).to(at::kDouble).div_(loss_factor);       // ḡ v1
+  auto y = at::mv(G.t(), u1).to(at::kDouble).div_(loss_factor);   // ḡᵀ u1
+  auto K = U64.select(1, 0).dot(x);
+  auto hg = hessian_of_direction(x, y, U64, S64, V64, sigma_next);
+  auto s = proj.to(at::kDouble).mul(scale).sub(K);
+  const double s2 = scale * scale;
+  auto sums = at::stack({s.sum(), s.mul(s).sum(), hess.to(at::kDouble).sum().mul(s2),
+                         hess_lo.to(at::kDouble).sum().mul(s2), hess_hi.to(at::kDouble).sum().mul(s2)});
+  auto finite = at::cat({x, y, sums}).isfinite().all().to(at::kDouble).reshape({1});
+  auto n = at::full({1}, static_cast<double>(proj.size(0)), sums.options());
+  return at::cat({n, sums, K.reshape({1}), hg, finite});
+}
+
+// update_statistics: after the step, from the weights before and after it. Returns float64 [6]:
+//   0 ⟨J, ΔW⟩ = u1ᵀ ΔW v1, 1 ½H[ΔW,ΔW], 2 ½ lo, 3 ½ hi, 4 ‖ΔW‖_F, 5 1.0 if finite else 0.0
+at::Tensor update_statistics(const at::Tensor& W_before,  // [m, n]
+                             const at::Tensor& W_after,   // [m, n]
+                             const at::Tensor& U,         // [m, k]
+                             const at::Tensor& S,         // [k]
+                             const at::Tensor& V,         // [n, k]
+                             double sigma_next) {
+  constexpr const char* op = "lipfast::update_statistics";
+  check_spectrum_inputs(op, W_before, U, S, V);
+  TORCH_CHECK(W_after.sizes() == W_before.sizes(), op, ": W_after must have W_before's shape ", W_before.sizes(),
+              ", got ", W_after.sizes());
+  auto dW = W_after - W_before;
+  auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), S64 = S.to(at::kDouble);
+  auto u1 = U.select(1, 0).to(dW.scalar_type()), v1 = V.select(1, 0).to(dW.scalar_type());
+  auto x = at::mv(dW, v1).to(at::kDouble);      // ΔW v1
+  auto y = at::mv(dW.t(), u1).to(at::kDouble);  // ΔWᵀ u1
+  auto first = U64.select(1, 0).dot(x).reshape({1});
+  auto second = hessian_of_direction(x, y, U64, S64, V64, sigma_next).mul(0.5);
+  auto fro = dW.norm().to(at::kDouble).reshape({1});
+  auto finite = at::cat({x, y}).isfinite().all().to(at::kDouble).reshape({1});
+  return at::cat({first, second, fro, finite});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) {
+  m.impl("gradient_statistics", &gradient_statistics);
+  m.impl("update_statistics", &update_statistics);
+}
+
+}  // namespace lipfast
