@@ -26,17 +26,19 @@ TORCH_LIBRARY(lipfast, m) {
   //   all float64.
   m.def("persample_linear(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
         "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi)");
+  // weight_projections: W·P [m, b] and Wᵀ·Q [n, a] in float64 for probes P [n, b], Q [m, a] (W converted a
+  //   block of rows at a time): differences of projections before and after a step are ΔW's, to float64.
+  m.def("weight_projections(Tensor W, Tensor P, Tensor Q) -> (Tensor WP, Tensor WtQ)");
   // gradient_statistics: the tracker's reductions before a step, from per-sample statistics proj/hess/
   //   hess_lo/hess_hi [N] (float64, as persample_linear returns them), the weight gradient G [m, n] and the
-  //   spectrum U [m, k], S [k], V [n, k]. Returns float64 [11]: N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi
+  //   spectrum U [m, k], S [k], V [n, k]. Returns (float64 [11]: N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi
   //   (additive across data-parallel ranks), K = u1ᵀḡv1, H[ḡ,ḡ] (value, lo, hi), all-finite flag; with
-  //   s = scale·proj, H = scale²·hess, ḡ = G / loss_factor.
+  //   s = scale·proj, H = scale²·hess, ḡ = G / loss_factor) and v_g [n], G's top right singular vector.
   m.def("gradient_statistics(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor G, Tensor U, "
-        "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor) -> Tensor");
-  // update_statistics: after a step, from W_before and W_after [m, n] and the spectrum before the step.
-  //   Returns float64 [6]: u1ᵀΔWv1, ½H[ΔW,ΔW] (value, lo, hi), ‖ΔW‖_F, all-finite flag.
-  m.def("update_statistics(Tensor W_before, Tensor W_after, Tensor U, Tensor S, Tensor V, float sigma_next) "
-        "-> Tensor");
+        "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor) -> (Tensor sums, Tensor v_g)");
+  // update_statistics: after a step, from x = ΔW v1 [m], y = ΔWᵀ u1 [n] (float64) and the spectrum before
+  //   the step. Returns float64 [5]: u1ᵀΔWv1, ½H[ΔW,ΔW] (value, lo, hi), all-finite flag.
+  m.def("update_statistics(Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next) -> Tensor");
 }
 
 namespace {
@@ -52,8 +54,8 @@ void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lipfast, Autograd, m) {
-  for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics",
-                           "update_statistics"}) {
+  for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "weight_projections",
+                           "gradient_statistics", "update_statistics"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_below_autograd>());
   }
 }

@@ -229,7 +229,7 @@ def _dispatch(args) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, RunFolderError, RunWriteError, DatasetUnavailable, FileNotFoundError) as exc:
+    except (ValueError, RunFolderError, RunWriteError, DatasetUnavailable, FileNotFoundError, ImportError) as exc:
         print(f"lipfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -28,6 +28,26 @@ except ImportError:  # pragma: no cover - older torch
         return False
 
 
+class Hook:
+    """A hook callable that ``copy.deepcopy`` turns into a no-op: a deep copy of a tracked model (a
+    best-model snapshot, an EMA copy) is an untracked model, not a second tracker of copied objects."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo) -> "Hook":
+        return Hook(_noop)
+
+
+def _noop(*args, **kwargs) -> None:
+    return None
+
+
 @dataclass
 class Call:
     """One forward call of a layer: its input, and the output-gradient once backward reaches it."""
@@ -90,7 +110,7 @@ class LayerCapture:
         self.groups: dict[int, ForwardGroup] = {}
         self.stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # per micro-batch [B] each
         self.dropped_calls = 0
-        self.handle = module.register_forward_hook(self._on_forward)
+        self.handle = module.register_forward_hook(Hook(self._on_forward))
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args, output) -> None:
@@ -121,16 +141,21 @@ class LayerCapture:
             self.dropped_calls += len(group.calls) - len(calls)
             if calls:
                 self._reduce(calls)
-        self.groups.clear()
+        self._drop_groups()
 
     def _reduce(self, calls: list[Call]) -> None:
         with torch.no_grad():
             spec = self.owner.spectrum_before(self)
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-            if self.kind == "linear":
+            if spec is None:  # NaN/Inf weights: nothing is measurable, keep the sample count
+                B = calls[0].x.shape[0] if calls[0].x.dim() > 1 else 1
+                self.stats.append(tuple(torch.full((B,), float("nan"), dtype=torch.float64) for _ in range(4)))
+            elif self.kind == "linear":
                 self.stats.append(self._linear_stats(spec, calls, dtype))
             else:
                 self.stats.append(self._conv_stats(spec, calls, dtype))
+        for c in calls:  # the output tensors' hooks still reference the calls: let go of the tensors now
+            c.x = c.d = None
 
     def _linear_stats(self, spec: Spectrum, calls: list[Call], dtype):
         B = calls[0].x.shape[0] if calls[0].x.dim() > 1 else 1
@@ -167,13 +192,20 @@ class LayerCapture:
         stats, self.stats = self.stats, []
         return _cat_stats(stats) if stats else None
 
-    def reset(self) -> None:
+    def _drop_groups(self) -> None:
+        for group in self.groups.values():
+            for c in group.calls:
+                c.x = c.d = None
         self.groups.clear()
+
+    def reset(self) -> None:
+        self._drop_groups()
         self.stats = []
 
     def remove(self) -> None:
         self.handle.remove()
         self.reset()
+
 
 
 def _cat_stats(parts):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics", "update_statistics"]
+__all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "weight_projections", "gradient_statistics",
+           "update_statistics"]
 
 
 def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float):
@@ -68,8 +69,18 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     )
 
 
+def weight_projections(W: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """``W·P [m, b]`` and ``Wᵀ·Q [n, a]`` in float64 (W converted a block of rows at a time).
+
+    The tracker takes them before and after a step: their difference is ``ΔW·P`` to float64 accuracy,
+    with no copy of ``W`` kept across the step.
+    """
+    return torch.ops.lipfast.weight_projections.default(W.detach(), P.detach(), Q.detach())
+
+
 def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Tensor, G: Tensor, U: Tensor,
-                        S: Tensor, V: Tensor, sigma_next: float, scale: float, loss_factor: float) -> Tensor:
+                        S: Tensor, V: Tensor, sigma_next: float, scale: float,
+                        loss_factor: float) -> tuple[Tensor, Tensor]:
     """The tracker's reductions before a step (MATH.md §3), fused.
 
     Args:
@@ -79,36 +90,47 @@ def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Te
         scale: per-sample scale, ``s_i = scale·proj_i`` and ``H[G_i,G_i] = scale²·hess_i``.
 
     Returns:
-        float64 ``[11]``: ``N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi`` (additive across data-parallel ranks),
-        ``K = u1ᵀḡv1`` (the shift that keeps the variance exact), ``H[ḡ,ḡ]`` value/lo/hi, and 1.0 when
-        every input reduction is finite (0.0 otherwise).
+        ``(sums, v_g)``: float64 ``[11]`` ``N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi`` (additive across
+        data-parallel ranks), ``K = u1ᵀḡv1`` (the shift that keeps the variance exact), ``H[ḡ,ḡ]``
+        value/lo/hi, and 1.0 when every reduction is finite; and ``v_g [n]``, the top right singular
+        vector of ``G`` (three power sweeps), the direction a plain SGD step stretches most.
     """
     return torch.ops.lipfast.gradient_statistics.default(
         proj.detach(), hess.detach(), hess_lo.detach(), hess_hi.detach(), G.detach(), U.detach(), S.detach(),
         V.detach(), float(sigma_next), float(scale), float(loss_factor))
 
 
-def update_statistics(W_before: Tensor, W_after: Tensor, U: Tensor, S: Tensor, V: Tensor,
-                      sigma_next: float) -> Tensor:
+def update_statistics(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float) -> Tensor:
     """First- and second-order prediction of a step's change of σ1 (MATH.md §2), fused.
 
+    Args:
+        x: ``[m]`` ``ΔW v1`` and y: ``[n]`` ``ΔWᵀ u1`` (float64), U, S, V, sigma_next: the spectrum
+        before the step.
+
     Returns:
-        float64 ``[6]``: ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]`` value/lo/hi, ``‖ΔW‖_F``, and 1.0 when finite.
+        float64 ``[5]``: ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]`` value/lo/hi, and 1.0 when finite.
     """
     return torch.ops.lipfast.update_statistics.default(
-        W_before.detach(), W_after.detach(), U.detach(), S.detach(), V.detach(), float(sigma_next))
+        x.detach(), y.detach(), U.detach(), S.detach(), V.detach(), float(sigma_next))
+
+
+@torch.library.register_fake("lipfast::weight_projections")
+def _weight_projections_fake(W, P, Q):
+    torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
+    f64 = dict(dtype=torch.float64, device=W.device)
+    return torch.empty((W.shape[0], P.shape[1]), **f64), torch.empty((W.shape[1], Q.shape[1]), **f64)
 
 
 @torch.library.register_fake("lipfast::gradient_statistics")
 def _gradient_statistics_fake(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next, scale, loss_factor):
     torch._check(G.dim() == 2, lambda: f"G must have shape [m, n], got {tuple(G.shape)}")
-    return torch.empty((11,), dtype=torch.float64, device=G.device)
+    return torch.empty((11,), dtype=torch.float64, device=G.device), G.new_empty((G.shape[1],))
 
 
 @torch.library.register_fake("lipfast::update_statistics")
-def _update_statistics_fake(W_before, W_after, U, S, V, sigma_next):
-    torch._check(W_before.shape == W_after.shape, lambda: "W_after must have W_before's shape")
-    return torch.empty((6,), dtype=torch.float64, device=W_before.device)
+def _update_statistics_fake(x, y, U, S, V, sigma_next):
+    torch._check(x.dim() == 1 and y.dim() == 1, lambda: "x must have shape [m] and y shape [n]")
+    return torch.empty((5,), dtype=torch.float64, device=x.device)
 
 
 @torch.library.register_fake("lipfast::subspace_iteration")

@@ -114,26 +114,36 @@ def _hessian_of_direction(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor,
     return torch.cat([value, lo, hi])
 
 
+def weight_projections(W: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """Twin of ``lipfast::weight_projections`` (converts the whole W at once)."""
+    W64 = W.to(torch.float64)
+    return W64 @ P.to(torch.float64), W64.mT @ Q.to(torch.float64)
+
+
 def gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next: float, scale: float,
-                        loss_factor: float) -> Tensor:
+                        loss_factor: float) -> tuple[Tensor, Tensor]:
     """Twin of ``lipfast::gradient_statistics`` (see lipfast/ops.py for the layout of the result)."""
-    x = (G @ V[:, 0].to(G.dtype)).to(torch.float64) / loss_factor
-    y = (G.mT @ U[:, 0].to(G.dtype)).to(torch.float64) / loss_factor
+    u1, v1 = U[:, 0].to(G.dtype), V[:, 0].to(G.dtype)
+    x = (G @ v1).to(torch.float64) / loss_factor
+    y = (G.mT @ u1).to(torch.float64) / loss_factor
     K = U[:, 0].to(torch.float64) @ x
     hg = _hessian_of_direction(x, y, U, S, V, sigma_next)
     s = proj.to(torch.float64) * scale - K
     sums = torch.stack([s.sum(), (s * s).sum()] + [t.to(torch.float64).sum() * scale**2 for t in (hess, hess_lo, hess_hi)])
     finite = torch.isfinite(torch.cat([x, y, sums])).all().to(torch.float64)
-    return torch.cat([torch.tensor([float(proj.shape[0])], dtype=torch.float64, device=G.device), sums,
-                      K[None], hg, finite[None]])
+    vg = G.mT @ u1
+    for _ in range(3):  # power iteration on GᵀG, as the compiled op does
+        vg = vg / vg.norm().clamp_min(1e-30)
+        vg = G.mT @ (G @ vg)
+    vg = vg / vg.norm().clamp_min(1e-30)
+    n = torch.tensor([float(proj.shape[0])], dtype=torch.float64, device=G.device)
+    return torch.cat([n, sums, K[None], hg, finite[None]]), vg
 
 
-def update_statistics(W_before, W_after, U, S, V, sigma_next: float) -> Tensor:
-    """Twin of ``lipfast::update_statistics``."""
-    dW = W_after - W_before
-    x = (dW @ V[:, 0].to(dW.dtype)).to(torch.float64)
-    y = (dW.mT @ U[:, 0].to(dW.dtype)).to(torch.float64)
+def update_statistics(x: Tensor, y: Tensor, U, S, V, sigma_next: float) -> Tensor:
+    """Twin of ``lipfast::update_statistics``: x = ΔW v1 [m], y = ΔWᵀ u1 [n]."""
+    x, y = x.to(torch.float64), y.to(torch.float64)
     first = U[:, 0].to(torch.float64) @ x
     second = 0.5 * _hessian_of_direction(x, y, U, S, V, sigma_next)
     finite = torch.isfinite(torch.cat([x, y])).all().to(torch.float64)
-    return torch.cat([first[None], second, dW.norm().to(torch.float64)[None], finite[None]])
+    return torch.cat([first[None], second, finite[None]])

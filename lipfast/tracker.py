@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import ops, reference
 from .functional import Spectrum, compute_spectrum
-from .instrument import LayerCapture, unsupported_reason
+from .instrument import Hook, LayerCapture, unsupported_reason
 from .optim import StepCoefficients, find_group, step_coefficients
 
 __all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS"]
@@ -83,7 +83,8 @@ class Tracker:
         dataset_size: when given, batches are taken as sampled without replacement from this many
             samples, and the noise terms get the factor ``(N − B)/(N − 1)`` (MATH.md §3).
         gap_tol: relative gap ``(σ1 − σ2)/σ1`` below which a layer's step is ``degenerate``.
-        step_tol: a step is also ``degenerate`` when ``‖ΔW‖_F/(σ1 − σ2)`` exceeds this (MATH.md §1).
+        step_tol: a step is also ``degenerate`` when ``‖ΔW‖₂/(σ1 − σ2)`` exceeds this (MATH.md §1; ``‖ΔW‖₂``
+            by a few power-iteration sweeps: the Frobenius norm overstates it by up to √B for a batch of B).
         iters: subspace sweeps per spectrum update (warm start); the first is cold (up to 100).
         tol: relative residual that ends the sweeps early (0: always ``iters`` sweeps, no sync).
         on_nonfinite: ``"flag"`` (record the step as non-finite, keep training) or ``"raise"``.
@@ -134,9 +135,9 @@ class Tracker:
         for name, module in self._select(root, layers):
             self.captures[name] = LayerCapture(name, module, self)
         self._handles = [
-            root.register_forward_pre_hook(self._on_root_forward),
-            optimizer.register_step_pre_hook(self._on_step_pre),
-            optimizer.register_step_post_hook(self._on_step_post),
+            root.register_forward_pre_hook(Hook(self._on_root_forward)),
+            optimizer.register_step_pre_hook(Hook(self._on_step_pre)),
+            optimizer.register_step_post_hook(Hook(self._on_step_post)),
         ]
         self._announce(root, optimizer)
 
@@ -233,8 +234,9 @@ class Tracker:
     def _on_root_forward(self, module, args) -> None:
         self.forward_id += 1
 
-    def spectrum_before(self, cap: LayerCapture) -> Spectrum:
-        """The spectrum of ``cap``'s weight as it is now, from the cache when the weight is unchanged."""
+    def spectrum_before(self, cap: LayerCapture) -> Spectrum | None:
+        """The spectrum of ``cap``'s weight as it is now, from the cache when the weight is unchanged;
+        None when the weight holds NaN/Inf (after a non-finite step)."""
         W = _matrix(cap.weight, cap.m)
         cached = self._cache.get(cap.name)
         if cached is not None:
@@ -245,13 +247,19 @@ class Tracker:
                 return cached.spec
         basis = cached.spec.basis if cached is not None else None
         spec = self._spectrum(W, basis)
-        self._cache[cap.name] = _Cached(spec, cap.weight._version)
+        if spec is not None:
+            self._cache[cap.name] = _Cached(spec, cap.weight._version)
         return spec
 
-    def _spectrum(self, W: Tensor, basis: Tensor | None) -> Spectrum:
+    def _spectrum(self, W: Tensor, basis: Tensor | None) -> Spectrum | None:
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
-        return compute_spectrum(W, self.rank, basis, self.iters if basis is not None else None, self.tol,
-                                impl=self.impl)
+        try:
+            return compute_spectrum(W, self.rank, basis, self.iters if basis is not None else None, self.tol,
+                                    impl=self.impl)
+        except RuntimeError:  # NaN/Inf in W (LAPACK and the subspace iteration both refuse it)
+            if bool(torch.isfinite(W).all()):
+                raise
+            return None
 
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
         if not self.capturing:
@@ -270,13 +278,17 @@ class Tracker:
                 grad = cap.weight.grad
                 if stats is None or grad is None:
                     self._warn_once("no_stats", f"lipfast: no forward/backward of '{name}' was captured before "
-                                    "optimizer.step() at step {self.step}; that layer has no record for this step")
+                                    f"optimizer.step() at step {self.step}; that layer has no record for this step")
                     continue
-                self._pending[name] = self._prepare(cap, stats, grad)
+                spec = self.spectrum_before(cap)
+                if spec is None:
+                    self._pending[name] = dict(nonfinite_weights=True, N=int(stats[0].shape[0]))
+                    continue
+                self._pending[name] = self._prepare(cap, spec, stats, grad)
 
-    def _prepare(self, cap: LayerCapture, stats, grad: Tensor) -> dict:
-        """Everything that needs the state before the step: spectrum, W, gradient and buffer projections."""
-        spec = self.spectrum_before(cap)
+    def _prepare(self, cap: LayerCapture, spec: Spectrum, stats, grad: Tensor) -> dict:
+        """Everything that needs the state before the step: the gradient's reductions, the momentum
+        buffer's projection, and float64 projections of W that the step's ΔW will be read from."""
         proj, hess, hess_lo, hess_hi = stats
         N = int(proj.shape[0])
         loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
@@ -286,10 +298,16 @@ class Tracker:
         known = None
         if coef.known is not None:
             known = spec.U64[:, 0] @ (_matrix(coef.known, cap.m) @ spec.V[:, 0].to(G.dtype)).double()
-        sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
-                                       float(spec.sigma_next), scale, loss_factor)
-        return dict(spec=spec, W=cap.weight.detach().clone(), sums=sums, coef=coef,
-                    c=coef.fresh * loss_factor, known=known)
+        sums, v_g = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
+                                                  float(spec.sigma_next), scale, loss_factor)
+        W = _matrix(cap.weight, cap.m)
+        # Probes: v1 and u1 give ΔW v1 and ΔWᵀ u1 (all MATH.md §2 needs of ΔW); v_g gives ‖ΔW v_g‖, the
+        # step's size along the direction a plain SGD step stretches most (the degenerate-gap check).
+        P = torch.stack([spec.V[:, 0].to(W.dtype), v_g.to(W.dtype)], dim=1)
+        Q = spec.U[:, :1].to(W.dtype)
+        WP, WtQ = self.impl.weight_projections(W, P, Q)
+        return dict(spec=spec, P=P, Q=Q, WP=WP, WtQ=WtQ, sums=sums, coef=coef, c=coef.fresh * loss_factor,
+                    known=known)
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
         if self._pending:
@@ -307,20 +325,26 @@ class Tracker:
 
     # -- records ---------------------------------------------------------------------------------
     def _record(self, cap: LayerCapture, p: dict) -> dict:
+        if p.get("nonfinite_weights"):
+            return self._nonfinite_row(cap, p["N"])
         spec: Spectrum = p["spec"]
         coef: StepCoefficients = p["coef"]
         c = p["c"]
         W_after = _matrix(cap.weight, cap.m)
-        upd = self.impl.update_statistics(_matrix(p["W"], cap.m), W_after, spec.U, spec.S, spec.V, float(spec.sigma_next))
-        first, second, second_lo, second_hi, dw_norm, finite_after = upd.tolist()
+        WP, WtQ = self.impl.weight_projections(W_after, p["P"], p["Q"])
+        dP, dQ = WP - p["WP"], WtQ - p["WtQ"]   # ΔW·[v1, v_g], ΔWᵀ·u1 to float64 accuracy
+        upd = self.impl.update_statistics(dP[:, 0], dQ[:, 0], spec.U, spec.S, spec.V, float(spec.sigma_next))
+        first, second, second_lo, second_hi, finite_after = upd.tolist()
+        dw_norm = float(dP[:, 1].norm())
         N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = self._reduce(p["sums"]).tolist()
         N = int(N)
         sigma, sigma2 = (spec.S[:2].tolist() + [float(spec.sigma_next)])[:2]
         sigma_next = NAN
         if finite_after:
             spec_after = self._spectrum(W_after, spec.basis)
-            self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
-            sigma_next = float(spec_after.S[0])
+            if spec_after is not None:
+                self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
+                sigma_next = float(spec_after.S[0])
         flags = []
 
         # The SDE terms of MATH.md §3 from one mini-batch; sums are shifted by K ≈ mean(s) so the
@@ -360,6 +384,17 @@ class Tracker:
         if not coef.exact:
             flags.append("sgd_equivalent")
         row["flags"] = ";".join(flags)
+        return row
+
+    def _nonfinite_row(self, cap: LayerCapture, N: int) -> dict:
+        """A step taken from weights that already hold NaN/Inf: nothing is measurable."""
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(f"lipfast: non-finite weights in layer '{cap.name}' at step {self.step} "
+                                     "(on_nonfinite='raise')")
+        row = {f: NAN for f in LAYER_FIELDS}
+        row.update(step=self.step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N,
+                   lr=step_coefficients(self.optimizer, cap.weight).lr, degenerate=False, nonfinite=True,
+                   flags="nonfinite")
         return row
 
     def _reduce(self, sums: Tensor) -> Tensor:

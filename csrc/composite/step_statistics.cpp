@@ -1,7 +1,8 @@
-// The tracker's per-layer, per-step reductions (MATH.md §2–§3) as two ops, so a tracked step costs a
-// handful of dispatcher calls instead of dozens of small Python-level tensor ops. Built from ATen calls
-// and lipfast::hessian_contract, so one registration serves every backend; the results stay on the
-// device (no host synchronisation) until the caller reads them.
+// The tracker's per-layer, per-step reductions (MATH.md §2–§3) as a few ops, so a tracked step costs a
+// handful of dispatcher calls instead of dozens of small Python-level tensor ops, and never copies a
+// weight: the change ΔW of a step is seen only through float64 projections of W taken before and after
+// it. Built from ATen calls and lipfast::hessian_contract, so one registration serves every backend; the
+// results stay on the device (no host synchronisation) until the caller reads them.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -25,32 +26,60 @@ at::Tensor hessian_of_direction(const at::Tensor& x, const at::Tensor& y, const 
   return at::cat({value, lo, hi});           // [3]
 }
 
-void check_spectrum_inputs(const char* op, const at::Tensor& M, const at::Tensor& U, const at::Tensor& S,
+void check_spectrum_inputs(const char* op, int64_t m, int64_t n, const at::Tensor& U, const at::Tensor& S,
                            const at::Tensor& V) {
-  TORCH_CHECK(M.dim() == 2, op, ": the weight-shaped input must have shape [m, n], got ", M.sizes());
-  TORCH_CHECK(U.dim() == 2 && U.size(0) == M.size(0), op, ": U must have shape [m=", M.size(0), ", k], got ",
-              U.sizes());
-  TORCH_CHECK(V.dim() == 2 && V.size(0) == M.size(1) && V.size(1) == U.size(1), op, ": V must have shape [n=",
-              M.size(1), ", k=", U.size(1), "], got ", V.sizes());
+  TORCH_CHECK(U.dim() == 2 && U.size(0) == m, op, ": U must have shape [m=", m, ", k], got ", U.sizes());
+  TORCH_CHECK(V.dim() == 2 && V.size(0) == n && V.size(1) == U.size(1), op, ": V must have shape [n=", n,
+              ", k=", U.size(1), "], got ", V.sizes());
   TORCH_CHECK(S.dim() == 1 && S.size(0) == U.size(1), op, ": S must have shape [k=", U.size(1), "], got ",
               S.sizes());
 }
 
-// gradient_statistics: before the step. Returns float64 [11]:
+// weight_projections: W·P [m, b] and Wᵀ·Q [n, a] in float64 for probes P [n, b], Q [m, a], converting W
+// to float64 a block of rows at a time (never the whole matrix): the difference of two such projections
+// taken before and after a step is then ΔW·P to float64 accuracy, without keeping a copy of W.
+std::tuple<at::Tensor, at::Tensor> weight_projections(const at::Tensor& W,  // [m, n]
+                                                      const at::Tensor& P,  // [n, b]
+                                                      const at::Tensor& Q)  // [m, a]
+{
+  constexpr const char* op = "lipfast::weight_projections";
+  LIPFAST_CHECK_DIM("lipfast::weight_projections", W, "W", 2, "[m, n]");
+  LIPFAST_CHECK_DIM("lipfast::weight_projections", P, "P", 2, "[n, b]");
+  LIPFAST_CHECK_DIM("lipfast::weight_projections", Q, "Q", 2, "[m, a]");
+  LIPFAST_CHECK_SIZE("lipfast::weight_projections", P, "P", 0, W.size(1), "W.size(1)");
+  LIPFAST_CHECK_SIZE("lipfast::weight_projections", Q, "Q", 0, W.size(0), "W.size(0)");
+  TORCH_CHECK(at::isFloatingType(W.scalar_type()), op, ": W must be a floating tensor, got ", W.scalar_type());
+  const int64_t m = W.size(0), n = W.size(1);
+  auto P64 = P.to(at::kDouble), Q64 = Q.to(at::kDouble);
+  auto WP = at::empty({m, P.size(1)}, P64.options());
+  auto WtQ = at::zeros({n, Q.size(1)}, Q64.options());
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(n, 1));
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t r1 = std::min(m, r0 + rows);
+    auto block = W.slice(0, r0, r1).to(at::kDouble);  // [rows, n]
+    WP.slice(0, r0, r1).copy_(block.mm(P64));
+    WtQ.addmm_(block.t(), Q64.slice(0, r0, r1));
+  }
+  return {WP, WtQ};
+}
+
+// gradient_statistics: before the step. Returns (float64 [11], v_g [n]):
 //   0 N, 1 Σ(s_i − K), 2 Σ(s_i − K)², 3 Σ H[G_i,G_i], 4 Σ lo, 5 Σ hi   (additive across ranks)
 //   6 K = u1ᵀ ḡ v1 (the shift, ≈ mean s_i), 7 H[ḡ,ḡ], 8 lo, 9 hi, 10 1.0 if everything is finite else 0.0
-// with s_i = scale·proj_i, H[G_i,G_i] = scale²·hess_i, ḡ = G / loss_factor.
-at::Tensor gradient_statistics(const at::Tensor& proj,     // [N] float64
-                               const at::Tensor& hess,     // [N]
-                               const at::Tensor& hess_lo,  // [N]
-                               const at::Tensor& hess_hi,  // [N]
-                               const at::Tensor& G,        // [m, n] weight gradient
-                               const at::Tensor& U,        // [m, k]
-                               const at::Tensor& S,        // [k]
-                               const at::Tensor& V,        // [n, k]
-                               double sigma_next, double scale, double loss_factor) {
+// with s_i = scale·proj_i, H[G_i,G_i] = scale²·hess_i, ḡ = G / loss_factor; and v_g, the top right singular
+// vector of G by three power-iteration sweeps from ḡᵀu1 (the direction a plain SGD step stretches most).
+std::tuple<at::Tensor, at::Tensor> gradient_statistics(const at::Tensor& proj,     // [N] float64
+                                                       const at::Tensor& hess,     // [N]
+                                                       const at::Tensor& hess_lo,  // [N]
+                                                       const at::Tensor& hess_hi,  // [N]
+                                                       const at::Tensor& G,        // [m, n] weight gradient
+                                                       const at::Tensor& U,        // [m, k]
+                                                       const at::Tensor& S,        // [k]
+                                                       const at::Tensor& V,        // [n, k]
+                                                       double sigma_next, double scale, double loss_factor) {
   constexpr const char* op = "lipfast::gradient_statistics";
-  check_spectrum_inputs(op, G, U, S, V);
+  LIPFAST_CHECK_DIM("lipfast::gradient_statistics", G, "G", 2, "[m, n]");
+  check_spectrum_inputs(op, G.size(0), G.size(1), U, S, V);
   TORCH_CHECK(proj.dim() == 1 && hess.sizes() == proj.sizes() && hess_lo.sizes() == proj.sizes() &&
                   hess_hi.sizes() == proj.sizes(),
               op, ": proj, hess, hess_lo, hess_hi must all have shape [N], got ", proj.sizes(), ", ",
@@ -67,36 +96,39 @@ at::Tensor gradient_statistics(const at::Tensor& proj,     // [N] float64
                          hess_lo.to(at::kDouble).sum().mul(s2), hess_hi.to(at::kDouble).sum().mul(s2)});
   auto finite = at::cat({x, y, sums}).isfinite().all().to(at::kDouble).reshape({1});
   auto n = at::full({1}, static_cast<double>(proj.size(0)), sums.options());
-  return at::cat({n, sums, K.reshape({1}), hg, finite});
+  auto vg = at::mv(G.t(), u1);
+  for (int it = 0; it < 3; ++it) {
+    vg = vg / vg.norm().clamp_min(1e-30);
+    vg = at::mv(G.t(), at::mv(G, vg));
+  }
+  vg = vg / vg.norm().clamp_min(1e-30);
+  return {at::cat({n, sums, K.reshape({1}), hg, finite}), vg};
 }
 
-// update_statistics: after the step, from the weights before and after it. Returns float64 [6]:
-//   0 ⟨J, ΔW⟩ = u1ᵀ ΔW v1, 1 ½H[ΔW,ΔW], 2 ½ lo, 3 ½ hi, 4 ‖ΔW‖_F, 5 1.0 if finite else 0.0
-at::Tensor update_statistics(const at::Tensor& W_before,  // [m, n]
-                             const at::Tensor& W_after,   // [m, n]
-                             const at::Tensor& U,         // [m, k]
-                             const at::Tensor& S,         // [k]
-                             const at::Tensor& V,         // [n, k]
+// update_statistics: after the step, from x = ΔW v1 [m] and y = ΔWᵀ u1 [n] (float64) and the spectrum
+// before the step. Returns float64 [5]: ⟨J, ΔW⟩ = u1ᵀ x, ½H[ΔW,ΔW] (value, lo, hi), 1.0 if finite else 0.0.
+at::Tensor update_statistics(const at::Tensor& x,  // [m] float64
+                             const at::Tensor& y,  // [n] float64
+                             const at::Tensor& U,  // [m, k]
+                             const at::Tensor& S,  // [k]
+                             const at::Tensor& V,  // [n, k]
                              double sigma_next) {
   constexpr const char* op = "lipfast::update_statistics";
-  check_spectrum_inputs(op, W_before, U, S, V);
-  TORCH_CHECK(W_after.sizes() == W_before.sizes(), op, ": W_after must have W_before's shape ", W_before.sizes(),
-              ", got ", W_after.sizes());
-  auto dW = W_after - W_before;
+  LIPFAST_CHECK_DIM("lipfast::update_statistics", x, "x", 1, "[m]");
+  LIPFAST_CHECK_DIM("lipfast::update_statistics", y, "y", 1, "[n]");
+  check_spectrum_inputs(op, x.size(0), y.size(0), U, S, V);
   auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), S64 = S.to(at::kDouble);
-  auto u1 = U.select(1, 0).to(dW.scalar_type()), v1 = V.select(1, 0).to(dW.scalar_type());
-  auto x = at::mv(dW, v1).to(at::kDouble);      // ΔW v1
-  auto y = at::mv(dW.t(), u1).to(at::kDouble);  // ΔWᵀ u1
-  auto first = U64.select(1, 0).dot(x).reshape({1});
-  auto second = hessian_of_direction(x, y, U64, S64, V64, sigma_next).mul(0.5);
-  auto fro = dW.norm().to(at::kDouble).reshape({1});
-  auto finite = at::cat({x, y}).isfinite().all().to(at::kDouble).reshape({1});
-  return at::cat({first, second, fro, finite});
+  auto x64 = x.to(at::kDouble), y64 = y.to(at::kDouble);
+  auto first = U64.select(1, 0).dot(x64).reshape({1});
+  auto second = hessian_of_direction(x64, y64, U64, S64, V64, sigma_next).mul(0.5);
+  auto finite = at::cat({x64, y64}).isfinite().all().to(at::kDouble).reshape({1});
+  return at::cat({first, second, finite});
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) {
+  m.impl("weight_projections", &weight_projections);
   m.impl("gradient_statistics", &gradient_statistics);
   m.impl("update_statistics", &update_statistics);
 }
