@@ -11,9 +11,9 @@ TORCH_LIBRARY(lipfast, m) {
   //   W [m, n], V0 [n, p] starting block (any full-rank block; orthonormalised inside), k <= p triplets
   //   whose residual decides convergence. Stops when max_{j<k} ‖Wᵀu_j − σ_j v_j‖ <= tol·σ1 or after
   //   max_iters sweeps. Returns U [m, p], S [p] (descending, float64), V [n, p], residual [p] (float64),
-  //   iters [] (int64, sweeps done).
+  //   iters [] (int64, sweeps done), next [n, p] = WᵀU (one power step past V: the next warm start).
   m.def("subspace_iteration(Tensor W, Tensor V0, int k, int max_iters, float tol) -> "
-        "(Tensor U, Tensor S, Tensor V, Tensor residual, Tensor iters)");
+        "(Tensor U, Tensor S, Tensor V, Tensor residual, Tensor iters, Tensor next)");
   // hessian_contract: H[E_i,E_i] (value, lo, hi of the truncation bracket) from the projections of each
   //   direction E_i onto the top-k triplets: a [N, k] = Uᵀ(E_i v1), b [N, k] = Vᵀ(E_iᵀ u1),
   //   xnorm2 [N] = ‖E_i v1‖², ynorm2 [N] = ‖E_iᵀ u1‖², S [k] descending, sigma_next = σ_{k+1}.
@@ -26,8 +26,8 @@ TORCH_LIBRARY(lipfast, m) {
   //   all float64.
   m.def("persample_linear(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
         "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi)");
-  // weight_projections: W·P [m, b] and Wᵀ·Q [n, a] in float64 for probes P [n, b], Q [m, a] (W converted a
-  //   block of rows at a time): differences of projections before and after a step are ΔW's, to float64.
+  // weight_projections: W·P [m, b] and Wᵀ·Q [n, a] for probes P [n, b], Q [m, a], computed in W's dtype and
+  //   returned in float64: differences of projections before and after a step are ΔW's.
   m.def("weight_projections(Tensor W, Tensor P, Tensor Q) -> (Tensor WP, Tensor WtQ)");
   // gradient_statistics: the tracker's reductions before a step, from per-sample statistics proj/hess/
   //   hess_lo/hess_hi [N] (float64, as persample_linear returns them), the weight gradient G [m, n] and the

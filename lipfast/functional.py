@@ -36,7 +36,8 @@ class Spectrum:
             construction of the Ritz pairs, so this is the informative half).
         exact: the full thin SVD (``k >= min(m, n)``).
         shape: ``(m, n)``.
-        basis: ``[n, p]`` the whole iterated block (``p >= k + 1``), the warm start of the next call.
+        basis: ``[n, p]`` the iterated block one power step past ``V`` (``p >= k + 1``; not orthonormal),
+            the warm start of the next call.
         iters: subspace sweeps done (0 for a LAPACK SVD).
     """
 
@@ -179,12 +180,12 @@ def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int 
         V0 = torch.randn(n, p, generator=gen, device=W.device, dtype=W.dtype)
         max_iters = iters or _COLD_ITERS
     tol = _DEFAULT_TOL[W.dtype] if tol is None else float(tol)
-    U, S, V, res, it = impl.subspace_iteration(W, V0, k + 1, max_iters, tol)
+    U, S, V, res, it, advanced = impl.subspace_iteration(W, V0, k + 1, max_iters, tol)
     # The Ritz value of σ_{k+1} lies below the true one; adding its residual keeps the truncation
     # bracket honest (a singular value lies within the residual of every Ritz value).
     sigma_next = torch.minimum(S[k] + res[k], S[k - 1])
     return Spectrum(U=U[:, :k], S=S[:k], V=V[:, :k], sigma_next=sigma_next, residuals=res[:k],
-                    exact=False, shape=(m, n), basis=V, iters=int(it))
+                    exact=False, shape=(m, n), basis=advanced, iters=int(it))
 
 
 def _lapack_spectrum(W: Tensor, k: int) -> Spectrum:

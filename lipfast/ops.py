@@ -27,7 +27,8 @@ def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float
             without a host synchronisation for the check.
 
     Returns:
-        ``(U [m, p], S [p] float64 descending, V [n, p], residual [p] float64, iters [] int64)``.
+        ``(U [m, p], S [p] float64 descending, V [n, p], residual [p] float64, iters [] int64,
+        next [n, p])``; ``next = WᵀU`` is one power step past ``V``, the warm start of the next call.
     """
     return torch.ops.lipfast.subspace_iteration.default(W.detach(), V0.detach(), int(k), int(max_iters), float(tol))
 
@@ -70,10 +71,10 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
 
 
 def weight_projections(W: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-    """``W·P [m, b]`` and ``Wᵀ·Q [n, a]`` in float64 (W converted a block of rows at a time).
+    """``W·P [m, b]`` and ``Wᵀ·Q [n, a]``, computed in W's dtype and returned in float64.
 
-    The tracker takes them before and after a step: their difference is ``ΔW·P`` to float64 accuracy,
-    with no copy of ``W`` kept across the step.
+    The tracker takes them before and after a step and reads ``ΔW·P`` as their difference, with no copy
+    of ``W`` kept across the step (for float32 weights accurate to ~1e-7·‖W‖, the floor σ1 has too).
     """
     return torch.ops.lipfast.weight_projections.default(W.detach(), P.detach(), Q.detach())
 
@@ -93,7 +94,7 @@ def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Te
         ``(sums, v_g)``: float64 ``[11]`` ``N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi`` (additive across
         data-parallel ranks), ``K = u1ᵀḡv1`` (the shift that keeps the variance exact), ``H[ḡ,ḡ]``
         value/lo/hi, and 1.0 when every reduction is finite; and ``v_g [n]``, the top right singular
-        vector of ``G`` (three power sweeps), the direction a plain SGD step stretches most.
+        vector of ``G`` (two power sweeps), the direction a plain SGD step stretches most.
     """
     return torch.ops.lipfast.gradient_statistics.default(
         proj.detach(), hess.detach(), hess_lo.detach(), hess_hi.detach(), G.detach(), U.detach(), S.detach(),
@@ -147,6 +148,7 @@ def _subspace_iteration_fake(W, V0, k, max_iters, tol):
         W.new_empty((n, p)),
         torch.empty((p,), **f64),
         torch.empty((), dtype=torch.int64, device=W.device),
+        W.new_empty((n, p)),
     )
 
 

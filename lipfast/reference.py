@@ -31,7 +31,7 @@ def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float
         Z = W.mT @ U
         res = (Z.to(torch.float64) - V.to(torch.float64) * S).norm(dim=0)
         if it >= max_iters or (tol > 0 and float(res[:k].max()) <= tol * float(S[0])):
-            return U, S, V, res, torch.tensor(it)
+            return U, S, V, res, torch.tensor(it), Z
         V = torch.linalg.qr(Z)[0]
 
 
@@ -115,9 +115,8 @@ def _hessian_of_direction(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor,
 
 
 def weight_projections(W: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-    """Twin of ``lipfast::weight_projections`` (converts the whole W at once)."""
-    W64 = W.to(torch.float64)
-    return W64 @ P.to(torch.float64), W64.mT @ Q.to(torch.float64)
+    """Twin of ``lipfast::weight_projections``: products in W's dtype, returned in float64."""
+    return (W @ P.to(W.dtype)).to(torch.float64), (W.mT @ Q.to(W.dtype)).to(torch.float64)
 
 
 def gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next: float, scale: float,
@@ -131,8 +130,8 @@ def gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next: fl
     s = proj.to(torch.float64) * scale - K
     sums = torch.stack([s.sum(), (s * s).sum()] + [t.to(torch.float64).sum() * scale**2 for t in (hess, hess_lo, hess_hi)])
     finite = torch.isfinite(torch.cat([x, y, sums])).all().to(torch.float64)
-    vg = G.mT @ u1
-    for _ in range(3):  # power iteration on GᵀG, as the compiled op does
+    vg = y.to(G.dtype)
+    for _ in range(2):  # power iteration on GᵀG from Gᵀu1, as the compiled op does
         vg = vg / vg.norm().clamp_min(1e-30)
         vg = G.mT @ (G @ vg)
     vg = vg / vg.norm().clamp_min(1e-30)

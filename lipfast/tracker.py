@@ -85,7 +85,9 @@ class Tracker:
         gap_tol: relative gap ``(σ1 − σ2)/σ1`` below which a layer's step is ``degenerate``.
         step_tol: a step is also ``degenerate`` when ``‖ΔW‖₂/(σ1 − σ2)`` exceeds this (MATH.md §1; ``‖ΔW‖₂``
             by a few power-iteration sweeps: the Frobenius norm overstates it by up to √B for a batch of B).
-        iters: subspace sweeps per spectrum update (warm start); the first is cold (up to 100).
+        iters: subspace sweeps per spectrum update (warm start; each sweep is two GEMMs with W and
+            advances the block one power step, so with the default 1 the spectrum keeps converging from
+            step to step while W moves); the first update is cold (up to 100 sweeps, until ``tol``).
         tol: relative residual that ends the sweeps early (0: always ``iters`` sweeps, no sync).
         on_nonfinite: ``"flag"`` (record the step as non-finite, keep training) or ``"raise"``.
         on_record: optional callback ``(layer_records, network_record) -> None`` after each tracked step.
@@ -98,7 +100,7 @@ class Tracker:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
                  layers: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
                  loss_reduction: str = "mean", dataset_size: int | None = None, *,
-                 gap_tol: float = 1e-3, step_tol: float = 0.5, iters: int = 2, tol: float | None = None,
+                 gap_tol: float = 1e-3, step_tol: float = 0.5, iters: int = 1, tol: float | None = None,
                  on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True,
                  implementation: str = "compiled"):
         self._check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol,

@@ -57,7 +57,7 @@ class TrainConfig:
     noise_seed: int = 0
     rank: int = 8
     every: int = 1
-    iters: int = 2
+    iters: int = 1
     gap_tol: float = 1e-3
     step_tol: float = 0.5
     device: str = "cpu"

@@ -35,9 +35,10 @@ void check_spectrum_inputs(const char* op, int64_t m, int64_t n, const at::Tenso
               S.sizes());
 }
 
-// weight_projections: W·P [m, b] and Wᵀ·Q [n, a] in float64 for probes P [n, b], Q [m, a], converting W
-// to float64 a block of rows at a time (never the whole matrix): the difference of two such projections
-// taken before and after a step is then ΔW·P to float64 accuracy, without keeping a copy of W.
+// weight_projections: W·P [m, b] and Wᵀ·Q [n, a] for probes P [n, b], Q [m, a], returned in float64.
+// The tracker takes them before and after a step and reads ΔW·P as their difference, so no copy of W is
+// kept across the step. The products run in W's dtype (BLAS): for float32 weights the difference is
+// accurate to ~1e-7·‖W‖, the same floor as σ1 itself and hence as the observed change σ_next − σ.
 std::tuple<at::Tensor, at::Tensor> weight_projections(const at::Tensor& W,  // [m, n]
                                                       const at::Tensor& P,  // [n, b]
                                                       const at::Tensor& Q)  // [m, a]
@@ -49,25 +50,14 @@ std::tuple<at::Tensor, at::Tensor> weight_projections(const at::Tensor& W,  // [
   LIPFAST_CHECK_SIZE("lipfast::weight_projections", P, "P", 0, W.size(1), "W.size(1)");
   LIPFAST_CHECK_SIZE("lipfast::weight_projections", Q, "Q", 0, W.size(0), "W.size(0)");
   TORCH_CHECK(at::isFloatingType(W.scalar_type()), op, ": W must be a floating tensor, got ", W.scalar_type());
-  const int64_t m = W.size(0), n = W.size(1);
-  auto P64 = P.to(at::kDouble), Q64 = Q.to(at::kDouble);
-  auto WP = at::empty({m, P.size(1)}, P64.options());
-  auto WtQ = at::zeros({n, Q.size(1)}, Q64.options());
-  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(n, 1));
-  for (int64_t r0 = 0; r0 < m; r0 += rows) {
-    const int64_t r1 = std::min(m, r0 + rows);
-    auto block = W.slice(0, r0, r1).to(at::kDouble);  // [rows, n]
-    WP.slice(0, r0, r1).copy_(block.mm(P64));
-    WtQ.addmm_(block.t(), Q64.slice(0, r0, r1));
-  }
-  return {WP, WtQ};
+  return {W.mm(P.to(W.scalar_type())).to(at::kDouble), W.t().mm(Q.to(W.scalar_type())).to(at::kDouble)};
 }
 
 // gradient_statistics: before the step. Returns (float64 [11], v_g [n]):
 //   0 N, 1 Σ(s_i − K), 2 Σ(s_i − K)², 3 Σ H[G_i,G_i], 4 Σ lo, 5 Σ hi   (additive across ranks)
 //   6 K = u1ᵀ ḡ v1 (the shift, ≈ mean s_i), 7 H[ḡ,ḡ], 8 lo, 9 hi, 10 1.0 if everything is finite else 0.0
 // with s_i = scale·proj_i, H[G_i,G_i] = scale²·hess_i, ḡ = G / loss_factor; and v_g, the top right singular
-// vector of G by three power-iteration sweeps from ḡᵀu1 (the direction a plain SGD step stretches most).
+// vector of G by two power-iteration sweeps from ḡᵀu1 (the direction a plain SGD step stretches most).
 std::tuple<at::Tensor, at::Tensor> gradient_statistics(const at::Tensor& proj,     // [N] float64
                                                        const at::Tensor& hess,     // [N]
                                                        const at::Tensor& hess_lo,  // [N]
@@ -96,8 +86,8 @@ std::tuple<at::Tensor, at::Tensor> gradient_statistics(const at::Tensor& proj,  
                          hess_lo.to(at::kDouble).sum().mul(s2), hess_hi.to(at::kDouble).sum().mul(s2)});
   auto finite = at::cat({x, y, sums}).isfinite().all().to(at::kDouble).reshape({1});
   auto n = at::full({1}, static_cast<double>(proj.size(0)), sums.options());
-  auto vg = at::mv(G.t(), u1);
-  for (int it = 0; it < 3; ++it) {
+  auto vg = y.to(G.scalar_type());  // ∝ Gᵀu1
+  for (int it = 0; it < 2; ++it) {
     vg = vg / vg.norm().clamp_min(1e-30);
     vg = at::mv(G.t(), at::mv(G, vg));
   }

@@ -27,7 +27,7 @@ at::Tensor orthonormalize(const at::Tensor& Z) {
   return Q;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_iteration(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_iteration(
     const at::Tensor& W,   // [m, n]
     const at::Tensor& V0,  // [n, p]
     int64_t k, int64_t max_iters, double tol) {
@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
 
   const auto dtype = W.scalar_type();
   at::Tensor V = orthonormalize(V0.contiguous());
-  at::Tensor U, S, residual;
+  at::Tensor U, S, residual, Z;
   int64_t it = 0;
   while (true) {
     ++it;
@@ -66,13 +66,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     auto Qw = Q.to(dtype);
     V = V.mm(Qw);                                 // [n, p] Ritz vectors
     U = Yd.mm(Q).mul(inv).to(dtype);              // [m, p]
-    auto Z = W.t().mm(U);                         // [n, p] ≈ σ_j v_j: next sweep's block
+    Z = W.t().mm(U);                              // [n, p] ≈ σ_j v_j: next sweep's block
     residual = (Z.to(at::kDouble) - V.to(at::kDouble).mul(S)).norm(2, {0});  // [p]
     if (it >= max_iters) break;
     if (tol > 0.0 && residual.slice(0, 0, k).max().item<double>() <= tol * S[0].item<double>()) break;
     V = orthonormalize(Z);
   }
-  return {U, S, V, residual, at::scalar_tensor(it, at::TensorOptions().dtype(at::kLong))};
+  // Z = WᵀW V / S has advanced one power step past the Ritz block V: returned as the next call's warm
+  // start, so a tracker calling once per training step advances the subspace every step at the cost of
+  // one sweep (two GEMMs), instead of re-running Rayleigh–Ritz on the block it already had.
+  return {U, S, V, residual, at::scalar_tensor(it, at::TensorOptions().dtype(at::kLong)), Z};
 }
 
 }  // namespace
