@@ -11,9 +11,11 @@ TORCH_LIBRARY(lipfast, m) {
   //   W [m, n], V0 [n, p] starting block (any full-rank block; orthonormalised inside), k <= p triplets
   //   whose residual decides convergence. Stops when max_{j<k} ‖Wᵀu_j − σ_j v_j‖ <= tol·σ1 or after
   //   max_iters sweeps. Returns U [m, p], S [p] (descending, float64), V [n, p], residual [p] (float64),
-  //   iters [] (int64, sweeps done), next [n, p] = WᵀU (one power step past V: the next warm start).
-  m.def("subspace_iteration(Tensor W, Tensor V0, int k, int max_iters, float tol) -> "
-        "(Tensor U, Tensor S, Tensor V, Tensor residual, Tensor iters, Tensor next)");
+  //   iters [] (int64, sweeps done), next [n, p] = WᵀU (one power step past V: the next warm start), and
+  //   W·right [m, a], Wᵀ·left [n, b] (float64) for optional probe blocks, computed in the first sweep's GEMMs.
+  m.def("subspace_iteration(Tensor W, Tensor V0, int k, int max_iters, float tol, Tensor? right=None, "
+        "Tensor? left=None) -> (Tensor U, Tensor S, Tensor V, Tensor residual, Tensor iters, Tensor next, "
+        "Tensor W_right, Tensor Wt_left)");
   // hessian_contract: H[E_i,E_i] (value, lo, hi of the truncation bracket) from the projections of each
   //   direction E_i onto the top-k triplets: a [N, k] = Uᵀ(E_i v1), b [N, k] = Vᵀ(E_iᵀ u1),
   //   xnorm2 [N] = ‖E_i v1‖², ynorm2 [N] = ‖E_iᵀ u1‖², S [k] descending, sigma_next = σ_{k+1}.
@@ -26,16 +28,13 @@ TORCH_LIBRARY(lipfast, m) {
   //   all float64.
   m.def("persample_linear(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
         "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi)");
-  // weight_projections: W·P [m, b] and Wᵀ·Q [n, a] for probes P [n, b], Q [m, a], computed in W's dtype and
-  //   returned in float64: differences of projections before and after a step are ΔW's.
-  m.def("weight_projections(Tensor W, Tensor P, Tensor Q) -> (Tensor WP, Tensor WtQ)");
   // gradient_statistics: the tracker's reductions before a step, from per-sample statistics proj/hess/
   //   hess_lo/hess_hi [N] (float64, as persample_linear returns them), the weight gradient G [m, n] and the
-  //   spectrum U [m, k], S [k], V [n, k]. Returns (float64 [11]: N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi
+  //   spectrum U [m, k], S [k], V [n, k]. Returns float64 [11]: N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi
   //   (additive across data-parallel ranks), K = u1ᵀḡv1, H[ḡ,ḡ] (value, lo, hi), all-finite flag; with
-  //   s = scale·proj, H = scale²·hess, ḡ = G / loss_factor) and v_g [n], G's top right singular vector.
+  //   s = scale·proj, H = scale²·hess, ḡ = G / loss_factor).
   m.def("gradient_statistics(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor G, Tensor U, "
-        "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor) -> (Tensor sums, Tensor v_g)");
+        "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor) -> Tensor");
   // update_statistics: after a step, from x = ΔW v1 [m], y = ΔWᵀ u1 [n] (float64) and the spectrum before
   //   the step. Returns float64 [5]: u1ᵀΔWv1, ½H[ΔW,ΔW] (value, lo, hi), all-finite flag.
   m.def("update_statistics(Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next) -> Tensor");
@@ -54,8 +53,8 @@ void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lipfast, Autograd, m) {
-  for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "weight_projections",
-                           "gradient_statistics", "update_statistics"}) {
+  for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics",
+                           "update_statistics"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_below_autograd>());
   }
 }

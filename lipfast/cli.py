@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -100,6 +101,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     train.add_argument("--no-report", dest="report", action="store_false", help="skip simulate + report at the end")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="data-parallel ranks on this machine (DDP; gloo on CPU, nccl on CUDA); --batch-size is "
+                            "the global batch. Or launch: torchrun --nproc_per_node N -m lipfast train ... (default: 1)")
     _train_options(train)
 
     report = sub.add_parser("report", help="figures and report.html of a finished run")
@@ -109,7 +113,29 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("run_dir", help="run folder")
     simulate.add_argument("--paths", type=int, default=4096, help="Euler-Maruyama paths (default: 4096)")
     simulate.add_argument("--seed", type=int, default=0, help="seed of the paths (default: 0)")
+    _add_sweep_parser(sub)
     return parser
+
+
+def _add_sweep_parser(sub) -> None:
+    from .sweep import FACTORS
+
+    sweep = sub.add_parser("sweep", help="several runs over one factor; comparison figures and table")
+    sweep.add_argument("--factor", required=True, choices=FACTORS, help="the option the runs vary")
+    sweep.add_argument("--values", nargs="+", metavar="V",
+                       help="the factor's values (for data_seed: the data-order seeds; default 0..SEEDS-1)")
+    sweep.add_argument("--seeds", type=int, default=1,
+                       help="replicates per value: seed, data_seed and noise_seed + r (default: 1; for "
+                       "--factor data_seed, the number of data seeds when --values is omitted)")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default: 1)")
+    sweep.add_argument("--config", help="TOML file of training options (the base of every run)")
+    sweep.add_argument("--out", required=True, help="sweep folder (runs in OUT/<factor>=<value>/seed=<seed>)")
+    sweep.add_argument("--overwrite", action="store_true", help="retrain runs already in --out")
+    sweep.add_argument("--quiet", action="store_true", help="no line per finished run")
+    sweep.add_argument("--no-report", dest="report", action="store_false",
+                       help="skip each run's figures and report.html (the sweep's own are written)")
+    sweep.set_defaults(resume=False)
+    _train_options(sweep)
 
 
 def _config_from_args(args) -> "object":
@@ -158,8 +184,13 @@ def _cmd_train(args) -> int:
 
     if args.overwrite and args.resume:
         raise _UsageError("lipfast train: error: --overwrite and --resume exclude each other")
+    if args.nproc < 1:
+        raise _UsageError(f"lipfast train: error: --nproc must be >= 1, got {args.nproc}")
     cfg = _config_from_args(args)
-    out = train(cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet, report=args.report)
+    out = train(cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet, report=args.report,
+                nproc=args.nproc)
+    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: rank 0 reports
+        return 0
     if args.report:
         print(reporting.summary_table(runio.load_run(out)))
         print(f"report: {(Path(out) / runio.REPORT_FILE).resolve()}")
@@ -206,7 +237,30 @@ def _simulation_lines(result) -> str:
     return "\n".join(lines) or "simulation written"
 
 
-_COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "report": _cmd_report, "simulate": _cmd_simulate}
+def _cmd_sweep(args) -> int:
+    from . import sweep as sweeping
+
+    if args.seeds < 1:
+        raise _UsageError(f"lipfast sweep: error: --seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise _UsageError(f"lipfast sweep: error: --jobs must be >= 1, got {args.jobs}")
+    if getattr(args, args.factor, None) is not None:
+        flag = "--" + args.factor.replace("_", "-")
+        raise _UsageError(f"lipfast sweep: error: {flag} conflicts with --factor {args.factor} (the sweep sets it "
+                          "from --values)")
+    base = _config_from_args(args)
+    result = sweeping.run_sweep(args.factor, args.values, base, args.out, seeds=args.seeds, jobs=args.jobs,
+                                report=args.report, overwrite=args.overwrite,
+                                log=None if args.quiet else (lambda line: print(line, flush=True)))
+    out = Path(args.out)
+    print((out / sweeping.TABLE_MD_FILE).read_text(encoding="utf-8").split("\n## Layers", 1)[0].rstrip())
+    print(f"table: {(out / sweeping.TABLE_MD_FILE).resolve()}")
+    print(f"figures: {(out / sweeping.FIGURES_DIR).resolve()} ({len(result['per_run'])} runs)")
+    return 0
+
+
+_COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "report": _cmd_report, "simulate": _cmd_simulate,
+             "sweep": _cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,8 +281,13 @@ def _dispatch(args) -> int:
     from .data import DatasetUnavailable
     from .runio import RunFolderError, RunWriteError
 
+    from .distributed import DistributedRunError
+
     try:
         return _COMMANDS[args.command](args)
+    except DistributedRunError as exc:
+        print(f"lipfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except (ValueError, RunFolderError, RunWriteError, DatasetUnavailable, FileNotFoundError, ImportError) as exc:
         print(f"lipfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

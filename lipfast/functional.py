@@ -3,6 +3,7 @@ per-sample statistics of Linear and Conv2d layers without per-sample gradients (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -39,6 +40,9 @@ class Spectrum:
         basis: ``[n, p]`` the iterated block one power step past ``V`` (``p >= k + 1``; not orthonormal),
             the warm start of the next call.
         iters: subspace sweeps done (0 for a LAPACK SVD).
+        Wt_u1: ``[n]`` float64 ``Wᵀu1`` as the last sweep computed it (``W v1 = σ1 u1`` holds by
+            construction): with the probes of the next spectrum, the tracker reads ΔW from these.
+        probes: ``(W·right [m, a], Wᵀ·left [n, b])`` float64, when the call was given probe blocks.
     """
 
     U: Tensor
@@ -50,6 +54,8 @@ class Spectrum:
     shape: tuple[int, int]
     basis: Tensor | None = None
     iters: int = 0
+    Wt_u1: Tensor | None = None
+    probes: tuple[Tensor, Tensor] | None = None
 
     @cached_property
     def U64(self) -> Tensor:
@@ -76,9 +82,17 @@ class Spectrum:
 
     @property
     def gap(self) -> float:
-        """Relative spectral gap ``(σ1 − σ2)/σ1`` (``σ2`` is ``sigma_next`` when k = 1)."""
+        """Relative spectral gap ``(σ1 − σ2)/σ1`` (``σ2`` is ``sigma_next`` when k = 1). An iterated spectrum
+        takes ``σ2`` as ``sigma_next`` takes ``σ_{k+1}``, Ritz value plus its residual: an unconverged iteration
+        cannot tell σ1 and σ2 apart closer than that (without it, a tie σ1 = σ2 read off a few warm sweeps looked
+        like a gap of 1e-10 and gave finite, meaningless Hessian forms)."""
         s1 = float(self.S[0])
-        s2 = float(self.S[1]) if self.k > 1 else float(self.sigma_next)
+        if self.k == 1:
+            s2 = float(self.sigma_next)
+        elif self.iters > 0:
+            s2 = min(float(self.S[1] + self.residuals[1]), s1)
+        else:
+            s2 = float(self.S[1])
         return (s1 - s2) / s1 if s1 > 0 else 0.0
 
     @property
@@ -147,6 +161,9 @@ def spectrum(W: Tensor, k: int = 8, state: Spectrum | None = None, iters: int | 
         raise ValueError(f"{fn}: tol must be a number >= 0, got {tol!r}")
     if oversample is not None:
         check.positive_int(fn, "oversample", oversample, minimum=0)
+    check.positive_int(fn, "seed", seed, minimum=0)
+    if seed >= 2**63:  # torch.Generator.manual_seed takes a signed 64-bit seed
+        raise ValueError(f"{fn}: seed must be < 2**63, got {seed}")
     if state is not None:
         if not isinstance(state, Spectrum):
             raise TypeError(f"{fn}: state must be a Spectrum from a previous call, got {type(state).__name__}")
@@ -160,7 +177,7 @@ def spectrum(W: Tensor, k: int = 8, state: Spectrum | None = None, iters: int | 
 
 def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int | None = None,
                      tol: float | None = None, oversample: int | None = None, seed: int = 0,
-                     impl=ops) -> Spectrum:
+                     impl=ops, probes: tuple[Tensor, Tensor] | None = None) -> Spectrum:
     """:func:`spectrum` without argument checks, warm-started from a bare ``basis [n, p]``.
 
     For callers that validated already (the tracker): no finiteness pass, no host sync beyond the
@@ -170,7 +187,12 @@ def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int 
     r = min(m, n)
     p = min(r, k + 1 + (max(4, k // 2) if oversample is None else oversample))
     if k >= r or p >= r or m * n <= _SMALL_MATRIX:
-        return _lapack_spectrum(W, k)
+        spec = _lapack_spectrum(W, k)
+        if probes is None:
+            return spec
+        right, left = probes
+        products = ((W @ right.to(W.dtype)).to(torch.float64), (W.mT @ left.to(W.dtype)).to(torch.float64))
+        return dataclasses.replace(spec, probes=products)
 
     if basis is not None:
         V0 = _resize_block(basis.to(W.device, W.dtype), p, seed)
@@ -180,12 +202,14 @@ def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int 
         V0 = torch.randn(n, p, generator=gen, device=W.device, dtype=W.dtype)
         max_iters = iters or _COLD_ITERS
     tol = _DEFAULT_TOL[W.dtype] if tol is None else float(tol)
-    U, S, V, res, it, advanced = impl.subspace_iteration(W, V0, k + 1, max_iters, tol)
+    right, left = probes if probes is not None else (None, None)
+    U, S, V, res, it, advanced, W_right, Wt_left = impl.subspace_iteration(W, V0, k + 1, max_iters, tol, right, left)
     # The Ritz value of σ_{k+1} lies below the true one; adding its residual keeps the truncation
     # bracket honest (a singular value lies within the residual of every Ritz value).
     sigma_next = torch.minimum(S[k] + res[k], S[k - 1])
     return Spectrum(U=U[:, :k], S=S[:k], V=V[:, :k], sigma_next=sigma_next, residuals=res[:k],
-                    exact=False, shape=(m, n), basis=advanced, iters=int(it))
+                    exact=False, shape=(m, n), basis=advanced, iters=int(it), Wt_u1=advanced[:, 0].to(torch.float64),
+                    probes=None if probes is None else (W_right, Wt_left))
 
 
 def _lapack_spectrum(W: Tensor, k: int) -> Spectrum:
@@ -200,7 +224,7 @@ def _lapack_spectrum(W: Tensor, k: int) -> Spectrum:
     sigma_next = S64.new_zeros(()) if exact else S64[kk]
     basis = V[:, : min(r, kk + 1 + max(4, kk // 2))]
     return Spectrum(U=U[:, :kk], S=S64[:kk], V=V[:, :kk], sigma_next=sigma_next, residuals=res[:kk],
-                    exact=exact, shape=(m, n), basis=basis, iters=0)
+                    exact=exact, shape=(m, n), basis=basis, iters=0, Wt_u1=S64[0] * V[:, 0].to(torch.float64))
 
 
 def _resize_block(block: Tensor, p: int, seed: int) -> Tensor:
@@ -293,6 +317,9 @@ def persample(spec: Spectrum, X: Tensor, D: Tensor, *, check_finite: bool = True
         check.finite(fn, "D", D)
     X3 = X if X.dim() == 3 else X.unsqueeze(1)
     D3 = D if D.dim() == 3 else D.unsqueeze(1)
+    if X3.shape[1] == 0:  # T = 0: every G_i = D_iᵀX_i is an empty sum, 0 (the kernel assumes T >= 1)
+        zero = torch.zeros(X3.shape[0], dtype=torch.float64, device=X.device)
+        return PerSample(zero, *_nan_if(spec.degenerate, zero, zero, zero), degenerate=spec.degenerate)
     U = spec.U.to(X.dtype)
     V = spec.V.to(X.dtype)
     proj, *hess = ops.persample_linear(X3, D3, U, spec.S, V, float(spec.sigma_next))
@@ -336,6 +363,9 @@ def persample_conv2d(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size, s
         raise ValueError(f"{fn}: grad_out must have shape [B={B}, C_out={m}, H', W'], got {tuple(grad_out.shape)}")
     Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     Wo = (Wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"{fn}: kernel_size {kh}x{kw} with dilation {(dh, dw)} spans more than x's padded size "
+                         f"{H + 2 * ph}x{Wd + 2 * pw} (padding {(ph, pw)}); the convolution has no output")
     if tuple(grad_out.shape[2:]) != (Ho, Wo):
         raise ValueError(f"{fn}: grad_out must have spatial size [{Ho}, {Wo}] for this input, kernel, stride, "
                          f"padding and dilation, got {list(grad_out.shape[2:])}")

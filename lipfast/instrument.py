@@ -169,8 +169,9 @@ class LayerCapture:
                 ds.append(c.d.reshape(c.d.shape[0], -1, self.m))
         if any(x.shape[0] != B for x in xs):  # calls on different sample sets: treat them as such
             return _cat_stats([self._linear_stats(spec, [c], dtype) for c in calls])
-        X = torch.cat(xs, dim=1).to(dtype)
-        D = torch.cat(ds, dim=1).to(dtype)
+        # One call (the usual case) needs no concatenation: cat would copy the batch's activations.
+        X = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)).to(dtype)
+        D = (ds[0] if len(ds) == 1 else torch.cat(ds, dim=1)).to(dtype)
         return self.owner.impl.persample_linear(X, D, spec.U.to(dtype), spec.S, spec.V.to(dtype), float(spec.sigma_next))
 
     def _conv_stats(self, spec: Spectrum, calls: list[Call], dtype):

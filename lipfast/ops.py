@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "weight_projections", "gradient_statistics",
-           "update_statistics"]
+__all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics", "update_statistics"]
 
 
-def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float):
+def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float, right: Tensor | None = None,
+                       left: Tensor | None = None):
     """Warm-started block subspace iteration on ``WᵀW`` with Rayleigh–Ritz (MATH.md §5).
 
     Args:
@@ -25,12 +25,17 @@ def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float
         max_iters: at most this many sweeps (each sweep is two GEMMs with ``W``).
         tol: stop once ``max_{j<k} ‖Wᵀu_j − σ_j v_j‖ <= tol·σ1``; ``0`` runs ``max_iters`` sweeps
             without a host synchronisation for the check.
+        right: optional ``[n, a]`` probes; ``W·right`` rides along in the first sweep's GEMM.
+        left: optional ``[m, b]`` probes; ``Wᵀ·left`` likewise.
 
     Returns:
         ``(U [m, p], S [p] float64 descending, V [n, p], residual [p] float64, iters [] int64,
-        next [n, p])``; ``next = WᵀU`` is one power step past ``V``, the warm start of the next call.
+        next [n, p], W_right [m, a] float64, Wt_left [n, b] float64)``; ``next = WᵀU`` is one power step
+        past ``V``, the warm start of the next call.
     """
-    return torch.ops.lipfast.subspace_iteration.default(W.detach(), V0.detach(), int(k), int(max_iters), float(tol))
+    return torch.ops.lipfast.subspace_iteration.default(
+        W.detach(), V0.detach(), int(k), int(max_iters), float(tol),
+        None if right is None else right.detach(), None if left is None else left.detach())
 
 
 def hessian_contract(a: Tensor, b: Tensor, xnorm2: Tensor, ynorm2: Tensor, S: Tensor, sigma_next: float):
@@ -70,18 +75,8 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     )
 
 
-def weight_projections(W: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-    """``W·P [m, b]`` and ``Wᵀ·Q [n, a]``, computed in W's dtype and returned in float64.
-
-    The tracker takes them before and after a step and reads ``ΔW·P`` as their difference, with no copy
-    of ``W`` kept across the step (for float32 weights accurate to ~1e-7·‖W‖, the floor σ1 has too).
-    """
-    return torch.ops.lipfast.weight_projections.default(W.detach(), P.detach(), Q.detach())
-
-
 def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Tensor, G: Tensor, U: Tensor,
-                        S: Tensor, V: Tensor, sigma_next: float, scale: float,
-                        loss_factor: float) -> tuple[Tensor, Tensor]:
+                        S: Tensor, V: Tensor, sigma_next: float, scale: float, loss_factor: float) -> Tensor:
     """The tracker's reductions before a step (MATH.md §3), fused.
 
     Args:
@@ -91,10 +86,9 @@ def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Te
         scale: per-sample scale, ``s_i = scale·proj_i`` and ``H[G_i,G_i] = scale²·hess_i``.
 
     Returns:
-        ``(sums, v_g)``: float64 ``[11]`` ``N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi`` (additive across
-        data-parallel ranks), ``K = u1ᵀḡv1`` (the shift that keeps the variance exact), ``H[ḡ,ḡ]``
-        value/lo/hi, and 1.0 when every reduction is finite; and ``v_g [n]``, the top right singular
-        vector of ``G`` (two power sweeps), the direction a plain SGD step stretches most.
+        float64 ``[11]``: ``N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi`` (additive across data-parallel
+        ranks), ``K = u1ᵀḡv1`` (the shift that keeps the variance exact), ``H[ḡ,ḡ]`` value/lo/hi, and 1.0
+        when every reduction is finite.
     """
     return torch.ops.lipfast.gradient_statistics.default(
         proj.detach(), hess.detach(), hess_lo.detach(), hess_hi.detach(), G.detach(), U.detach(), S.detach(),
@@ -115,17 +109,10 @@ def update_statistics(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sig
         x.detach(), y.detach(), U.detach(), S.detach(), V.detach(), float(sigma_next))
 
 
-@torch.library.register_fake("lipfast::weight_projections")
-def _weight_projections_fake(W, P, Q):
-    torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
-    f64 = dict(dtype=torch.float64, device=W.device)
-    return torch.empty((W.shape[0], P.shape[1]), **f64), torch.empty((W.shape[1], Q.shape[1]), **f64)
-
-
 @torch.library.register_fake("lipfast::gradient_statistics")
 def _gradient_statistics_fake(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next, scale, loss_factor):
     torch._check(G.dim() == 2, lambda: f"G must have shape [m, n], got {tuple(G.shape)}")
-    return torch.empty((11,), dtype=torch.float64, device=G.device), G.new_empty((G.shape[1],))
+    return torch.empty((11,), dtype=torch.float64, device=G.device)
 
 
 @torch.library.register_fake("lipfast::update_statistics")
@@ -135,7 +122,7 @@ def _update_statistics_fake(x, y, U, S, V, sigma_next):
 
 
 @torch.library.register_fake("lipfast::subspace_iteration")
-def _subspace_iteration_fake(W, V0, k, max_iters, tol):
+def _subspace_iteration_fake(W, V0, k, max_iters, tol, right=None, left=None):
     torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
     torch._check(V0.dim() == 2, lambda: f"V0 must have shape [n, p], got {tuple(V0.shape)}")
     m, n = W.shape
@@ -149,6 +136,8 @@ def _subspace_iteration_fake(W, V0, k, max_iters, tol):
         torch.empty((p,), **f64),
         torch.empty((), dtype=torch.int64, device=W.device),
         W.new_empty((n, p)),
+        torch.empty((m, 0 if right is None else right.shape[1]), **f64),
+        torch.empty((n, 0 if left is None else left.shape[1]), **f64),
     )
 
 

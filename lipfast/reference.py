@@ -14,10 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float):
+def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float, right: Tensor | None = None,
+                       left: Tensor | None = None):
     """Twin of ``lipfast::subspace_iteration`` with Householder QR for the orthonormalisation."""
+    m, n = W.shape
+    right = W.new_empty(n, 0) if right is None else right.to(W.dtype)
+    left = W.new_empty(m, 0) if left is None else left.to(W.dtype)
+    W_right, Wt_left = (W @ right).to(torch.float64), (W.mT @ left).to(torch.float64)
     V = torch.linalg.qr(V0)[0]
-    it = 0
+    it = 0  # Householder QR where the compiled op uses Cholesky QR in float64: same span, same Ritz pairs
     while True:
         it += 1
         Y = W @ V
@@ -31,7 +36,7 @@ def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float
         Z = W.mT @ U
         res = (Z.to(torch.float64) - V.to(torch.float64) * S).norm(dim=0)
         if it >= max_iters or (tol > 0 and float(res[:k].max()) <= tol * float(S[0])):
-            return U, S, V, res, torch.tensor(it), Z
+            return U, S, V, res, torch.tensor(it), Z, W_right, Wt_left
         V = torch.linalg.qr(Z)[0]
 
 
@@ -114,13 +119,8 @@ def _hessian_of_direction(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor,
     return torch.cat([value, lo, hi])
 
 
-def weight_projections(W: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-    """Twin of ``lipfast::weight_projections``: products in W's dtype, returned in float64."""
-    return (W @ P.to(W.dtype)).to(torch.float64), (W.mT @ Q.to(W.dtype)).to(torch.float64)
-
-
 def gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next: float, scale: float,
-                        loss_factor: float) -> tuple[Tensor, Tensor]:
+                        loss_factor: float) -> Tensor:
     """Twin of ``lipfast::gradient_statistics`` (see lipfast/ops.py for the layout of the result)."""
     u1, v1 = U[:, 0].to(G.dtype), V[:, 0].to(G.dtype)
     x = (G @ v1).to(torch.float64) / loss_factor
@@ -130,13 +130,8 @@ def gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next: fl
     s = proj.to(torch.float64) * scale - K
     sums = torch.stack([s.sum(), (s * s).sum()] + [t.to(torch.float64).sum() * scale**2 for t in (hess, hess_lo, hess_hi)])
     finite = torch.isfinite(torch.cat([x, y, sums])).all().to(torch.float64)
-    vg = y.to(G.dtype)
-    for _ in range(2):  # power iteration on GᵀG from Gᵀu1, as the compiled op does
-        vg = vg / vg.norm().clamp_min(1e-30)
-        vg = G.mT @ (G @ vg)
-    vg = vg / vg.norm().clamp_min(1e-30)
     n = torch.tensor([float(proj.shape[0])], dtype=torch.float64, device=G.device)
-    return torch.cat([n, sums, K[None], hg, finite[None]]), vg
+    return torch.cat([n, sums, K[None], hg, finite[None]])
 
 
 def update_statistics(x: Tensor, y: Tensor, U, S, V, sigma_next: float) -> Tensor:

@@ -9,6 +9,9 @@ What the per-sample numbers mean:
   loss gradients over every sample whose forward/backward ran since the last step (with gradient
   accumulation, divide each micro-batch loss by the number of micro-batches, as is usual).
   ``"sum"``: it is their sum.
+- Under ``DistributedDataParallel`` every rank captures its own samples and ONE all-reduce per tracked
+  step sums the statistics of all layers: the records are those of the global batch (unequal local
+  batches are weighted as DDP weights them); :mod:`lipfast.distributed` derives and documents it.
 - BatchNorm in training mode couples the samples of a batch: ``D_iᵀX_i`` is then sample i's share of the
   batch gradient, not the gradient of its own loss. The decomposition stays exact for the realised step
   (first/second order), while the noise terms describe the spread of those shares. A warning says so.
@@ -25,7 +28,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import distributed, ops, reference
 from .functional import Spectrum, compute_spectrum
 from .instrument import Hook, LayerCapture, unsupported_reason
 from .optim import StepCoefficients, find_group, step_coefficients
@@ -83,8 +86,10 @@ class Tracker:
         dataset_size: when given, batches are taken as sampled without replacement from this many
             samples, and the noise terms get the factor ``(N − B)/(N − 1)`` (MATH.md §3).
         gap_tol: relative gap ``(σ1 − σ2)/σ1`` below which a layer's step is ``degenerate``.
-        step_tol: a step is also ``degenerate`` when ``‖ΔW‖₂/(σ1 − σ2)`` exceeds this (MATH.md §1; ``‖ΔW‖₂``
-            by a few power-iteration sweeps: the Frobenius norm overstates it by up to √B for a batch of B).
+        step_tol: a step is also ``degenerate`` when ``max(‖ΔW v1‖, ‖ΔWᵀu1‖)/(σ1 − σ2)`` exceeds this: the
+            part of the step that rotates the top singular pair, against the gap (MATH.md §1). It is a
+            lower bound of ‖ΔW‖₂ that needs no extra pass over W (the Frobenius norm, MATH.md's cheap upper
+            bound, overstates a mini-batch step's ‖ΔW‖₂ by up to √B and flags most early steps).
         iters: subspace sweeps per spectrum update (warm start; each sweep is two GEMMs with W and
             advances the block one power step, so with the default 1 the spectrum keeps converging from
             step to step while W moves); the first update is cold (up to 100 sweeps, until ``tol``).
@@ -95,6 +100,8 @@ class Tracker:
             long runs that stream records through ``on_record``).
         implementation: ``"compiled"`` (the C++ ops) or ``"reference"`` (their pure-PyTorch twins in
             :mod:`lipfast.reference`: the same algorithm, for cross-checks and benchmarks).
+        records_on: under DDP, ``"rank0"`` (records and ``on_record`` on rank 0 of the process group
+            only) or ``"all"`` (every rank keeps the same global records). Every rank computes them.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
@@ -102,9 +109,12 @@ class Tracker:
                  loss_reduction: str = "mean", dataset_size: int | None = None, *,
                  gap_tol: float = 1e-3, step_tol: float = 0.5, iters: int = 1, tol: float | None = None,
                  on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True,
-                 implementation: str = "compiled"):
+                 implementation: str = "compiled", records_on: str = "rank0"):
         self._check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol,
                          iters, on_nonfinite)
+        self._group = distributed.attach(model, records_on)  # None unless DDP-wrapped
+        self._records_here = self._group is None or self._group.records_here
+        self._inflight: distributed.StepBucket | None = None
         if implementation not in ("compiled", "reference"):
             raise ValueError(f"Tracker: implementation must be 'compiled' or 'reference', got {implementation!r}")
         self.impl = ops if implementation == "compiled" else reference
@@ -134,7 +144,16 @@ class Tracker:
 
         root = self._unwrap(model)
         self.captures: dict[str, LayerCapture] = {}
-        for name, module in self._select(root, layers):
+        try:
+            chosen = self._select(root, layers)
+        except (TypeError, ValueError):
+            if self._group is not None:  # take part in the others' check, so that they fail rather than wait
+                self._group.check_same_model(None)
+            raise
+        if self._group is not None:
+            self._group.check_same_model(distributed.describe_tracker(chosen, dict(
+                rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol, implementation=implementation)))
+        for name, module in chosen:
             self.captures[name] = LayerCapture(name, module, self)
         self._handles = [
             root.register_forward_pre_hook(Hook(self._on_root_forward)),
@@ -253,11 +272,11 @@ class Tracker:
             self._cache[cap.name] = _Cached(spec, cap.weight._version)
         return spec
 
-    def _spectrum(self, W: Tensor, basis: Tensor | None) -> Spectrum | None:
+    def _spectrum(self, W: Tensor, basis: Tensor | None, probes=None) -> Spectrum | None:
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
         try:
             return compute_spectrum(W, self.rank, basis, self.iters if basis is not None else None, self.tol,
-                                    impl=self.impl)
+                                    impl=self.impl, probes=probes)
         except RuntimeError:  # NaN/Inf in W (LAPACK and the subspace iteration both refuse it)
             if bool(torch.isfinite(W).all()):
                 raise
@@ -287,6 +306,8 @@ class Tracker:
                     self._pending[name] = dict(nonfinite_weights=True, N=int(stats[0].shape[0]))
                     continue
                 self._pending[name] = self._prepare(cap, spec, stats, grad)
+            if self._group is not None:  # every rank, every tracked step, even with nothing pending here
+                self._inflight = self._group.launch(list(self.captures), self._pending, self._logged)
 
     def _prepare(self, cap: LayerCapture, spec: Spectrum, stats, grad: Tensor) -> dict:
         """Everything that needs the state before the step: the gradient's reductions, the momentum
@@ -300,28 +321,28 @@ class Tracker:
         known = None
         if coef.known is not None:
             known = spec.U64[:, 0] @ (_matrix(coef.known, cap.m) @ spec.V[:, 0].to(G.dtype)).double()
-        sums, v_g = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
+        sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U64, spec.S, spec.V64,
                                                   float(spec.sigma_next), scale, loss_factor)
-        W = _matrix(cap.weight, cap.m)
-        # Probes: v1 and u1 give ΔW v1 and ΔWᵀ u1 (all MATH.md §2 needs of ΔW); v_g gives ‖ΔW v_g‖, the
-        # step's size along the direction a plain SGD step stretches most (the degenerate-gap check).
-        P = torch.stack([spec.V[:, 0].to(W.dtype), v_g.to(W.dtype)], dim=1)
-        Q = spec.U[:, :1].to(W.dtype)
-        WP, WtQ = self.impl.weight_projections(W, P, Q)
-        return dict(spec=spec, P=P, Q=Q, WP=WP, WtQ=WtQ, sums=sums, coef=coef, c=coef.fresh * loss_factor,
-                    known=known)
+        # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
+        # free with the spectrum (W v1 = σ1 u1 for a Ritz pair; Wᵀu1 from its last sweep), after it they
+        # ride along in the next spectrum's GEMMs. No copy of W is kept.
+        return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor, known=known,
+                    x_before=spec.S[0] * spec.U64[:, 0], y_before=spec.Wt_u1)
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
+        if self._inflight is not None:
+            self._reduce_all()
         if self._pending:
             with torch.no_grad():
                 rows = [self._record(self.captures[name], p) for name, p in self._pending.items()]
             self._pending.clear()
-            net = self._network_record(rows)
-            if self.keep_records:
-                self.records.extend(rows)
-                self.network.append(net)
-            if self.on_record is not None:
-                self.on_record(rows, net)
+            if self._records_here:
+                net = self._network_record(rows)
+                if self.keep_records:
+                    self.records.extend(rows)
+                    self.network.append(net)
+                if self.on_record is not None:
+                    self.on_record(rows, net)
         self._logged = {}
         self.step += 1
 
@@ -333,34 +354,44 @@ class Tracker:
         coef: StepCoefficients = p["coef"]
         c = p["c"]
         W_after = _matrix(cap.weight, cap.m)
-        WP, WtQ = self.impl.weight_projections(W_after, p["P"], p["Q"])
-        dP, dQ = WP - p["WP"], WtQ - p["WtQ"]   # ΔW·[v1, v_g], ΔWᵀ·u1 to float64 accuracy
-        upd = self.impl.update_statistics(dP[:, 0], dQ[:, 0], spec.U, spec.S, spec.V, float(spec.sigma_next))
-        first, second, second_lo, second_hi, finite_after = upd.tolist()
-        dw_norm = float(dP[:, 1].norm())
+        probes = (spec.V[:, :1], spec.U[:, :1])
+        spec_after = self._spectrum(W_after, spec.basis, probes)
+        if spec_after is not None:
+            self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
+            W_v1, Wt_u1 = spec_after.probes
+            x, y = W_v1[:, 0] - p["x_before"], Wt_u1[:, 0] - p["y_before"]   # ΔW v1, ΔWᵀ u1
+            first, second, second_lo, second_hi, finite_after = self.impl.update_statistics(
+                x, y, spec.U64, spec.S, spec.V64, float(spec.sigma_next)).tolist()
+            # How far the step rotates the top singular pair, against the gap (MATH.md §1 degenerate gap).
+            dw_norm = max(float(x.norm()), float(y.norm()))
+            sigma_next = float(spec_after.S[0])
+        else:  # the step left NaN/Inf in W
+            first = second = second_lo = second_hi = dw_norm = sigma_next = NAN
+            finite_after = 0.0
         N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = self._reduce(p["sums"]).tolist()
         N = int(N)
         sigma, sigma2 = (spec.S[:2].tolist() + [float(spec.sigma_next)])[:2]
-        sigma_next = NAN
-        if finite_after:
-            spec_after = self._spectrum(W_after, spec.basis)
-            if spec_after is not None:
-                self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
-                sigma_next = float(spec_after.S[0])
         flags = []
 
         # The SDE terms of MATH.md §3 from one mini-batch; sums are shifted by K ≈ mean(s) so the
         # variance keeps its digits.
-        mean_s = K + sum_s / N
+        # w2 = Σ w_i², set under DDP when local batches differ (the step weighs sample i by w_i = 1/(R·N_r)):
+        # weighted mean, W₂-scaled noise terms, effective batch 1/W₂ (lipfast.distributed derives them).
+        w2 = p.get("w2")
+        mean_s = K + (sum_s / N if w2 is None else p["wshift"])
         fpc = 1.0
         if self.dataset_size is not None:
-            fpc = max(self.dataset_size - N, 0) / (self.dataset_size - 1)
+            fpc = max(self.dataset_size - (N if w2 is None else 1.0 / w2), 0) / (self.dataset_size - 1)
         known = 0.0 if p["known"] is None else float(p["known"])
         drift = -c * mean_s - coef.decay * sigma + known
         if N > 1:
             var_s = max(sum_ss - sum_s * sum_s / N, 0.0) / (N - 1)
-            k_ito = c * c / (2 * N) * fpc / (N - 1)
-            diffusion = c * c * var_s / N * fpc
+            if w2 is None:
+                k_ito = c * c / (2 * N) * fpc / (N - 1)
+                diffusion = c * c * var_s / N * fpc
+            else:
+                k_ito = c * c * w2 * fpc / (2 * N * (1 - w2))
+                diffusion = c * c * var_s * w2 * fpc
             ito, ito_lo, ito_hi = k_ito * (h - N * hg), k_ito * (h_lo - N * hg_hi), k_ito * (h_hi - N * hg_lo)
         else:
             flags.append("single_sample")
@@ -399,8 +430,14 @@ class Tracker:
                    flags="nonfinite")
         return row
 
+    def _reduce_all(self) -> None:
+        """Data parallelism: wait for the step's all-reduce (launched at the end of the pre-step hook) and
+        replace every pending layer's sums with the global batch's (:mod:`lipfast.distributed`)."""
+        inflight, self._inflight = self._inflight, None
+        self._logged = inflight.finish(self._pending, self.loss_reduction, self.step)
+
     def _reduce(self, sums: Tensor) -> Tensor:
-        """Hook for data parallelism: the additive part of the sums over every rank's samples."""
+        """The sums of every sample of the step (under DDP already all-reduced by :meth:`_reduce_all`)."""
         return sums
 
     def _network_record(self, rows: list[dict]) -> dict:
@@ -449,7 +486,7 @@ class Tracker:
             s = cached.spec
             W = _matrix(self.captures[name].weight, self.captures[name].m)
             layers[name] = dict(U=s.U, S=s.S, V=s.V, sigma_next=s.sigma_next, residuals=s.residuals,
-                                exact=s.exact, shape=list(s.shape), basis=s.basis, iters=s.iters,
+                                exact=s.exact, shape=list(s.shape), basis=s.basis, iters=s.iters, Wt_u1=s.Wt_u1,
                                 fingerprint=list(_fingerprint(W)) if cached.version == self.captures[name].weight._version
                                 else None)
         return {"format": _STATE_FORMAT, "step": self.step, "rank": self.rank, "layers": layers}
@@ -467,7 +504,8 @@ class Tracker:
         self._cache.clear()
         for name, s in state["layers"].items():
             spec = Spectrum(U=s["U"], S=s["S"], V=s["V"], sigma_next=s["sigma_next"], residuals=s["residuals"],
-                            exact=bool(s["exact"]), shape=tuple(s["shape"]), basis=s["basis"], iters=int(s["iters"]))
+                            exact=bool(s["exact"]), shape=tuple(s["shape"]), basis=s["basis"], iters=int(s["iters"]),
+                            Wt_u1=s["Wt_u1"])
             fp = tuple(s["fingerprint"]) if s.get("fingerprint") is not None else None
             self._cache[name] = _Cached(spec, version=None, fingerprint=fp)
 
@@ -479,6 +517,7 @@ class Tracker:
         for cap in self.captures.values():
             cap.remove()
         self._pending.clear()
+        self._inflight = None
         self._closed = True
 
     def __enter__(self) -> "Tracker":

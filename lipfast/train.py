@@ -5,6 +5,13 @@ into :class:`lipfast.runio.RunWriter` as each step completes, so an interrupted 
 completed step, and ``resume=True`` continues from the last checkpoint to the records an uninterrupted
 run gives (the data order depends only on ``(data_seed, epoch)``; model, optimizer, tracker state and
 RNG come from the checkpoint).
+
+Data parallelism (``nproc`` > 1, or each rank of ``torchrun --nproc_per_node N -m lipfast train ...``):
+every rank builds the same model, wraps it in ``DistributedDataParallel`` and takes its contiguous slice
+``batch_size/N`` of each global batch, so the tracker's global-batch records equal the single-process
+run's (to rounding). Rank 0 alone writes the run folder (whole lines, as always) and the checkpoints
+(of the unwrapped model: a run resumes with any number of ranks); a failing rank ends the run with an
+error naming it, and the folder keeps every step completed before.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 from torch import nn
 
 from . import data as datasets
-from . import models, runio
+from . import distributed, models, runio
 from .tracker import Tracker
 
 __all__ = ["TrainConfig", "train", "load_config_file", "ConfigError"]
@@ -176,7 +183,7 @@ class _Progress:
 
 
 def train(config: TrainConfig, out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
-          quiet: bool = False, report: bool = True, max_steps: int | None = None) -> Path:
+          quiet: bool = False, report: bool = True, max_steps: int | None = None, nproc: int = 1) -> Path:
     """Run one tracked training into the run folder ``out`` and return its path.
 
     Args:
@@ -188,31 +195,81 @@ def train(config: TrainConfig, out: str | os.PathLike, *, overwrite: bool = Fals
         report: simulate the SDE bands and write figures + report.html at the end.
         max_steps: stop after this many steps of this invocation (to interrupt a run on purpose,
             e.g. in tests of resume); the run folder then stays resumable.
+        nproc: data-parallel ranks, spawned here as local processes (gloo on CPU, nccl on CUDA with
+            rank r on ``cuda:r``); ``batch_size`` is the global batch and must be a multiple of it.
+            Inside a process group (``torchrun``) every rank calls ``train`` with ``nproc=1``.
     """
     if overwrite and resume:
         raise ValueError("train: overwrite and resume are mutually exclusive")
     config.validate()
-    out = Path(out)
-    device = torch.device(config.device)
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError(f"nproc must be an int >= 1, got {nproc!r}")
+    if nproc > 1:
+        return _train_spawned(config, out, nproc, overwrite=overwrite, resume=resume, quiet=quiet, report=report,
+                              max_steps=max_steps)
+    ctx = distributed.run_context(config.device)  # a rank of torchrun or of _train_spawned; else None
+    try:
+        return _train(config, Path(out), ctx, overwrite=overwrite, resume=resume, quiet=quiet, report=report,
+                      max_steps=max_steps)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(config: TrainConfig, out: Path, ctx: distributed.RunContext | None, *, overwrite: bool, resume: bool,
+           quiet: bool, report: bool, max_steps: int | None) -> Path:
+    main = ctx is None or ctx.main
+    device = ctx.device if ctx is not None else torch.device(config.device)
     dtype = getattr(torch, config.dtype)
     checkpoint = out / runio.CHECKPOINT_FILE
-    state = None
-    if resume:
-        if not runio.is_run_folder(out):
-            raise runio.RunFolderError(f"cannot resume {out}: it is not a lipfast run folder")
-        _check_resume_config(config, runio.load_run(out).config, out)
-        if checkpoint.is_file():
-            state = torch.load(checkpoint, map_location=device, weights_only=True)
-    # Data (and the options that depend on it) before the run folder is touched: a bad dataset or
-    # batch size must not leave a half-made run behind that a corrected rerun then trips over.
-    ds, y_train = _load_data(config)
-    writer = runio.RunWriter(out, config.to_dict(), overwrite=overwrite, resume=resume,
-                             resume_from_step=int(state["step"]) if state else (0 if resume else None))
+    state = writer = error = None
+    try:  # under data parallelism every rank learns whether all could start (else they would wait)
+        if ctx is not None:
+            _check_parallel(config, ctx.world)
+        if resume:
+            if not runio.is_run_folder(out):
+                raise runio.RunFolderError(f"cannot resume {out}: it is not a lipfast run folder")
+            if main:
+                _check_resume_config(config, runio.load_run(out).config, out)
+            if checkpoint.is_file():
+                state = torch.load(checkpoint, map_location=device, weights_only=True)
+        # Data (and the options that depend on it) before the run folder is touched: a bad dataset or
+        # batch size must not leave a half-made run behind that a corrected rerun then trips over.
+        ds, y_train = _load_data(config)
+        if main:
+            writer = runio.RunWriter(out, config.to_dict(), overwrite=overwrite, resume=resume,
+                                     resume_from_step=int(state["step"]) if state else (0 if resume else None))
+    except Exception as exc:  # noqa: BLE001 - re-raised below
+        error = exc
+    if ctx is not None and not distributed.all_ok(error is None, ctx) and error is None:
+        raise distributed.DistributedRunError(f"rank {ctx.rank}: another rank could not start the run (see its error)")
+    if error is not None:
+        raise error
     try:
         return _run(config, out, writer, state, device, dtype, ds, y_train, quiet=quiet, report=report,
-                    max_steps=max_steps)
+                    max_steps=max_steps, ctx=ctx)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+
+
+def _check_parallel(config: TrainConfig, nproc: int) -> None:
+    if config.batch_size % nproc:
+        raise ConfigError(f"batch_size must be a multiple of the {nproc} data-parallel ranks (each rank takes "
+                          f"batch_size/{nproc} samples of every global batch), got {config.batch_size}")
+
+
+def _train_spawned(config: TrainConfig, out, nproc: int, **kwargs) -> Path:
+    """``train(..., nproc=N)``: N local ranks, each running :func:`train` in one process group."""
+    _check_parallel(config, nproc)
+    if distributed.run_context(config.device) is not None:
+        raise ConfigError("nproc > 1 inside a process group that is already running (torchrun?): launch the ranks "
+                          "one way only")
+    if torch.device(config.device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(f"nproc {nproc} needs {nproc} CUDA devices, torch sees {torch.cuda.device_count()}")
+    distributed.spawn(train, nproc, config, str(out), device=config.device, kwargs=kwargs,
+                      passthrough=(ConfigError, runio.RunFolderError, runio.RunWriteError,
+                                   datasets.DatasetUnavailable, FileNotFoundError))
+    return Path(out)
 
 
 # Options a resumed run may change: they do not alter the records of the steps to come.
@@ -244,14 +301,23 @@ def _load_data(config: TrainConfig):
     return ds, y_train
 
 
-def _run(config: TrainConfig, out: Path, writer: runio.RunWriter, state, device, dtype, ds, y_train, *,
-         quiet: bool, report: bool, max_steps: int | None) -> Path:
+def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, device, dtype, ds, y_train, *,
+         quiet: bool, report: bool, max_steps: int | None, ctx: distributed.RunContext | None = None) -> Path:
     x_train, y_train = ds.x_train.to(device, dtype), y_train.to(device)
     x_test, y_test = ds.x_test.to(device, dtype), ds.y_test.to(device)
     n_train = x_train.shape[0]
     model = models.build_model(config.model, ds.input_shape, ds.n_classes, widths=config.widths,
                                init_scale=config.init_scale, seed=config.seed, batchnorm=config.batchnorm)
     model = model.to(device, dtype)
+    net = model  # what the loop calls: the model, or its DDP wrapper (one slice of each batch per rank)
+    main = ctx is None or ctx.main
+    if ctx is not None:
+        if config.batchnorm and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # global-batch statistics, as one process
+        elif config.batchnorm and main:
+            print("lipfast: batchnorm under data parallelism on CPU normalises each rank's slice (SyncBatchNorm "
+                  "needs CUDA): the records differ from a single process's", file=sys.stderr, flush=True)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                           weight_decay=config.weight_decay)
     per_epoch = n_train // config.batch_size
@@ -259,11 +325,12 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter, state, device,
     progress = _Progress()
 
     def on_record(rows, net):
-        writer.write_layers(rows)
-        writer.write_network(net)
+        with distributed.termination_deferred(ctx is not None):  # a step's rows land whole, or not at all
+            writer.write_layers(rows)
+            writer.write_network(net)
         progress.log_bound = net["log_bound_next"]
 
-    tracker = Tracker(model, opt, rank=config.rank, every=config.every, dataset_size=n_train,
+    tracker = Tracker(net, opt, rank=config.rank, every=config.every, dataset_size=n_train,
                       gap_tol=config.gap_tol, step_tol=config.step_tol, iters=config.iters,
                       on_record=on_record, keep_records=False)
     step = 0
@@ -274,17 +341,20 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter, state, device,
         tracker.load_state_dict(state["tracker"])
         torch.set_rng_state(state["rng"])
         step = int(state["step"])
-    bar = _progress_bar(total, step, quiet)
+    bar = _progress_bar(total, step, quiet or not main)
     loss_fn = nn.CrossEntropyLoss()
     done_here = 0
     try:
         while step < total:
             epoch, index = divmod(step, per_epoch)
             batch = datasets.batches(n_train, config.batch_size, seed=config.data_seed, epoch=epoch, drop_last=True)[index]
+            if ctx is not None:
+                per = config.batch_size // ctx.world
+                batch = batch[ctx.rank * per:(ctx.rank + 1) * per]
             batch = batch.to(device)
             model.train()
             opt.zero_grad(set_to_none=True)
-            logits = model(x_train[batch])
+            logits = net(x_train[batch])
             loss = loss_fn(logits, y_train[batch])
             loss.backward()
             tracker.log(loss=loss, train_acc=(logits.argmax(1) == y_train[batch]).float().mean())
@@ -295,9 +365,9 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter, state, device,
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{progress.loss:.4f}", log_bound=f"{progress.log_bound:.4f}")
-            if step % config.checkpoint_every == 0 or step == total:
+            if main and (step % config.checkpoint_every == 0 or step == total):
                 _save_checkpoint(out, model, opt, tracker, step)
-            if quiet and (step % config.eval_every == 0 or step == total):
+            if main and quiet and (step % config.eval_every == 0 or step == total):
                 print(f"lipfast: step {step}/{total} loss {progress.loss:.4f} log_bound {progress.log_bound:.4f}",
                       file=sys.stderr, flush=True)
             if max_steps is not None and done_here >= max_steps:
@@ -306,6 +376,8 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter, state, device,
         if bar is not None:
             bar.close()
         tracker.close()
+    if not main:
+        return out
     test_acc, test_loss = _evaluate(model, x_test, y_test)
     train_acc, train_loss = _evaluate(model, x_train, y_train)
     writer.write_summary({

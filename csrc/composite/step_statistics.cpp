@@ -1,7 +1,7 @@
-// The tracker's per-layer, per-step reductions (MATH.md §2–§3) as a few ops, so a tracked step costs a
-// handful of dispatcher calls instead of dozens of small Python-level tensor ops, and never copies a
-// weight: the change ΔW of a step is seen only through float64 projections of W taken before and after
-// it. Built from ATen calls and lipfast::hessian_contract, so one registration serves every backend; the
+// The tracker's per-layer, per-step reductions (MATH.md §2–§3) as two ops, so a tracked step costs a
+// handful of dispatcher calls instead of dozens of small Python-level tensor ops. A weight is never
+// copied: ΔW is seen only through W·v1 and Wᵀ·u1 before the step (free from the spectrum) and after it
+// (probes riding along in the next spectrum's GEMMs, lipfast::subspace_iteration). Built from ATen calls and lipfast::hessian_contract, so one registration serves every backend; the
 // results stay on the device (no host synchronisation) until the caller reads them.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -35,30 +35,11 @@ void check_spectrum_inputs(const char* op, int64_t m, int64_t n, const at::Tenso
               S.sizes());
 }
 
-// weight_projections: W·P [m, b] and Wᵀ·Q [n, a] for probes P [n, b], Q [m, a], returned in float64.
-// The tracker takes them before and after a step and reads ΔW·P as their difference, so no copy of W is
-// kept across the step. The products run in W's dtype (BLAS): for float32 weights the difference is
-// accurate to ~1e-7·‖W‖, the same floor as σ1 itself and hence as the observed change σ_next − σ.
-std::tuple<at::Tensor, at::Tensor> weight_projections(const at::Tensor& W,  // [m, n]
-                                                      const at::Tensor& P,  // [n, b]
-                                                      const at::Tensor& Q)  // [m, a]
-{
-  constexpr const char* op = "lipfast::weight_projections";
-  LIPFAST_CHECK_DIM("lipfast::weight_projections", W, "W", 2, "[m, n]");
-  LIPFAST_CHECK_DIM("lipfast::weight_projections", P, "P", 2, "[n, b]");
-  LIPFAST_CHECK_DIM("lipfast::weight_projections", Q, "Q", 2, "[m, a]");
-  LIPFAST_CHECK_SIZE("lipfast::weight_projections", P, "P", 0, W.size(1), "W.size(1)");
-  LIPFAST_CHECK_SIZE("lipfast::weight_projections", Q, "Q", 0, W.size(0), "W.size(0)");
-  TORCH_CHECK(at::isFloatingType(W.scalar_type()), op, ": W must be a floating tensor, got ", W.scalar_type());
-  return {W.mm(P.to(W.scalar_type())).to(at::kDouble), W.t().mm(Q.to(W.scalar_type())).to(at::kDouble)};
-}
-
-// gradient_statistics: before the step. Returns (float64 [11], v_g [n]):
+// gradient_statistics: before the step. Returns float64 [11]:
 //   0 N, 1 Σ(s_i − K), 2 Σ(s_i − K)², 3 Σ H[G_i,G_i], 4 Σ lo, 5 Σ hi   (additive across ranks)
 //   6 K = u1ᵀ ḡ v1 (the shift, ≈ mean s_i), 7 H[ḡ,ḡ], 8 lo, 9 hi, 10 1.0 if everything is finite else 0.0
-// with s_i = scale·proj_i, H[G_i,G_i] = scale²·hess_i, ḡ = G / loss_factor; and v_g, the top right singular
-// vector of G by two power-iteration sweeps from ḡᵀu1 (the direction a plain SGD step stretches most).
-std::tuple<at::Tensor, at::Tensor> gradient_statistics(const at::Tensor& proj,     // [N] float64
+// with s_i = scale·proj_i, H[G_i,G_i] = scale²·hess_i, ḡ = G / loss_factor.
+at::Tensor gradient_statistics(const at::Tensor& proj,     // [N] float64
                                                        const at::Tensor& hess,     // [N]
                                                        const at::Tensor& hess_lo,  // [N]
                                                        const at::Tensor& hess_hi,  // [N]
@@ -86,13 +67,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_statistics(const at::Tensor& proj,  
                          hess_lo.to(at::kDouble).sum().mul(s2), hess_hi.to(at::kDouble).sum().mul(s2)});
   auto finite = at::cat({x, y, sums}).isfinite().all().to(at::kDouble).reshape({1});
   auto n = at::full({1}, static_cast<double>(proj.size(0)), sums.options());
-  auto vg = y.to(G.scalar_type());  // ∝ Gᵀu1
-  for (int it = 0; it < 2; ++it) {
-    vg = vg / vg.norm().clamp_min(1e-30);
-    vg = at::mv(G.t(), at::mv(G, vg));
-  }
-  vg = vg / vg.norm().clamp_min(1e-30);
-  return {at::cat({n, sums, K.reshape({1}), hg, finite}), vg};
+  return at::cat({n, sums, K.reshape({1}), hg, finite});
 }
 
 // update_statistics: after the step, from x = ΔW v1 [m] and y = ΔWᵀ u1 [n] (float64) and the spectrum
@@ -118,7 +93,6 @@ at::Tensor update_statistics(const at::Tensor& x,  // [m] float64
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) {
-  m.impl("weight_projections", &weight_projections);
   m.impl("gradient_statistics", &gradient_statistics);
   m.impl("update_statistics", &update_statistics);
 }

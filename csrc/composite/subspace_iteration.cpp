@@ -8,29 +8,27 @@
 namespace lipfast {
 namespace {
 
-// Orthonormal basis of the columns of Z [n, p]. CholeskyQR2: two Gram/Cholesky/triangular-solve
-// passes cost far less than Householder QR on a tall-skinny block (PERF.md), and the second pass
-// restores the orthogonality the first loses to κ(Z)². A block too ill-conditioned for Cholesky
-// (rank-deficient W, a collapsed block) falls back to Householder QR.
+// Orthonormal basis of the columns of Z [n, p] by Cholesky QR in float64: a Gram matrix, its Cholesky
+// factor and one triangular solve cost far less than Householder QR on a tall-skinny block (PERF.md).
+// Done in float64, it loses orthogonality only as κ(Z)²·1e-16, so one pass suffices even for float32
+// weights (whose rounding of the result, ~1e-7, is the only error left). A block too ill-conditioned for
+// Cholesky (rank-deficient W, a collapsed block) falls back to Householder QR.
 at::Tensor orthonormalize(const at::Tensor& Z) {
-  at::Tensor Q = Z;
-  for (int pass = 0; pass < 2; ++pass) {
-    auto Qd = Q.to(at::kDouble);
-    auto gram = Qd.t().mm(Qd);
-    auto [L, info] = at::linalg_cholesky_ex(gram);
-    if (info.item<int64_t>() != 0) {
-      return std::get<0>(at::linalg_qr(Z, "reduced"));
-    }
-    // Q L^{-T}: solve L X = Qᵀ for X, then transpose back.
-    Q = at::linalg_solve_triangular(L, Qd.t(), /*upper=*/false).t().to(Z.scalar_type()).contiguous();
+  auto Zd = Z.to(at::kDouble);
+  auto [L, info] = at::linalg_cholesky_ex(Zd.t().mm(Zd));
+  if (info.item<int64_t>() != 0) {
+    return std::get<0>(at::linalg_qr(Z, "reduced"));
   }
-  return Q;
+  // Z L^{-T}: solve L X = Zᵀ for X, then transpose back.
+  return at::linalg_solve_triangular(L, Zd.t(), /*upper=*/false).t().to(Z.scalar_type()).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_iteration(
-    const at::Tensor& W,   // [m, n]
-    const at::Tensor& V0,  // [n, p]
-    int64_t k, int64_t max_iters, double tol) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+subspace_iteration(const at::Tensor& W,                     // [m, n]
+                   const at::Tensor& V0,                    // [n, p]
+                   int64_t k, int64_t max_iters, double tol,
+                   const c10::optional<at::Tensor>& right,  // [n, a] probes: W·right
+                   const c10::optional<at::Tensor>& left) { // [m, b] probes: Wᵀ·left
   constexpr const char* op = "lipfast::subspace_iteration";
   LIPFAST_CHECK_DIM("lipfast::subspace_iteration", W, "W", 2, "[m, n]");
   LIPFAST_CHECK_DIM("lipfast::subspace_iteration", V0, "V0", 2, "[n, p]");
@@ -45,14 +43,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(k >= 1 && k <= p, op, ": k must be in [1, V0.size(1) = ", p, "], got ", k);
   TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
   TORCH_CHECK(tol >= 0.0, op, ": tol must be >= 0, got ", tol);
-
   const auto dtype = W.scalar_type();
+  auto R = right.has_value() ? right->to(dtype) : at::empty({n, 0}, W.options());
+  auto L = left.has_value() ? left->to(dtype) : at::empty({m, 0}, W.options());
+  TORCH_CHECK(R.dim() == 2 && R.size(0) == n, op, ": right must have shape [n=", n, ", a], got ", R.sizes());
+  TORCH_CHECK(L.dim() == 2 && L.size(0) == m, op, ": left must have shape [m=", m, ", b], got ", L.sizes());
+  const int64_t a = R.size(1), b = L.size(1);
+  at::Tensor W_right, Wt_left;
+
   at::Tensor V = orthonormalize(V0.contiguous());
   at::Tensor U, S, residual, Z;
   int64_t it = 0;
   while (true) {
     ++it;
-    auto Y = W.mm(V);                             // [m, p]
+    // The probes ride along in the first sweep's GEMMs: W is read once for both.
+    auto Y = W.mm(it == 1 && a > 0 ? at::cat({V, R}, 1) : V);  // [m, p (+a)]
+    if (it == 1) {
+      W_right = Y.slice(1, p, p + a).to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+      Y = Y.slice(1, 0, p);
+    }
     auto Yd = Y.to(at::kDouble);
     auto [theta, Q] = at::linalg_eigh(Yd.t().mm(Yd));  // ascending
     theta = theta.flip({0}).clamp_min(0.0);
@@ -66,7 +75,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto Qw = Q.to(dtype);
     V = V.mm(Qw);                                 // [n, p] Ritz vectors
     U = Yd.mm(Q).mul(inv).to(dtype);              // [m, p]
-    Z = W.t().mm(U);                              // [n, p] ≈ σ_j v_j: next sweep's block
+    Z = W.t().mm(it == 1 && b > 0 ? at::cat({U, L}, 1) : U);  // [n, p (+b)] ≈ σ_j v_j: next block
+    if (it == 1) {
+      Wt_left = Z.slice(1, p, p + b).to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+      Z = Z.slice(1, 0, p);
+    }
     residual = (Z.to(at::kDouble) - V.to(at::kDouble).mul(S)).norm(2, {0});  // [p]
     if (it >= max_iters) break;
     if (tol > 0.0 && residual.slice(0, 0, k).max().item<double>() <= tol * S[0].item<double>()) break;
@@ -75,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Z = WᵀW V / S has advanced one power step past the Ritz block V: returned as the next call's warm
   // start, so a tracker calling once per training step advances the subspace every step at the cost of
   // one sweep (two GEMMs), instead of re-running Rayleigh–Ritz on the block it already had.
-  return {U, S, V, residual, at::scalar_tensor(it, at::TensorOptions().dtype(at::kLong)), Z};
+  return {U, S, V, residual, at::scalar_tensor(it, at::TensorOptions().dtype(at::kLong)), Z.contiguous(), W_right,
+          Wt_left};
 }
 
 }  // namespace

