@@ -177,7 +177,7 @@ def spectrum(W: Tensor, k: int = 8, state: Spectrum | None = None, iters: int | 
 
 def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int | None = None,
                      tol: float | None = None, oversample: int | None = None, seed: int = 0,
-                     impl=ops, probes: tuple[Tensor, Tensor] | None = None) -> Spectrum:
+                     impl=ops, probes: tuple[Tensor, Tensor] | None = None, small: str = "lapack") -> Spectrum:
     """:func:`spectrum` without argument checks, warm-started from a bare ``basis [n, p]``.
 
     For callers that validated already (the tracker): no finiteness pass, no host sync beyond the
@@ -187,7 +187,7 @@ def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int 
     r = min(m, n)
     p = min(r, k + 1 + (max(4, k // 2) if oversample is None else oversample))
     if k >= r or p >= r or m * n <= _SMALL_MATRIX:
-        spec = _lapack_spectrum(W, k)
+        spec = _gram_spectrum(W, k) if small == "gram" else _lapack_spectrum(W, k)
         if probes is None:
             return spec
         right, left = probes
@@ -225,6 +225,28 @@ def _lapack_spectrum(W: Tensor, k: int) -> Spectrum:
     basis = V[:, : min(r, kk + 1 + max(4, kk // 2))]
     return Spectrum(U=U[:, :kk], S=S64[:kk], V=V[:, :kk], sigma_next=sigma_next, residuals=res[:kk],
                     exact=exact, shape=(m, n), basis=basis, iters=0, Wt_u1=S64[0] * V[:, 0].to(torch.float64))
+
+
+def _gram_spectrum(W: Tensor, k: int) -> Spectrum:
+    """Exact spectrum from the eigendecomposition of the smaller Gram matrix, in float64."""
+    m, n = W.shape
+    r = min(m, n)
+    W64 = W.to(torch.float64)
+    wide = m <= n
+    theta, Q = torch.linalg.eigh(W64 @ W64.mT if wide else W64.mT @ W64)
+    S = theta.flip(0).clamp_min(0).sqrt()
+    Q = Q.flip(1)
+    inv = torch.where(S > 0, 1 / S, torch.zeros_like(S))
+    other = (W64.mT @ Q if wide else W64 @ Q) * inv
+    U64, V64 = (Q, other) if wide else (other, Q)
+    res = (W64.mT @ U64 - V64 * S).norm(dim=0)
+    kk = min(k, r)
+    exact = k >= r
+    sigma_next = S.new_zeros(()) if exact else S[kk]
+    U, V = U64.to(W.dtype), V64.to(W.dtype)
+    basis = V[:, : min(r, kk + 1 + max(4, kk // 2))]
+    return Spectrum(U=U[:, :kk], S=S[:kk], V=V[:, :kk], sigma_next=sigma_next, residuals=res[:kk], exact=exact,
+                    shape=(m, n), basis=basis, iters=0, Wt_u1=S[0] * V64[:, 0])
 
 
 def _resize_block(block: Tensor, p: int, seed: int) -> Tensor:

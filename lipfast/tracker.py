@@ -276,7 +276,8 @@ class Tracker:
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
         try:
             return compute_spectrum(W, self.rank, basis, self.iters if basis is not None else None, self.tol,
-                                    impl=self.impl, probes=probes)
+                                    impl=self.impl, probes=probes,
+                                    small="lapack" if W.dtype == torch.float64 else "gram")
         except RuntimeError:  # NaN/Inf in W (LAPACK and the subspace iteration both refuse it)
             if bool(torch.isfinite(W).all()):
                 raise
