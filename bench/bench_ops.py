@@ -54,9 +54,10 @@ def _linear_weight(m: int, n: int, device, dtype) -> torch.Tensor:
 
 def _setup_spectrum(W: torch.Tensor) -> lipfast.Spectrum:
     """A top-k Spectrum to feed the per-sample and Hessian cases. Their timings do not depend on how
-    well it converged (op and twin get the same one), so a capped cold start keeps the setup short:
-    init-like matrices (σ1/σ2 ≈ 1.01) would otherwise run all 100 cold sweeps."""
-    return lipfast.spectrum(W, k=K, iters=20)
+    well it converged (op and twin get the same one), but the public functions NaN the Hessian terms of a
+    spectrum whose σ1, σ2 are not resolved beyond their residuals (``Spectrum.degenerate``): init-like
+    matrices (σ1/σ2 ≈ 1.01) need a few hundred cold sweeps for that."""
+    return lipfast.spectrum(W, k=K, iters=300, tol=1e-6)
 
 
 class _Case:

@@ -176,7 +176,7 @@ def run_case(name: str, args, min_run_time: float) -> list[H.Result]:
     impls.append(variant("tracked", "rank 8, every step", rank=8))
     impls.append(variant("tracked every=10", "mean over steps", rank=8, every=10))
     impls.append(variant("reference-tracked", "same algorithm, plain torch", rank=8, implementation="reference"))
-    if not (args.quick and name != "mlp"):
+    if not args.quick:
         impls.append(variant("naive", "vmap(grad) + full SVD", naive=True))
     impls += peer_routes(model, X, y)
     config = H.Config(name=f"{name} B={X.shape[0]}", params={"batch": X.shape[0]})

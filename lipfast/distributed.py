@@ -85,6 +85,7 @@ __all__ = ["DistributedRunError", "StepBucket", "TrackerGroup", "attach", "run_c
 # real difference between models.
 SPREAD_RTOL = 1e-6
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+FAILURE_GRACE = 5.0  # seconds the other ranks get to end on their own after one failed
 
 # Columns of one layer's row in the step bucket.
 (_N, _S1, _S2, _H, _HLO, _HHI, _NONFINITE, _HAS_N, _SIG_CNT, _SIG, _SIG2, _INV_N, _S1_INV_N, _NK, _NKK,
@@ -424,14 +425,26 @@ def spawn(fn: Callable, nproc: int, *args, device: str | torch.device = "cpu", k
         ctx = mp.start_processes(_entry, args=(nproc, str(tmp), str(device), pg_timeout, fn, args, kwargs or {}),
                                  nprocs=nproc, join=False, start_method="spawn")
         try:
-            while not ctx.join(timeout=0.2):
-                if deadline is not None and time.monotonic() > deadline:
+            # When a rank fails, the others usually fail soon after on their own (a closed connection, the
+            # start-up agreement) and close their files; those still running after FAILURE_GRACE seconds
+            # are stopped (SIGTERM) by ProcessContext.join.
+            failed_at = None
+            while not all(p.exitcode is not None for p in ctx.processes):
+                now = time.monotonic()
+                if failed_at is None and any(p.exitcode not in (None, 0) for p in ctx.processes):
+                    failed_at = now
+                if failed_at is not None and now - failed_at > FAILURE_GRACE:
+                    break
+                if deadline is not None and now > deadline:
                     for p in ctx.processes:
                         if p.is_alive():
                             p.terminate()
                     for p in ctx.processes:
                         p.join(5)
                     raise DistributedRunError(f"the {nproc} ranks did not finish within {timeout:g} s; stopped them")
+                time.sleep(0.05)
+            while not ctx.join(timeout=1.0):
+                pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             raise _root_cause(tmp, nproc, exc, passthrough) from None
         result = tmp / "result.pkl"

@@ -432,8 +432,11 @@ def conv2d_projections(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size:
     return xvec, yvec.reshape(B, n)
 
 
-def contract_projections(spec: Spectrum, xvec: Tensor, yvec: Tensor, impl=ops) -> PerSample:
-    """Per-sample statistics from ``x_i = G_i v1 [B, m]`` and ``y_i = G_iᵀ u1 [B, n]``."""
-    value, lo, hi = _nan_if(spec.degenerate, *_contract(spec, xvec, yvec, impl))
+def contract_projections(spec: Spectrum, xvec: Tensor, yvec: Tensor, impl=ops, mask: bool = True) -> PerSample:
+    """Per-sample statistics from ``x_i = G_i v1 [B, m]`` and ``y_i = G_iᵀ u1 [B, n]``. ``mask=False``
+    skips the NaN masking of a degenerate spectrum (the tracker applies its own gap tolerance)."""
+    value, lo, hi = _contract(spec, xvec, yvec, impl)
+    if mask:
+        value, lo, hi = _nan_if(spec.degenerate, value, lo, hi)
     proj = xvec.to(torch.float64) @ spec.U64[:, 0]
     return PerSample(proj, value, lo, hi, degenerate=spec.degenerate)

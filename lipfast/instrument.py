@@ -185,7 +185,8 @@ class LayerCapture:
             xv, yv = conv2d_projections(spec, x.to(dtype), d.to(dtype), *self.geometry)
             xvec = xv if xvec is None else xvec + xv
             yvec = yv if yvec is None else yvec + yv
-        ps = contract_projections(spec, xvec, yvec, self.owner.impl)
+        # The tracker flags degenerate steps with its own tolerances (gap_tol, step_tol), as for Linear.
+        ps = contract_projections(spec, xvec, yvec, self.owner.impl, mask=False)
         return ps.proj, ps.hess, ps.hess_lo, ps.hess_hi
 
     def take_stats(self):

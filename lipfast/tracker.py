@@ -331,21 +331,26 @@ class Tracker:
                     x_before=spec.S[0] * spec.U64[:, 0], y_before=spec.Wt_u1)
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
-        if self._inflight is not None:
-            self._reduce_all()
-        if self._pending:
-            with torch.no_grad():
-                rows = [self._record(self.captures[name], p) for name, p in self._pending.items()]
+        try:
+            if self._inflight is not None:
+                self._reduce_all()
+            if self._pending:
+                with torch.no_grad():
+                    rows = [self._record(self.captures[name], p) for name, p in self._pending.items()]
+                self._pending.clear()
+                if self._records_here:
+                    net = self._network_record(rows)
+                    if self.keep_records:
+                        self.records.extend(rows)
+                        self.network.append(net)
+                    if self.on_record is not None:
+                        self.on_record(rows, net)
+        finally:
+            # The optimizer step happened whatever an on_record callback (or on_nonfinite="raise") raised:
+            # count it, so the next step is numbered on instead of repeating this one's step index.
             self._pending.clear()
-            if self._records_here:
-                net = self._network_record(rows)
-                if self.keep_records:
-                    self.records.extend(rows)
-                    self.network.append(net)
-                if self.on_record is not None:
-                    self.on_record(rows, net)
-        self._logged = {}
-        self.step += 1
+            self._logged = {}
+            self.step += 1
 
     # -- records ---------------------------------------------------------------------------------
     def _record(self, cap: LayerCapture, p: dict) -> dict:

@@ -231,7 +231,7 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.RunContext | None, *
             if main:
                 _check_resume_config(config, runio.load_run(out).config, out)
             if checkpoint.is_file():
-                state = torch.load(checkpoint, map_location=device, weights_only=True)
+                state = _load_checkpoint(checkpoint, device)
         # Data (and the options that depend on it) before the run folder is touched: a bad dataset or
         # batch size must not leave a half-made run behind that a corrected rerun then trips over.
         ds, y_train = _load_data(config)
@@ -402,6 +402,35 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
         loss = float(nn.functional.cross_entropy(logits, y))
         acc = float((logits.argmax(1) == y).float().mean())
     return acc, loss
+
+
+_CHECKPOINT_KEYS = ("step", "model", "optimizer", "tracker", "rng")
+
+
+def _load_checkpoint(path: Path, device) -> dict:
+    """The checkpoint as :func:`_save_checkpoint` wrote it, loaded with ``weights_only=True`` (tensors and plain
+    containers only: a pickle that would run code is refused, never executed). Anything else, whether refused,
+    corrupt or of another shape, is a :class:`runio.RunFolderError` naming the file."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4" of a foreign file: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise runio.RunFolderError(f"cannot resume from {path}: it holds objects other than tensors and plain "
+                                   "containers, which lipfast refuses to unpickle (torch.load weights_only=True); "
+                                   "it is not a lipfast checkpoint and may be malicious") from None
+    except Exception as exc:  # noqa: BLE001 - RuntimeError (not a zip archive), EOFError, ...
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise runio.RunFolderError(f"cannot resume from {path}: it does not load as a lipfast checkpoint "
+                                   f"({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise runio.RunFolderError(f"cannot resume from {path}: not a lipfast checkpoint (expected the keys "
+                                   f"{list(_CHECKPOINT_KEYS)}, got {got})")
+    return state
 
 
 def _save_checkpoint(out: Path, model, opt, tracker: Tracker, step: int) -> None:
