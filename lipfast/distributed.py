@@ -84,6 +84,8 @@ __all__ = ["DistributedRunError", "StepBucket", "TrackerGroup", "attach", "run_c
 # above float64 summation rounding (~1e-16·R) and float32 kernel nondeterminism (~1e-7), far below any
 # real difference between models.
 SPREAD_RTOL = 1e-6
+# Collectives (and the rendezvous) of the process groups lipfast creates give up after this long; the
+# environment variable LIPFAST_PG_TIMEOUT (seconds) overrides it, e.g. for tests that must never hang.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 FAILURE_GRACE = 5.0  # seconds the other ranks get to end on their own after one failed
 
@@ -335,8 +337,20 @@ class RunContext:
         return self.rank == 0
 
 
+def _pg_timeout(seconds: float | None = None) -> datetime.timedelta:
+    if seconds is None and os.environ.get("LIPFAST_PG_TIMEOUT"):
+        seconds = float(os.environ["LIPFAST_PG_TIMEOUT"])
+    return DEFAULT_TIMEOUT if seconds is None else datetime.timedelta(seconds=seconds)
+
+
 def _backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def in_process_group() -> bool:
+    """Whether this process is a rank of a process group, running or described by torchrun's environment."""
+    dist = _dist()
+    return (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def run_context(device: str | torch.device) -> RunContext | None:
@@ -354,7 +368,7 @@ def run_context(device: str | torch.device) -> RunContext | None:
             return None
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(_backend(device), init_method="env://", timeout=DEFAULT_TIMEOUT)
+        dist.init_process_group(_backend(device), init_method="env://", timeout=_pg_timeout())
         owns = True
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -406,6 +420,8 @@ def spawn(fn: Callable, nproc: int, *args, device: str | torch.device = "cpu", k
 
     The group uses gloo (CPU) or nccl (``device`` on CUDA: rank r on ``cuda:r``) and rendezvous through a
     file in a temporary folder (no port). ``fn`` must be picklable by reference (a module-level function).
+    ``timeout``: seconds for the whole run (None: no limit); ``pg_timeout``: seconds after which a
+    collective gives up (default: ``LIPFAST_PG_TIMEOUT`` from the environment, else 10 minutes).
 
     Raises:
         DistributedRunError: a rank failed (the message names the first failing rank and its error; the
@@ -464,9 +480,8 @@ def _entry(rank: int, nproc: int, tmp: str, device: str, pg_timeout, fn, args, k
     try:
         if device.type == "cuda":
             torch.cuda.set_device(rank)
-        timeout = DEFAULT_TIMEOUT if pg_timeout is None else datetime.timedelta(seconds=pg_timeout)
         dist.init_process_group(_backend(device), init_method=Path(tmp, "rendezvous").resolve().as_uri(),
-                                rank=rank, world_size=nproc, timeout=timeout)
+                                rank=rank, world_size=nproc, timeout=_pg_timeout(pg_timeout))
         result = fn(*args, **kwargs)
         if rank == 0:
             Path(tmp, "result.pkl").write_bytes(pickle.dumps(result))

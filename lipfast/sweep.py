@@ -367,24 +367,19 @@ def run_sweep(factor: str, values: Sequence | None, base, out: str | os.PathLike
             say(_done_line(i, n, p, out, seconds[p.rel_path]))
     else:
         import multiprocessing
-        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
         with ProcessPoolExecutor(max_workers=min(jobs, n), mp_context=ctx) as pool:
             futures = {pool.submit(_train_one, job): p for p, job in zip(todo, job_list)}
-            pending = set(futures)
-            i = 0
             try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for f in done:
-                        p = futures[f]
-                        seconds[p.rel_path] = f.result()  # re-raises a run's error
-                        i += 1
-                        say(_done_line(i, n, p, out, seconds[p.rel_path]))
+                for i, f in enumerate(as_completed(futures), 1):
+                    p = futures[f]
+                    seconds[p.rel_path] = f.result()  # re-raises a run's error
+                    say(_done_line(i, n, p, out, seconds[p.rel_path]))
             except BaseException:
-                for f in pending:
-                    f.cancel()
+                for f in futures:
+                    f.cancel()  # runs not started yet; the running ones finish (their folders stay resumable)
                 raise
     wall = time.perf_counter() - started
     runio.write_json_atomic(out / SWEEP_FILE, {**spec, "finished": True, "wall_seconds": wall,
@@ -393,11 +388,19 @@ def run_sweep(factor: str, values: Sequence | None, base, out: str | os.PathLike
 
 
 def _same_config(path: Path, cfg) -> bool:
+    """Whether the run in ``path`` was started with ``cfg``'s options. An option the stored config lacks
+    (a run from a lipfast that did not have it yet) counts as equal when ``cfg`` has its default value."""
+    from .train import TrainConfig
+
     try:
-        meta = json.loads((path / runio.CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        stored = json.loads((path / runio.CONFIG_FILE).read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
         return False
-    return meta.get("config") == _config_json(cfg)
+    if not isinstance(stored, dict):
+        return False
+    planned = _config_json(cfg)
+    defaults = _config_json(TrainConfig())
+    return all(stored[k] == v if k in stored else v == defaults.get(k) for k, v in planned.items())
 
 
 def _done_line(i: int, n: int, p: PlannedRun, out: Path, seconds: float) -> str:
@@ -618,7 +621,14 @@ def spread_analysis(run_dirs: Sequence[str | os.PathLike], *, n_paths: int = 409
     * ``coverage_centred``: the same band shape moved onto the across-run mean at each step, all runs
       counted (about the band's nominal mass if the spread is right);
     * ``std_observed`` / ``std_sde``: across-run standard deviation and the SDE's at the last step, and
-      their ``ratio``; ``ratio_median`` over the second half of the run.
+      their ``ratio``; ``ratio_median`` over the second half of the run;
+    * ``std_epochs`` / ``ratio_epochs``: the SDE's independent increments assume batches drawn with
+      replacement, but the runs draw each epoch as a permutation, so at fixed weights the batch noises of
+      an epoch sum to zero (pairwise covariance −v/(M−1) for M batches per epoch) and after k batches of
+      an epoch the accumulated noise has variance v·k(M−k)/(M−1) instead of k·v. ``std_epochs`` is that
+      prediction (v = the first run's (ii) averaged over each epoch) at the last step, and
+      ``ratio_epochs`` the RMS of the observed across-run standard deviation over the second half of the
+      run divided by the RMS of this prediction (``ratio_rms`` the same against the plain SDE).
 
     Args:
         run_dirs: two or more run folders with the same steps (every step tracked).
@@ -636,6 +646,9 @@ def spread_analysis(run_dirs: Sequence[str | os.PathLike], *, n_paths: int = 409
     runs = [runio.load_run(d) for d in run_dirs]
     sim = analysis.simulate_run(runs[0], n_paths=n_paths, seed=seed, quantiles=quantiles)
     trajs = [run_trajectories(r) for r in runs]
+    n_train = (runs[0].summary or {}).get("n_train")
+    batch = runs[0].config.get("batch_size")
+    per_epoch = int(n_train) // int(batch) if n_train and batch else 0
     q_lo, q_hi = sim["quantiles"]
     z = NormalDist().inv_cdf(q_hi)
     mass = q_hi - q_lo
@@ -660,6 +673,9 @@ def spread_analysis(run_dirs: Sequence[str | os.PathLike], *, n_paths: int = 409
         half = slice(length // 2, length)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio_t = np.where(std > 0, sd_obs / std, np.nan)
+        var = np.maximum(np.nan_to_num(_diffusion_series(runs[0], name)[: length - 1]), 0.0)
+        std_ep = _epoch_std(var, per_epoch) if per_epoch >= 2 else np.full(length, math.nan)
+        rms = lambda a: float(np.sqrt(np.nanmean(a[half] ** 2)))  # noqa: E731
         series_out[name] = {
             "coverage_others": float(inside.mean()) if inside.size else math.nan,
             "coverage_centred": float(inside_c.mean()) if inside_c.size else math.nan,
@@ -667,12 +683,35 @@ def spread_analysis(run_dirs: Sequence[str | os.PathLike], *, n_paths: int = 409
             "std_sde": float(std[-1]),
             "ratio": float(sd_obs[-1] / std[-1]) if std[-1] > 0 else math.nan,
             "ratio_median": float(np.nanmedian(ratio_t[half])) if np.isfinite(ratio_t[half]).any() else math.nan,
+            "ratio_rms": rms(sd_obs) / rms(std) if rms(std) > 0 else math.nan,
+            "std_epochs": float(std_ep[-1]),
+            "ratio_epochs": rms(sd_obs) / rms(std_ep) if rms(std_ep) > 0 else math.nan,
+            "steps_per_epoch": per_epoch,
             "n_points": int(inside.size),
         }
         paths[name] = {"steps": trajs[0][name]["steps"][:length], "runs": obs, "mean": mean, "lo": lo,
-                       "hi": hi, "std": std}
+                       "hi": hi, "std": std, "std_observed": sd_obs, "std_epochs": std_ep}
     return {"reference": str(runs[0].path), "n_runs": len(runs), "quantiles": [q_lo, q_hi],
             "band_mass": mass, "expected_coverage_others": expected, "series": series_out, "paths": paths}
+
+
+def _diffusion_series(run: runio.Run, name: str) -> np.ndarray:
+    rows = _sorted_rows(run.network) if name == NETWORK else _layer_groups(run)[name]
+    return _col(rows, "diffusion_var")
+
+
+def _epoch_std(var: np.ndarray, per_epoch: int) -> np.ndarray:
+    """[T+1] standard deviation of the noise accumulated since the start when each epoch's M batches are a
+    permutation of the data: v̄_e·k(M−k)/(M−1) after k batches of epoch e (earlier epochs sum to zero)."""
+    T = len(var)
+    out = np.zeros(T + 1)
+    M = per_epoch
+    for t in range(1, T + 1):
+        e, k = divmod(t, M)
+        seg = var[e * M: min((e + 1) * M, T)] if k else var[(e - 1) * M: e * M]
+        vbar = float(seg.mean()) if seg.size else 0.0
+        out[t] = math.sqrt(vbar * k * (M - k) / (M - 1)) if k else 0.0
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -828,10 +867,12 @@ def _markdown(spec: dict, groups: list, layers: list[str], table: dict, fits: di
                   f"{spread['n_runs']} runs. Expected coverage of the other runs if the SDE is right: "
                   f"{spread['expected_coverage_others']:.3f} (the band's centre carries the first run's noise).", "",
                   "| series | coverage (others) | coverage (centred on mean) | std observed (end) | "
-                  "std SDE (end) | ratio | median ratio (2nd half) |", "|---|---|---|---|---|---|---|"]
+                  "std SDE (end) | ratio | median ratio (2nd half) | std SDE, epoch sampling (end) | "
+                  "RMS ratio vs epoch sampling (2nd half) |", "|---|---|---|---|---|---|---|---|---|"]
         for name, s in spread["series"].items():
             lines.append(f"| `{name}` | {s['coverage_others']:.3f} | {s['coverage_centred']:.3f} | "
-                         f"{s['std_observed']:.3g} | {s['std_sde']:.3g} | {s['ratio']:.2f} | {s['ratio_median']:.2f} |")
+                         f"{s['std_observed']:.3g} | {s['std_sde']:.3g} | {s['ratio']:.2f} | {s['ratio_median']:.2f} | "
+                         f"{s['std_epochs']:.3g} | {s['ratio_epochs']:.2f} |")
     lines += ["", "Quantities:", ""]
     for q, d in NETWORK_QUANTITIES.items():
         lines.append(f"- network `{q}`: {d}")

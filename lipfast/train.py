@@ -261,7 +261,7 @@ def _check_parallel(config: TrainConfig, nproc: int) -> None:
 def _train_spawned(config: TrainConfig, out, nproc: int, **kwargs) -> Path:
     """``train(..., nproc=N)``: N local ranks, each running :func:`train` in one process group."""
     _check_parallel(config, nproc)
-    if distributed.run_context(config.device) is not None:
+    if distributed.in_process_group():
         raise ConfigError("nproc > 1 inside a process group that is already running (torchrun?): launch the ranks "
                           "one way only")
     if torch.device(config.device).type == "cuda" and nproc > torch.cuda.device_count():

@@ -57,6 +57,7 @@ class Sizes:
     label_noise: tuple = (0.0, 0.2, 0.4, 0.6)
     init_scales: tuple = (0.5, 1.0, 2.0)
     weight_decays: tuple = (0.03, 0.1, 0.3)
+    wd_noise: float = 0.4  # label noise of the second weight-decay sweep
     sde_paths: int = 2048
     n_samples: int | None = None
     window: int = 50  # steps per window of the windowed statistics
@@ -65,7 +66,7 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(long=60, mid=40, short=30, cnn=30, seeds=2, data_seeds=3, widths=(32, 32), cnn_widths=(4, 4),
-              batch_sizes=(8, 32), label_noise=(0.0, 0.4), init_scales=(0.5, 2.0), weight_decays=(0.1,),
+              batch_sizes=(8, 32), label_noise=(0.0, 0.4), init_scales=(0.5, 2.0), weight_decays=(0.1,), wd_noise=0.4,
               sde_paths=256, n_samples=800, window=10, late=20)
 
 
@@ -233,6 +234,7 @@ def run_all(st: Study) -> None:
     st.sweep("data-seed", "data_seed", None, st.base(steps=s.mid, test_fraction=0.002, sde_paths=4 * s.sde_paths),
              s.data_seeds)
     st.sweep("weight-decay", "weight_decay", list(s.weight_decays), st.base(), s.seeds)
+    st.sweep("weight-decay-noisy", "weight_decay", list(s.weight_decays), st.base(label_noise=s.wd_noise), s.seeds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,14 +308,24 @@ def claim_pathwise(st: Study) -> str:
 
 
 def _pathwise_comment(models) -> str:
-    arrays = [layer_arrays(r) for r in models[0][1]]
-    name = list(arrays[0])[0]
+    worst, where = -1.0, None
+    for model, runs, _ in models:
+        arrays = [layer_arrays(r) for r in runs]
+        for name in arrays[0]:
+            rel = np.mean([abs(fsum(a[name]["delta_pred"]) - (a[name]["sigma_next"][-1] - a[name]["sigma"][0]))
+                           / abs(a[name]["sigma_next"][-1] - a[name]["sigma"][0]) for a in arrays])
+            if rel > worst:
+                worst, where = rel, (model, name, arrays)
+    model, name, arrays = where
     over = [fsum(a[name]["delta_pred"]) - (a[name]["sigma_next"][-1] - a[name]["sigma"][0]) for a in arrays]
-    return (f"Where a residual is visible it is the first layer of the MLP, whose spectral gap at initialisation "
-            f"is the smallest relative to the step size; there the second-order expansion "
-            f"{'over' if np.mean(over) > 0 else 'under'}-predicts the change by {ms(over)} (σ units), almost all "
-            "of it in the first steps (see §1b): when ‖ΔW‖₂ is comparable to σ₁ − σ₂ the true change of the norm "
-            "grows slower than the quadratic term.")
+    early = [fsum(a[name]["delta_pred"][:100] - a[name]["delta_obs"][:100]) for a in arrays]
+    return (f"The largest residual is in {model} layer `{name}`, where Σ δ_pred "
+            f"{'over' if np.mean(over) > 0 else 'under'}-shoots the observed change by {ms(over)} at the end "
+            f"(σ units; {ms(early)} after the first 100 steps, where the spectral gaps are smallest compared with "
+            "the steps, §1b): the expansion's error is third order per step but does not average out, since it "
+            "has a sign (the quadratic term overstates the norm's growth when the step is not small against "
+            "σ₁ − σ₂). The second-order share column shows how much a first-order, gradient-flow-only account of "
+            "σ would miss: most of the first layer's growth.")
 
 
 def claim_degenerate(st: Study, models) -> str:
@@ -330,11 +342,13 @@ def claim_degenerate(st: Study, models) -> str:
         names = list(arrays[0])
         for j, name in enumerate(names):
             gap0, frac, first, last, tr_from, cl_from, e_flag, e_ok, same = [], [], [], [], [], [], [], [], []
+            by_gap = []
             rho_all = []
             for a, f in zip(arrays, flags):
                 d, fl = a[name], f[name]
                 same.append(np.array_equal(d["sigma"], fl["sigma"]))
                 deg = fl["degenerate"] > 0
+                by_gap.append(int((deg & (fl["gap"] < 1e-3)).sum()))
                 gap0.append(d["gap"][0])
                 frac.append(deg.mean())
                 first.append(deg[:100].mean())
@@ -357,7 +371,8 @@ def claim_degenerate(st: Study, models) -> str:
             lines.append(f"| {model} | {layer_label(name, arrays[0])} | {ms(gap0, 2)} | {ms(frac, pct=True)} | "
                          f"{ms(first, pct=True)} | {ms(last, pct=True)} | {ms(tr_from)} | {ms(cl_from)} | "
                          f"{ms(e_flag, pct=True)} | {ms(e_ok, pct=True)} |")
-            summary.append((model, name, np.mean(frac), np.mean(cl_from), np.mean(tr_from)))
+            summary.append((model, name, np.mean(frac), np.mean(cl_from), np.mean(tr_from), np.mean(last),
+                            np.nanmean(e_flag), np.nanmean(e_ok), sum(by_gap), np.mean(gap0)))
             if model == "MLP" and j < 3:
                 d, fl = arrays[0][name], flags[0][name]
                 ax = axes[0][j]
@@ -379,12 +394,17 @@ def claim_degenerate(st: Study, models) -> str:
     axes[0][0].legend(fontsize=6)
     fig_path = st.save(fig, "degenerate.png")
     mlp = [x for x in summary if x[0] == "MLP"]
-    st.verdicts.append(("§1b degenerate steps", "the default `step_tol` flags "
-                        + ", ".join(f"{m} {n}: {f:.0%}" for m, n, f, _, _ in summary)
+    n_gap = sum(x[8] for x in summary)
+    flagged = [x for x in summary if x[2] > 0]
+    persist = [x for x in flagged if x[5] > 0]
+    comparable = [x for x in flagged if math.isfinite(x[6]) and math.isfinite(x[7])]
+    small_err = [x for x in comparable if x[6] < 3 * max(x[7], 1e-12) or x[6] < 0.05]
+    st.verdicts.append(("§1b degenerate steps", "the default tolerances flag "
+                        + ", ".join(f"{x[0]} `{x[1]}`: {x[2]:.0%}" for x in summary)
                         + " of the steps (tracker reliable from step "
-                        + ", ".join(f"{t:.0f}" for _, _, _, _, t in summary)
+                        + ", ".join(f"{x[4]:.0f}" for x in summary)
                         + "); the measured second-order closure is within ±10% from step "
-                        + ", ".join(f"{c:.0f}" for _, _, _, c, _ in summary) + "."))
+                        + ", ".join(f"{x[3]:.0f}" for x in summary) + "."))
     text = [
         "### 1b. Degenerate steps: what the tracker reports, and from when the decomposition is reliable",
         "",
@@ -402,21 +422,31 @@ def claim_degenerate(st: Study, models) -> str:
         "",
         *lines,
         "",
-        "What this shows: at initialisation the relative gaps are small (Gaussian-like weights, σ₁/σ₂ close to "
-        "1), but none is below `gap_tol`: every flag comes from the step criterion ‖ΔW‖₂ > ½(σ₁−σ₂). At "
-        "lr 0.05 that criterion fires on "
-        + ", ".join(f"{m} layer {n}: {f:.0%}" for m, n, f, _, _ in summary)
-        + " of the steps, and keeps firing until the end of the run, because the gaps stay of the order of one "
-        "SGD step. The measured closure says the expansion is much better than that: the per-step error on "
-        "flagged steps is of the same order as on unflagged ones, and the second-order term closes the budget "
-        "to within ±10% from step "
-        + ", ".join(f"{int(c)}" for _, _, _, c, _ in mlp)
-        + " on (MLP layers, mean over seeds). That is why the other experiments use `step_tol` off: with the "
-        "default flags most steps would carry NaN forces, the cumulative forces would miss most of the run, "
-        "and every SDE band would collapse onto the observed path (coverage 100% by construction). "
-        "The default `step_tol` = 0.5 is therefore conservative by a wide margin for these networks; a "
-        "tolerance tied to the measured closure (or reporting the terms with the flag instead of NaN) would "
-        "lose less.",
+        "What this shows. At initialisation the relative gaps are small (Gaussian-like weights: σ₁/σ₂ close to 1; "
+        "gap₀ column). "
+        + (f"No step has a relative gap below `gap_tol`: every flag comes from the step criterion "
+           "‖ΔW‖₂ > ½(σ₁ − σ₂). " if n_gap == 0 else
+           f"{n_gap} flagged layer-steps have a relative gap below `gap_tol`; the others come from the step "
+           "criterion ‖ΔW‖₂ > ½(σ₁ − σ₂). ")
+        + "At lr 0.05 the flags cover "
+        + ", ".join(f"{x[0]} `{x[1]}`: {x[2]:.0%}" for x in summary)
+        + " of the steps"
+        + (f", and in {len(persist)} of the {len(flagged)} flagged layers they persist into the last 100 steps, "
+           "because the gap stays of the order of one SGD step." if persist else
+           ", all of them early in the run.")
+        + " The measured closure is much better than the flags suggest: "
+        + (f"in {len(small_err)} of the {len(comparable)} layers with both kinds of step the per-step error "
+           "Σ|δ_obs − δ_pred| / Σ|δ_obs| on flagged steps is within 3× of (or below 5%) that on unflagged steps, "
+           if comparable else "")
+        + "and the second-order term closes the budget to within ±10% from step "
+        + ", ".join(f"{x[3]:.0f}" for x in summary)
+        + " on (same order as the rows; mean over seeds), while the tracker's flags would call the "
+        "decomposition reliable only from step "
+        + ", ".join(f"{x[4]:.0f}" for x in summary)
+        + ". That is why the other experiments run with `step_tol` off: with the default flags the forces are "
+        "NaN on every flagged step, the cumulative forces miss that part of the run, and the SDE band advances "
+        "by the observed increment there (no noise), which inflates its coverage. A `step_tol` calibrated on "
+        "the measured closure, or reporting the terms together with the flag instead of NaN, would lose less.",
     ]
     return "\n".join(text)
 
@@ -432,7 +462,7 @@ def claim_batch(st: Study) -> str:
     fits = res["fits"]
     layers = res["layers"]
     table = res["table"]
-    lines = ["| series | exponent of per-step Itô (iii) | exponent of per-step diffusion (ii) | "
+    lines = ["| series | exponent of per-step Itô (iii), whole run | of diffusion (ii), whole run | "
              "B · mean Itô at B = " + ", ".join(str(b) for b in s.batch_sizes) + " |", "|---|---|---|---|"]
     fig, axes = figure(1, 2, w=3.6, h=2.8)
     cs = colors(len(layers))
@@ -451,6 +481,18 @@ def claim_batch(st: Study) -> str:
                         label=f"layer {name}: slope {f['exponent']:.2f}")
             b = np.array(s.batch_sizes, dtype=float)
             ax.plot(b, m[0] * (b / b[0]) ** f["exponent"], color=c, lw=0.8)
+    # the same law at (nearly) the same weights: the first k0 steps of every run start from the same init
+    k0 = 20
+    at_init = {}
+    for name in layers:
+        xs, yi, yd = [], [], []
+        for b in s.batch_sizes:
+            for r in st.runs("batch-size", b):
+                d = layer_arrays(r)[name]
+                xs.append(b)
+                yi.append(fmean(d["ito"][:k0]))
+                yd.append(fmean(d["diffusion_var"][:k0]))
+        at_init[name] = (sweep.loglog_slope(xs, yi), sweep.loglog_slope(xs, yd))
     fn = fits["mean_diffusion_var:network"]
     lines.append(f"| network log K | (log-space Itô mixes (iii)/σ and −½(ii)/σ²) | {fn['exponent']:.2f} ± "
                  f"{fn['stderr']:.2f} (R² {fn['r2']:.2f}) | |")
@@ -462,11 +504,18 @@ def claim_batch(st: Study) -> str:
         ax.legend(fontsize=6)
         ax.tick_params(labelsize=7)
     fig_path = st.save(fig, "batch_size.png")
+    init_lines = [f"| layer `{n}` | {a.get('exponent'):.2f} ± {a.get('stderr'):.2f} | {b.get('exponent'):.2f} ± "
+                  f"{b.get('stderr'):.2f} |" for n, (a, b) in at_init.items()]
+    worst_init = max(max(abs(a["exponent"] + 1), abs(b["exponent"] + 1)) for a, b in at_init.values())
     verdict = "**Matches.**" if worst < 0.2 else ("**Roughly matches.**" if worst < 0.35 else "**Does not match.**")
-    st.verdicts.append(("§2 batch size", f"{verdict} Log-log exponents of the per-step Itô / diffusion terms: "
+    if worst >= 0.2 and worst_init < 0.2:
+        verdict = "**Matches at fixed weights; over whole runs only roughly.**"
+    st.verdicts.append(("§2 batch size", f"{verdict} Log-log exponents of the per-step Itô / diffusion terms over "
+                        "whole runs: "
                         + "; ".join(f"layer {n}: {fits[f'mean_ito:{n}']['exponent']:.2f} / "
                                     f"{fits[f'mean_diffusion_var:{n}']['exponent']:.2f}" for n in layers)
-                        + " (SDE: −1)."))
+                        + f" (SDE: −1); over the first {k0} steps, at nearly the same weights: "
+                        + "; ".join(f"{a['exponent']:.2f} / {b['exponent']:.2f}" for a, b in at_init.values()) + "."))
     text = [
         "## 2. Batch size: the noise terms scale like 1/B at fixed learning rate",
         "",
@@ -481,11 +530,22 @@ def claim_batch(st: Study) -> str:
         "",
         *lines,
         "",
-        f"{verdict} The largest deviation of a layer's exponent from −1 is {worst:.2f}. "
-        "The per-sample covariance Σ₁ is itself measured along each run, and runs with different B visit "
-        "slightly different weights (smaller batches train noisier), so the law holds for the per-step terms "
-        "as measured, not just by construction of the estimator: the B · mean-Itô column would be constant "
-        "under an exact 1/B law.",
+        f"{verdict} The largest deviation of a layer's whole-run exponent from −1 is {worst:.2f}. The 1/B law "
+        "is a statement at fixed weights (Σ_B = Σ₁/B with the same Σ₁), while runs with different B visit "
+        "different weights: the per-sample covariance Σ₁ is measured along each run, so the whole-run exponents "
+        "also carry how Σ₁ (projected on J and H) depends on where each run went (the B · mean-Itô column would "
+        "be constant under an exact law). Restricted to the first "
+        f"{k0} steps, where every run is still near the same initialisation (same seeds for every B):",
+        "",
+        f"| series | exponent of Itô (iii), first {k0} steps | of diffusion (ii), first {k0} steps |",
+        "|---|---|---|",
+        *init_lines,
+        "",
+        f"there the exponents are within {worst_init:.2f} of −1"
+        + (" (each a single mini-batch estimate per step, hence the error bars). " if worst_init < 0.2 else ". ")
+        + ("The deviation over the whole run is therefore a property of the trajectories (for the first layer, "
+           "the per-sample gradients' projection on its top singular pair grows more in the larger-batch runs), "
+           "not of the 1/B scaling of the noise terms." if worst >= 0.2 and worst_init < 0.2 else ""),
     ]
     return "\n".join(text)
 
@@ -580,9 +640,12 @@ def claim_label_noise(st: Study) -> str:
         + "; total growth over the run: "
         + ", ".join(f"{v:g}: {stats[v]['growth']:.3f}" for v in values)
         + ("." if mono_total else
-           " — the total growth is *not* monotone in the noise: clean labels let the gradient-flow term raise "
-           "the bound quickly in the first epoch, noisy labels slow that early fit down, so within a run of this "
-           "length the ordering of the late-phase growth rate and of the total growth differ."),
+           (" — the *total* growth over the run decreases with the noise: clean labels let the gradient-flow "
+            "term raise the bound quickly in the first epochs (early slope column), noisy labels slow that early "
+            "fit down; what grows with the noise is the late, noise-driven rate. "
+            if all(b < a for a, b in zip(growth_order, growth_order[1:])) else
+            " — the total growth over the run is not monotone in the noise. ")
+           + "Within these runs the noisier networks do not catch up with the clean one's bound."),
     ]
     return "\n".join(text)
 
@@ -625,37 +688,68 @@ def claim_init(st: Study) -> str:
         ax.legend(fontsize=6)
         ax.tick_params(labelsize=7)
     fig_path = st.save(fig, "init_scale.png")
+    # SDE coefficient scaling at initialisation: per-layer terms over the first steps against the scale
+    k0 = 10
+    scal = ["| layer | exponent of |(i)| (predicted 2) | of (ii) (predicted 4) | of (iii) (predicted 3) |",
+            "|---|---|---|---|"]
+    exps = []
+    names = list(layer_arrays(st.runs("init-scale", values[0])[0]))
+    for name in names:
+        xs, yi, yii, yiii = [], [], [], []
+        for v in values:
+            for r in st.runs("init-scale", v):
+                d = layer_arrays(r)[name]
+                xs.append(v)
+                yi.append(abs(fmean(d["drift"][:k0])))
+                yii.append(fmean(d["diffusion_var"][:k0]))
+                yiii.append(fmean(d["ito"][:k0]))
+        f1, f2, f3 = (sweep.loglog_slope(xs, y) for y in (yi, yii, yiii))
+        exps.append((f1["exponent"], f2["exponent"], f3["exponent"]))
+        scal.append(f"| `{name}` | {f1['exponent']:.2f} ± {f1['stderr']:.2f} | {f2['exponent']:.2f} ± "
+                    f"{f2['stderr']:.2f} | {f3['exponent']:.2f} ± {f3['stderr']:.2f} |")
+    dev = max(max(abs(e[1] - 4), abs(e[2] - 3)) for e in exps)
     gr = [st_[v]["growth"] for v in values]
     ito = [st_[v]["ci"] for v in values]
     dec = all(b < a for a, b in zip(gr, gr[1:]))
     ito_dec = all(b < a for a, b in zip(ito, ito[1:]))
-    st.verdicts.append(("§4 init scale", ("**Matches the SDE's scaling**" if (dec and ito_dec) else "**Observation**")
-                        + ": log K growth " + ", ".join(f"×{v:g}: {st_[v]['growth']:.2f}" for v in values)
-                        + "; Σ Itô of log K " + ", ".join(f"×{v:g}: {st_[v]['ci']:.3f}" for v in values) + "."))
+    st.verdicts.append(("§4 init scale", ("**Matches**" if dev < 0.5 else ("**Roughly matches**" if dev < 1.0
+                                                                         else "**Does not match**"))
+                        + " the predicted scaling of the initial coefficients ((ii), (iii) exponents "
+                        + "; ".join(f"`{n}`: {e[1]:.1f}, {e[2]:.1f}" for n, e in zip(names, exps))
+                        + " vs 4, 3); log K growth over the run "
+                        + ", ".join(f"×{v:g}: {st_[v]['growth']:.2f}" for v in values) + "."))
     text = [
         "## 4. Initialisation scale: growth of log K and of each force",
         "",
         f"MLP, every Linear weight multiplied by {', '.join(f'{v:g}' for v in values)} after PyTorch's default "
-        f"initialisation, lr 0.05, batch 32, {s.mid} steps, {s.seeds} seeds. Forces of log K summed over the run.",
+        f"initialisation (biases untouched), lr 0.05, batch 32, {s.mid} steps, {s.seeds} seeds. Forces of log K "
+        "summed over the run.",
         "",
         f"![init scale]({fig_path})",
         "",
         *lines,
         "",
-        ("**Matches the SDE's scaling.** " if (dec and ito_dec) else "**Observation.** ")
-        + "The growth of log K "
-        + ("decreases" if dec else "does not decrease monotonically")
-        + " with the initialisation scale ("
+        "**What the SDE predicts.** Scaling every weight of an L-layer ReLU network by c multiplies, at "
+        "initialisation, each layer's input by ≈ c^(ℓ−1) and its back-propagated error by ≈ c^(L−ℓ) (the "
+        "softmax cross-entropy derivative stays O(1)), so every per-sample gradient by ≈ c^(L−1), and the "
+        "Hessian of σ₁, of norm 1/(σ₁−σ₂), by 1/c. For L = 3 the per-layer terms of MATH.md §3 then scale as "
+        "(i) ∝ c², (ii) ∝ c⁴, (iii) ∝ c³, and in log space (÷σ ∝ c, ÷σ² ∝ c²) as c, c², c²: a larger "
+        f"initialisation turns up the noise-driven terms faster than the gradient-flow term. Measured over the "
+        f"first {k0} steps of every run (log-log slope against c, all {len(values) * s.seeds} runs):",
+        "",
+        *scal,
+        "",
+        ("**Matches**" if dev < 0.5 else ("**Roughly matches**" if dev < 1.0 else "**Does not match**"))
+        + f" (largest deviation of the (ii)/(iii) exponents from 4/3: {dev:.2f}). Over the whole run, the growth "
+        "of log K is "
         + ", ".join(f"×{v:g}: {st_[v]['growth']:.3f}" for v in values)
-        + "), and the cumulative Itô term of log K "
-        + ("decreases with it too" if ito_dec else "is not monotone in the scale")
-        + " ("
+        + (" (decreasing with the scale)" if dec else " (not monotone in the scale)")
+        + " and the cumulative Itô term of log K is "
         + ", ".join(f"×{v:g}: {st_[v]['ci']:.3f}" for v in values)
-        + "). In log space every force is divided by σ (the Itô correction by σ, its −½(ii)/σ² part by σ²), "
-        "and the Hessian's scale is 1/(σ₁−σ₂), which grows as the weights shrink: the SDE therefore expects "
-        "small initialisations to be pushed up relatively harder by noise, and large ones to be dominated by "
-        "the gradient-flow term (which, at ×2, first has to undo the overconfident logits: "
-        f"Σ drift ×{values[-1]:g} = {st_[values[-1]]['cd']:.3f}).",
+        + ". After the first steps the scaling no longer holds: the network leaves the scaled initialisation "
+        "(the gradient-flow term first undoes the overconfident logits of a large init, Σ drift "
+        + ", ".join(f"×{v:g}: {st_[v]['cd']:.3f}" for v in values)
+        + "), so the totals reflect the whole trajectory, not the initial coefficients.",
     ]
     return "\n".join(text)
 
@@ -668,67 +762,92 @@ def claim_init(st: Study) -> str:
 def claim_spread(st: Study) -> str:
     s = st.sizes
     res = st.results["data-seed"]
-    spread = res["spread"]
     out = st.out / "data-seed"
-    full = sweep.spread_analysis([out / r["path"] for r in res["spec"]["runs"]],
-                                 n_paths=4 * s.sde_paths, seed=0)
-    lines = ["| series | coverage of the other runs (expected 0.755) | coverage, band centred on the mean "
-             "(nominal 0.90) | std across runs (end) | SDE std (end) | ratio | median ratio, 2nd half |",
-             "|---|---|---|---|---|---|---|"]
-    for name, x in spread["series"].items():
+    full = sweep.spread_analysis([out / r["path"] for r in res["spec"]["runs"]], n_paths=4 * s.sde_paths, seed=0)
+    spread = full["series"]
+    per_epoch = next(iter(spread.values()))["steps_per_epoch"]
+    lines = ["| series | coverage of the other runs by run 0's band (expected 0.755) | same band centred on the "
+             "across-run mean (nominal 0.90) | std across runs (end) | SDE std (end) | RMS ratio observed / SDE "
+             "(2nd half) | SDE std with epoch sampling (end) | RMS ratio observed / epoch-sampling SDE |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, x in spread.items():
         label = "log K" if name == "network" else f"σ₁ layer `{name}`"
         lines.append(f"| {label} | {x['coverage_others']:.3f} | {x['coverage_centred']:.3f} | "
-                     f"{x['std_observed']:.3g} | {x['std_sde']:.3g} | {x['ratio']:.2f} | {x['ratio_median']:.2f} |")
+                     f"{x['std_observed']:.3g} | {x['std_sde']:.3g} | {x['ratio_rms']:.2f} | {x['std_epochs']:.3g} | "
+                     f"{x['ratio_epochs']:.2f} |")
     names = list(full["paths"])
-    fig, axes = figure(1, len(names), w=2.7, h=2.4)
-    for ax, name in zip(axes[0], names):
+    fig, axes = figure(2, len(names), w=2.6, h=2.1)
+    for j, name in enumerate(names):
         p = full["paths"][name]
+        ax = axes[0][j]
         ax.fill_between(p["steps"], p["lo"], p["hi"], color="tab:orange", alpha=0.35, lw=0, label="SDE 5–95% (run 0)")
         for i, row in enumerate(p["runs"][1:]):
-            ax.plot(p["steps"], row, color="tab:blue", lw=0.6, alpha=0.5, label="other data orders" if i == 0 else None)
-        ax.plot(p["steps"], p["runs"][0], color="black", lw=1.0, label="run 0")
-        ax.set_title("log K" if name == "network" else f"σ₁ layer {name}", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+            ax.plot(p["steps"], row, color="tab:blue", lw=0.5, alpha=0.5, label="other data orders" if i == 0 else None)
+        ax.plot(p["steps"], p["runs"][0], color="black", lw=0.9, label="run 0")
+        ax.set_title("log K" if name == "network" else f"σ₁ layer {name}", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=6)
+        ax2 = axes[1][j]
+        ax2.plot(p["steps"], p["std_observed"], color="tab:blue", lw=1.0, label="across runs")
+        ax2.plot(p["steps"], p["std"], color="tab:orange", lw=1.0, label="SDE (independent batches)")
+        ax2.plot(p["steps"], p["std_epochs"], color="tab:green", lw=0.8, label="SDE, epoch sampling")
+        ax2.set_xlabel("step", fontsize=8)
+        ax2.tick_params(labelsize=7)
+        if j == 0:
+            ax2.set_ylabel("standard deviation", fontsize=8)
+    axes[0][0].legend(fontsize=5)
+    axes[1][0].legend(fontsize=5)
     fig_path = st.save(fig, "sampling.png")
-    ratios = [x["ratio_median"] for x in spread["series"].values()]
-    ok = all(0.67 <= r <= 1.5 for r in ratios)
-    cov = [x["coverage_others"] for x in spread["series"].values()]
+    r_sde = [x["ratio_rms"] for x in spread.values()]
+    r_ep = [x["ratio_epochs"] for x in spread.values()]
+    cov = [x["coverage_others"] for x in spread.values()]
+    ok = all(0.67 <= r <= 1.5 for r in r_sde)
+    ok_ep = all(0.5 <= r <= 2.0 for r in r_ep)
     st.verdicts.append(("§5 sampling trajectories", ("**Matches**" if ok else "**Does not match**")
-                        + ": across-run spread / SDE spread " + ", ".join(f"{r:.2f}" for r in ratios)
-                        + "; coverage of the other runs by run 0's band " + ", ".join(f"{c:.2f}" for c in cov)
-                        + " (0.755 expected)."))
+                        + ": the spread across data orders is " + ", ".join(f"{r:.2f}" for r in r_sde)
+                        + "× the SDE's (log K, then each layer; RMS over the second half), and run 0's band covers "
+                        + ", ".join(f"{c:.2f}" for c in cov) + " of the other runs (0.755 expected)"
+                        + ("" if ok else "; with the noise of each epoch summing to zero (batches drawn as a "
+                           "permutation) the prediction comes to " + ", ".join(f"{r:.2f}" for r in r_ep)
+                           + "× of the observed spread") + "."))
     text = [
         "## 5. Sampling trajectories: spread across data orders vs the SDE band",
         "",
-        f"MLP, one initialisation (seed 0), {s.data_seeds} data-order seeds, {s.mid} steps, lr 0.05, batch 32. "
-        "`data_seed` also seeds the train/test split, so the test split was made tiny (`test_fraction` 0.002, 10 "
-        "images): the training sets of the runs differ in at most 10 of 4990 images and the runs differ "
-        "essentially only in the order of the mini-batches. The band is the 5–95% band of "
-        f"{4 * s.sde_paths} Euler–Maruyama paths driven by run 0's recorded coefficients (MATH.md §6). Its centre "
-        "is run 0's own path (the recorded drift is the mini-batch estimate, which carries run 0's noise), so "
-        "if the SDE is right another run sits √2 SDE-standard-deviations away on average and its expected "
-        "coverage is P(|Z| < 1.645/√2) = 0.755, not 0.90. The second coverage column moves the band onto the "
-        "across-run mean instead; the ratio compares the observed across-run standard deviation with the SDE's "
-        "(√Σ(ii) for a layer).",
+        f"MLP, one initialisation (seed 0), {s.data_seeds} data-order seeds, {s.mid} steps, lr 0.05, batch 32 "
+        f"({per_epoch} batches per epoch). `data_seed` also seeds the train/test split, so the test split was made "
+        "tiny (`test_fraction` 0.002, 10 images): the training sets of the runs differ in at most 10 of 4990 "
+        "images and the runs differ essentially only in the order of the mini-batches. The band is the 5–95% "
+        f"band of {4 * s.sde_paths} Euler–Maruyama paths driven by run 0's recorded coefficients (MATH.md §6). "
+        "Its centre is run 0's own path (the recorded drift is the mini-batch estimate, which carries run 0's "
+        "noise), so if the SDE is right another run sits √2 SDE standard deviations away on average and its "
+        "expected coverage is P(|Z| < 1.645/√2) = 0.755, not 0.90; the next column moves the band onto the "
+        "across-run mean instead. The ratios compare the observed across-run standard deviation with the SDE's "
+        "(√Σ(ii) for a layer), as root-mean-squares over the second half of the run.",
         "",
         f"![sampling trajectories]({fig_path})",
         "",
         *lines,
         "",
         ("**Matches.** " if ok else "**Does not match.** ")
-        + "The across-run spread is "
-        + ", ".join(f"{r:.2f}" for r in ratios)
-        + " times the SDE's prediction (median over the second half of the run; log K first, then each layer); "
-        "coverage of the other runs by run 0's band: "
-        + ", ".join(f"{c:.2f}" for c in cov)
-        + " against 0.755 expected. "
-        + ("A ratio above 1 means the data order moves σ more than the diffusion term (ii) accounts for: the "
-           "SDE with coefficients frozen along one path leaves out that different runs also accumulate different "
-           "drifts (the state dependence of (i) and (iii)), which adds spread over time."
-           if max(ratios) > 1.2 else
-           "The diffusion term measured along one run predicts the spread that different data orders produce."),
+        + "The spread across data orders is " + ", ".join(f"{r:.2f}" for r in r_sde)
+        + " times the SDE's prediction (log K, then each layer)"
+        + (", and run 0's band covers " + ", ".join(f"{c:.2f}" for c in cov) + " of the other runs' points, "
+           "more than the 0.755 expected: the band is too wide."
+           if not ok and min(r_sde) < 1 else ".")
+        + " The observed spread does not grow like √t: it saturates after about one epoch, while the SDE's "
+        "grows as the square root of the accumulated (ii). The reason is the sampling scheme. The SDE of MATH.md "
+        "§3 draws every batch independently; lipfast's training loop, like most, draws each epoch as a "
+        "permutation of the data, so at fixed weights the batch-gradient noises of one epoch sum to zero "
+        "(covariance −v/(M−1) between two batches of the same epoch). After k of the M batches of an epoch the "
+        "accumulated noise then has variance v·k(M−k)/(M−1), at most ≈ vM/4, instead of k·v, and the "
+        "noise of completed epochs cancels (to first order; the weights move within an epoch, so the "
+        "cancellation is not exact, and the trajectories also drift apart through the state dependence of the "
+        "drift). With that correction the prediction (green) is "
+        + ", ".join(f"{r:.2f}" for r in r_ep)
+        + " times the observed spread's RMS"
+        + (" — the right order of magnitude: the diffusion coefficient (ii) measured along one run is "
+           "consistent with the spread that data orders produce, once the SDE's noise is given the "
+           "covariance of epoch-wise sampling." if ok_ep else
+           "; even so the spread is not accounted for within a factor 2."),
     ]
     return "\n".join(text)
 
@@ -738,84 +857,107 @@ def claim_spread(st: Study) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def claim_weight_decay(st: Study) -> str:
-    s = st.sizes
-    values = list(s.weight_decays)
-    lr = 0.05
-    late = s.late
-    lines = ["| λ | 1/(ηλ) steps | layer | σ observed (late mean) | σ change over late window | "
-             "σ* = (⟨drift_gf⟩ + ⟨Itô⟩)/(ηλ) | σ*_Itô = ⟨Itô⟩/(ηλ) | Itô / (ηλσ) | drift_gf / (ηλσ) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    base_runs = st.runs("label-noise", 0.0)
+def _wd_rows(st: Study, noise: float, sweep_name: str, axes_row, values, lr: float, late: int):
+    """Table rows and figure lines of one weight-decay sweep; returns (rows, stats)."""
+    base_runs = st.runs("label-noise", noise)
     names = list(layer_arrays(base_runs[0]))
-    fig, axes = figure(1, len(names), w=3.0, h=2.5)
     cs = colors(len(values) + 1)
-    errs, shares = [], []
-    for k, (v, c) in enumerate(zip([0.0] + values, cs)):
-        runs = base_runs if v == 0 else st.runs("weight-decay", v)
+    rows, stats = [], []
+    for v, c in zip([0.0] + values, cs):
+        runs = base_runs if v == 0 else st.runs(sweep_name, v)
         arrays = [layer_arrays(r) for r in runs]
         for j, name in enumerate(names):
             sig = np.mean([np.concatenate([a[name]["sigma"], a[name]["sigma_next"][-1:]]) for a in arrays], axis=0)
-            axes[0][j].plot(np.arange(len(sig)), sig, color=c, lw=1.1, label=f"λ = {v:g}")
+            axes_row[j].plot(np.arange(len(sig)), sig, color=c, lw=1.0, label=f"λ = {v:g}")
             if v == 0:
                 continue
             decay = lr * v
-            obs, chg, full, ito_only, sh_i, sh_d = [], [], [], [], [], []
+            obs, chg, pred, pred_real, ito_only, sh_i, sh_d = [], [], [], [], [], [], []
             for a in arrays:
                 d = a[name]
                 sg = d["sigma"][-late:]
                 dg = d["drift"][-late:] + decay * sg  # the gradient-flow part of the drift
                 it = d["ito"][-late:]
+                so = d["second_order"][-late:]
                 obs.append(float(sg.mean()))
                 chg.append(float(d["sigma_next"][-1] - d["sigma"][-late]) / float(sg.mean()))
-                full.append((fmean(dg) + fmean(it)) / decay)
+                pred.append((fmean(dg) + fmean(it)) / decay)
+                pred_real.append((fmean(dg) + fmean(so)) / decay)
                 ito_only.append(fmean(it) / decay)
                 sh_i.append(fmean(it) / (decay * sg.mean()))
                 sh_d.append(fmean(dg) / (decay * sg.mean()))
-            errs.append(abs(np.mean(full) - np.mean(obs)) / np.mean(obs))
-            shares.append((v, name, np.mean(sh_i), np.mean(sh_d), np.mean(chg)))
-            lines.append(f"| {v:g} | {1 / decay:.0f} | `{name}` | {ms(obs)} | {ms(chg, pct=True)} | {ms(full)} | "
-                         f"{ms(ito_only)} | {ms(sh_i, pct=True)} | {ms(sh_d, pct=True)} |")
-            axes[0][j].axhline(np.mean(full), color=c, ls="--", lw=0.9)
-            axes[0][j].axhline(np.mean(ito_only), color=c, ls=":", lw=0.9)
+            stats.append(dict(noise=noise, lam=v, layer=name, err=(np.mean(pred) - np.mean(obs)) / np.mean(obs),
+                              err_real=(np.mean(pred_real) - np.mean(obs)) / np.mean(obs), ito=np.mean(sh_i),
+                              drift=np.mean(sh_d), chg=np.mean(chg)))
+            rows.append(f"| {noise:g} | {v:g} | {1 / decay:.0f} | `{name}` | {ms(obs)} | {ms(chg, pct=True)} | "
+                        f"{ms(pred)} | {ms(pred_real)} | {ms(ito_only)} | {ms(sh_i, pct=True)} | {ms(sh_d, pct=True)} |")
+            axes_row[j].axhline(np.mean(pred), color=c, ls="--", lw=0.8)
     for j, name in enumerate(names):
-        axes[0][j].set_title(f"σ₁ layer {name}  (-- σ*, ··· σ*_Itô)", fontsize=8)
-        axes[0][j].set_xlabel("step", fontsize=8)
-        axes[0][j].tick_params(labelsize=7)
+        axes_row[j].set_title(f"noise {noise:g}: σ₁ layer {name} (-- σ*)", fontsize=8)
+        axes_row[j].tick_params(labelsize=7)
+    return rows, stats
+
+
+def claim_weight_decay(st: Study) -> str:
+    s = st.sizes
+    values = list(s.weight_decays)
+    lr = 0.05
+    late = s.late
+    noise_wd = s.wd_noise
+    lines = ["| label noise | λ | 1/(ηλ) steps | layer | σ observed (late mean) | σ change over late window | "
+             "σ* = (⟨drift_gf⟩ + ⟨Itô⟩)/(ηλ) (SDE) | σ*₂ = (⟨drift_gf⟩ + ⟨½H[ΔW,ΔW]⟩)/(ηλ) | σ*_Itô = ⟨Itô⟩/(ηλ) | "
+             "Itô / (ηλσ) | drift_gf / (ηλσ) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fig, axes = figure(2, 3, w=3.0, h=2.2)
+    rows0, stats0 = _wd_rows(st, 0.0, "weight-decay", axes[0], values, lr, late)
+    rows1, stats1 = _wd_rows(st, noise_wd, "weight-decay-noisy", axes[1], values, lr, late)
+    for ax in axes[1]:
+        ax.set_xlabel("step", fontsize=8)
     axes[0][0].legend(fontsize=6)
     fig_path = st.save(fig, "weight_decay.png")
-    worst = max(errs) if errs else math.nan
-    equil = [x for x in shares if abs(x[4]) < 0.05]
-    ito_bal = [x for x in equil if x[2] > 0.5]
+    stats = stats0 + stats1
+    worst = max(abs(x["err"]) for x in stats)
+    worst_real = max(abs(x["err_real"]) for x in stats)
+    equil = [x for x in stats if abs(x["chg"]) < 0.05]
+    share = {n: np.mean([x["ito"] for x in equil if x["noise"] == n]) if any(x["noise"] == n for x in equil)
+             else math.nan for n in (0.0, noise_wd)}
+    under = all(x["err"] < 0 for x in stats)
     st.verdicts.append(("§6 weight decay", ("**Matches**" if worst < 0.05 else "**Partly matches**")
-                        + f": predicted equilibrium σ* within {worst:.1%} of the observed late σ; Itô share of the "
-                        "decay at stationary layers " + (", ".join(f"{x[2]:.0%}" for x in equil) or "n/a") + "."))
+                        + f": the SDE's equilibrium σ* is within {worst:.1%} of the observed late σ "
+                        f"(with the realised second-order term instead of the Itô term: {worst_real:.1%}); at "
+                        "stationary layers the Itô term offsets on average "
+                        f"{share[0.0]:.0%} of the decay ηλσ with clean labels and {share[noise_wd]:.0%} with "
+                        f"label noise {noise_wd:g}, the gradient-flow term the rest."))
     text = [
         "## 6. Weight decay: the equilibrium where ηλσ balances the Itô and drift terms",
         "",
         f"MLP, lr η = {lr}, batch 32, {s.long} steps, weight decay λ ∈ {values} (torch SGD: −ηλW added to "
-        f"every step), {s.seeds} seeds; λ = 0 is the clean-label run of §3. Over the last {late} steps, "
-        "the drift the tracker records is the gradient-flow part drift_gf minus ηλσ (MATH.md §3), so "
-        "E[Δσ] = 0 predicts σ* = (⟨drift_gf⟩ + ⟨Itô⟩)/(ηλ); σ*_Itô is the equilibrium if the Itô term alone "
-        "balanced the decay. The last two columns split the decay ηλσ into the part the Itô term offsets and "
-        "the part the gradient-flow term offsets. *σ change over late window* tells whether σ has reached "
-        "equilibrium (0 at equilibrium).",
+        f"every step), {s.seeds} seeds, with clean labels and with label noise {noise_wd:g}; λ = 0 is the run of §3 "
+        f"with the same noise. Over the last {late} steps: the drift the tracker records is the gradient-flow "
+        "part drift_gf minus ηλσ (MATH.md §3), so the SDE's E[Δσ] = 0 gives σ* = (⟨drift_gf⟩ + ⟨Itô⟩)/(ηλ); "
+        "σ*₂ uses the realised second-order term ½H[ΔW,ΔW] instead of its SDE part, the Itô term "
+        "(η²/2B)tr(HΣ₁) — the two differ by the deterministic ½η²H[∇L,∇L], which the continuous-time SDE drops; "
+        "σ*_Itô is the equilibrium if the Itô term alone balanced the decay. The last two columns split the "
+        "decay ηλσ into the parts the Itô term and the gradient-flow term offset; *σ change over late window* "
+        "is 0 at equilibrium.",
         "",
         f"![weight decay]({fig_path})",
         "",
-        *lines,
+        *lines, *rows0, *rows1,
         "",
         ("**Matches.** " if worst < 0.05 else "**Partly matches.** ")
-        + f"The predicted equilibrium σ* agrees with the observed late σ to within {worst:.1%} (worst layer and λ). "
-        + (f"At the λ where σ is stationary ({len(equil)} layer/λ pairs with |change| < 5%), the Itô term offsets "
-           + ", ".join(f"{x[2]:.0%}" for x in equil)
-           + " of the decay and the gradient-flow term the rest"
-           + (": the Itô term is the main force holding σ up against weight decay." if len(ito_bal) > len(equil) / 2
-              else ": the gradient-flow term, not the Itô term, does most of the balancing here.")
-           if equil else "No layer is stationary within the run; σ* is the value it is heading to.")
-        + " Note that this balance is close to an identity once σ is stationary (Σ Δσ ≈ 0 and the pathwise check "
-        "of §1 holds); what it adds is *which* force balances the decay, and the discrete term ½η²H[∇L,∇L] that "
-        "the SDE leaves out is part of the small remainder.",
+        + f"The SDE's equilibrium σ* is within {worst:.1%} of the observed late σ (worst layer and λ)"
+        + (", always below it" if under else "")
+        + f"; with the realised second-order term (σ*₂) the gap closes to {worst_real:.1%}, so the SDE's "
+        "shortfall is the discrete-time term ½η²H[∇L,∇L] (plus the small non-stationarity of the window). "
+        + (f"Where σ is stationary ({len(equil)} layer/λ pairs with |change| < 5%), the Itô term offsets on average "
+           f"{share[0.0]:.0%} of the decay with clean labels and {share[noise_wd]:.0%} with label noise "
+           f"{noise_wd:g}; the gradient-flow term offsets the rest. "
+           if equil else "No layer is stationary within the run; σ* is where it is heading. ")
+        + ("So the equilibrium is a balance of ηλσ mostly against the gradient-flow term here; label noise shifts "
+           "the balance towards the Itô term, as the paper's picture predicts, but does not make it dominant at "
+           "these sizes." if max(share.values()) < 0.5 else
+           "With label noise the Itô term becomes the main force holding σ up against weight decay, as the "
+           "paper's picture predicts."),
     ]
     return "\n".join(text)
 
@@ -869,7 +1011,7 @@ def write_doc(st: Study, path: Path, started: float, load0: float, args) -> None
     ]
     body = "\n\n".join(sections)
     summary = "\n".join(f"- {title}: {verdict}" for title, verdict in st.verdicts)
-    text = "\n".join(head).replace("SUMMARY_PLACEHOLDER", summary) + body + "\n"
+    text = "\n".join(head).replace("SUMMARY_PLACEHOLDER", summary) + "\n" + body + "\n"
     if st.notes:
         text += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in st.notes) + "\n"
     text += ("\n## Reproduce\n\n```\n" + cmd + "\n```\n\nThe runs land in `experiments-runs/<sweep>/` (one "

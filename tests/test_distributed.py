@@ -35,12 +35,21 @@ PG_TIMEOUT = 30.0
 RTOL = 1e-6
 STEPS = 3
 B = 8
+DATASET_SIZE = 50  # sampling without replacement: the finite-population factor needs the global batch
 LR = 0.1
 FORCE = ("sigma", "sigma2", "sigma_next", "delta_obs", "first_order", "second_order", "delta_pred", "drift",
          "diffusion_var", "ito", "ito_lo", "ito_hi", "gap", "residual")
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collectives_time_out():
+    """Process groups that lipfast creates (``--nproc``) give up after PG_TIMEOUT: nothing here can hang."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIPFAST_PG_TIMEOUT", str(PG_TIMEOUT))
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,13 +85,13 @@ def plain_lr(reduction: str) -> float:
     return LR if reduction == "mean" else LR / 4  # a summed loss takes N/R times larger steps
 
 
-def ddp_run(split: str, reduction: str = "mean", records_on: str = "rank0", perturb: bool = False):
+def ddp_run(split: str, reduction: str = "mean", records_on: str = "rank0", perturb: bool = False, **tracker_kwargs):
     """On one rank: DDP over make_model, this rank's slice of each global batch; the tracker's records."""
     rank = dist.get_rank()
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), **(OPT if split == "equal" else dict(lr=plain_lr(reduction))))
-    tracker = Tracker(ddp, opt, rank=8, loss_reduction=reduction, records_on=records_on)
+    tracker = Tracker(ddp, opt, rank=8, loss_reduction=reduction, records_on=records_on, **tracker_kwargs)
     if perturb and rank == 1:
         with torch.no_grad():
             model[0].weight.mul_(1.01)  # outside DDP: this rank's replica now differs
@@ -111,7 +120,8 @@ def _capture(fn, *args, **kwargs):
 def _scenarios(out_dir: str) -> None:
     """Every rank runs every scenario in the same order and saves what it saw."""
     results = {
-        "equal": _capture(ddp_run, "equal", records_on="all"),
+        "equal": _capture(ddp_run, "equal", records_on="all", dataset_size=DATASET_SIZE),
+        "every2": _capture(ddp_run, "equal", every=2),
         "unequal": _capture(ddp_run, "unequal"),
         "unequal_sum": _capture(ddp_run, "unequal", reduction="sum"),
         "diverged": _capture(ddp_run, "equal", perturb=True),
@@ -134,10 +144,10 @@ def scenarios(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def single_process_records():
+def single_process_records(**tracker_kwargs):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), **OPT)
-    tracker = Tracker(model, opt, rank=8)
+    tracker = Tracker(model, opt, rank=8, **tracker_kwargs)
     x, y = make_data()
     for t in range(STEPS):
         opt.zero_grad()
@@ -167,7 +177,7 @@ def assert_records_close(got: list[dict], want: list[dict], fields, what: str, r
 def test_equal_batches_give_the_single_process_records(scenarios):
     got = scenarios[0]["equal"]
     assert "error" not in got, got
-    want_rows, want_net = single_process_records()
+    want_rows, want_net = single_process_records(dataset_size=DATASET_SIZE)
     assert len(want_rows) == STEPS * 2 and {r["batch"] for r in got["records"]} == {B}
     assert all(math.isfinite(r["ito"]) and math.isfinite(r["diffusion_var"]) for r in got["records"])
     assert_records_close(got["records"], want_rows, FORCE + ("batch", "lr", "m", "n", "degenerate", "nonfinite"),
@@ -175,6 +185,14 @@ def test_equal_batches_give_the_single_process_records(scenarios):
     assert_records_close(got["network"], want_net, ("log_bound", "log_bound_next", "drift", "diffusion_var", "ito",
                                                      "loss"), "network")
     assert [r["flags"] for r in got["records"]] == [r["flags"] for r in want_rows]
+
+
+def test_untracked_steps_communicate_nothing_and_tracked_ones_match(scenarios):
+    got = scenarios[0]["every2"]
+    assert "error" not in got, got
+    want_rows, want_net = single_process_records(every=2)
+    assert [n["step"] for n in got["network"]] == [0, 2]
+    assert_records_close(got["records"], want_rows, FORCE + ("batch",), "every=2")
 
 
 def test_records_on_all_gives_every_rank_the_same_records_and_rank0_only_rank0(scenarios):
@@ -323,7 +341,9 @@ def single_run(tmp_path_factory):
 
 def test_train_nproc_2_writes_the_layers_csv_of_nproc_1(tmp_path, single_run, capsys):
     out = tmp_path / "run"
-    assert cli_main(["train", "--nproc", "2", "--out", str(out), "--no-report", "--quiet", *TINY_ARGS]) == 0
+    rc = cli_main(["train", "--nproc", "2", "--out", str(out), "--no-report", "--quiet", *TINY_ARGS])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
     run = runio.load_run(out)
     assert run.config == single_run.config
     assert_records_close(run.layers, single_run.layers, CSV_FIELDS, "layers.csv --nproc 2 vs 1")
@@ -331,7 +351,7 @@ def test_train_nproc_2_writes_the_layers_csv_of_nproc_1(tmp_path, single_run, ca
                                                            "train_acc"), "network.csv")
     assert run.summary["finished"] and run.summary["layers"] == single_run.summary["layers"]
     assert run.summary["test_acc"] == pytest.approx(single_run.summary["test_acc"])
-    assert str(out.resolve()) in capsys.readouterr().out
+    assert str(out.resolve()) in captured.out
 
 
 def test_batch_not_divisible_by_nproc_is_a_usage_error(tmp_path, capsys):

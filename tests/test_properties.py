@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -686,6 +688,54 @@ def test_compiled_ops_match_their_twins(data):
     if not bad:
         tol = parity_tol(spec, dW.square().sum()[None], EPS[F64], m + n)
         assert_within(u_got[1:4], u_want[1:4], tol, "second order")
+
+
+_T0_KERNEL = """
+import torch, lipfast
+U = torch.linalg.qr(torch.randn(4, 2, dtype=torch.float64))[0].float()
+V = torch.linalg.qr(torch.randn(3, 2, dtype=torch.float64))[0].float()
+S = torch.tensor([2.0, 1.0], dtype=torch.float64)
+out = torch.ops.lipfast.persample_linear.default(torch.zeros(2, 0, 3), torch.zeros(2, 0, 4), U, S, V, 0.5)
+assert all(bool((t == 0).all()) for t in out), out
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "csrc/cpu/persample_linear_cpu.cpp: with T = 0 positions the per-thread buffers xbuf/ybuf, sized only "
+    "when T > 1, are read by sum_squares(xbuf.data(), m): the process segfaults (also through Tracker on a "
+    "Linear fed [B, 0, n]). Fix: size them when T != 1. lipfast.ops.persample_linear now maps T = 0 to one "
+    "zero position, so every Python caller is safe; only a direct torch.ops call reaches the kernel bug."))
+def test_compiled_persample_linear_kernel_with_no_positions():
+    r = subprocess.run([sys.executable, "-c", _T0_KERNEL], capture_output=True, timeout=300, check=False)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr.decode(errors='replace')[-500:]}"
+
+
+_T0_TRACKER = """
+import math, torch
+from torch import nn
+from lipfast import Tracker
+model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+with Tracker(model, opt, rank=2) as tracker:
+    for T in (0, 3, 0):
+        opt.zero_grad()
+        out = model(torch.randn(5, T, 4))
+        out.square().sum().backward()
+        opt.step()
+recs = tracker.records
+assert [r["step"] for r in recs] == [0, 0, 1, 1, 2, 2], recs
+for r in recs:
+    assert not r["nonfinite"] and math.isfinite(r["sigma"]), r
+    if r["step"] != 1 and not r["degenerate"]:  # no position: every gradient is 0, and so is every term
+        assert r["ito"] == r["diffusion_var"] == r["drift"] == r["delta_obs"] == 0.0, r
+"""
+
+
+def test_tracker_on_a_linear_fed_no_positions():
+    """``Linear`` applied to ``[B, 0, n]`` (an empty sequence) under the tracker: zero per-sample gradients,
+    no crash (in a subprocess, so a crash fails this test instead of ending the session)."""
+    r = subprocess.run([sys.executable, "-c", _T0_TRACKER], capture_output=True, timeout=300, check=False)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr.decode(errors='replace')[-800:]}"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -220,3 +220,23 @@ def test_sweep_refuses_a_folder_holding_other_files(tmp_path, capsys):
     usage_error(capsys, ["sweep", "--factor", "label_noise", "--values", "0", "--out", str(tmp_path / "s"), *TINY],
                 r"not a lipfast run folder")
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_experiments_script_quick(tmp_path):
+    """scripts/experiments.py end to end at toy sizes (a smoke test of the script, a few minutes)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "experiments.py"
+    doc, figures = tmp_path / "EXPERIMENTS.md", tmp_path / "figures"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "runs"), "--doc", str(doc),
+                           "--figures", str(figures)], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = doc.read_text(encoding="utf-8")
+    for heading in ("## 1. Pathwise", "### 1b. Degenerate", "## 2. Batch size", "## 3. Label noise",
+                    "## 4. Initialisation scale", "## 5. Sampling trajectories", "## 6. Weight decay"):
+        assert heading in text, heading
+    pngs = sorted(figures.glob("*.png"))
+    assert len(pngs) == 7 and all(p.stat().st_size <= 80 * 1024 for p in pngs)
+    assert all(f"figures/{p.name}" in text for p in pngs)

@@ -1,5 +1,8 @@
 // Warm-started block subspace iteration with Rayleigh–Ritz (MATH.md §5). Built from ATen calls only
 // (GEMM, Cholesky, a p×p eigh), so one registration serves every backend.
+// On CUDA it synchronises with the host a few times per sweep, by design: the Cholesky QR's info flag,
+// the finiteness check of σ1 and (tol > 0 only) the convergence test are each read with .item(), which
+// costs microseconds next to the sweep's two GEMMs with W (the tracker runs one sweep per step).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -88,7 +91,8 @@ subspace_iteration(const at::Tensor& W,                     // [m, n]
   // Z = WᵀW V / S has advanced one power step past the Ritz block V: returned as the next call's warm
   // start, so a tracker calling once per training step advances the subspace every step at the cost of
   // one sweep (two GEMMs), instead of re-running Rayleigh–Ritz on the block it already had.
-  return {U, S, V, residual, at::scalar_tensor(it, at::TensorOptions().dtype(at::kLong)), Z.contiguous(), W_right,
+  // iters lives on W's device, as the fake kernel (lipfast/ops.py) declares.
+  return {U, S, V, residual, at::scalar_tensor(it, W.options().dtype(at::kLong)), Z.contiguous(), W_right,
           Wt_left};
 }
 

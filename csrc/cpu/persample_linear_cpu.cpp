@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> persample_linear_cpu(
     const scalar_t* pdu = DU.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       std::vector<double> a(k), b(k), xbuf, ybuf;
-      if (T > 1) {
+      if (T != 1) {  // T > 1, or T == 0 (every G_i an empty sum: the general path gives zeros)
         xbuf.resize(m);
         ybuf.resize(n);
       }

@@ -3,8 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "cuda/launch.cuh"
-#include "math.h"
+#include "launch.cuh"
+#include "../math.h"
 
 namespace lipfast {
 

@@ -31,6 +31,13 @@ inline unsigned int blocks_for(int64_t n, int threads = kThreadsPerBlock) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), kMaxGridX));
 }
 
+// Threads per block for a per-item reduction over rows of length `width`: whole warps, no more than
+// kReduceThreads, and no idle warps on narrow layers (a 10-wide output layer gets one warp).
+inline int reduce_threads_for(int64_t width) {
+  const int64_t warps = (std::max<int64_t>(width, 1) + kWarpSize - 1) / kWarpSize;
+  return static_cast<int>(std::min<int64_t>(warps, kReduceThreads / kWarpSize) * kWarpSize);
+}
+
 // Blocks for one block per item (`n` items), capped at the grid limit (the kernel loops past it).
 inline unsigned int blocks_per_item(int64_t n) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX));

@@ -1,0 +1,414 @@
+"""The CUDA kernels (csrc/cuda): parity with the CPU kernels and lipfast.reference in float32/float64,
+float16/bfloat16 inputs against a float64 reference by flash-attn's rule, opcheck on CUDA, no host
+synchronisation inside the ops, and a tracked CUDA training run matching the CPU run record by record.
+
+Every test is marked ``cuda`` and skips, with the reason, where there is no GPU or lipfast was built
+without CUDA kernels. On a GPU machine: rebuild in place, then ``pytest -m cuda`` (bench/gpu_check.sh).
+With ``LIPFAST_REQUIRE_CUDA=1`` in the environment (gpu_check.sh sets it) a missing GPU or a build
+without CUDA kernels fails instead of skipping, so a GPU check can never pass by skipping everything.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lipfast
+from lipfast import models, ops, reference
+
+from conftest import TOL, assert_close, gapped_matrix, spectrum_of
+
+F64 = torch.float64
+
+
+def _why_not_cuda() -> str | None:
+    if not lipfast._C.with_cuda:
+        return ("lipfast was built without CUDA kernels (a CPU torch, no nvcc, or LIPFAST_CUDA=OFF); "
+                "rebuild on a GPU machine: pip install --no-build-isolation --no-deps .")
+    if not torch.cuda.is_available():
+        return "no CUDA device visible (torch.cuda.is_available() is False)"
+    return None
+
+
+_WHY = _why_not_cuda()
+_REQUIRE = os.environ.get("LIPFAST_REQUIRE_CUDA", "") not in ("", "0")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(_WHY is not None and not _REQUIRE, reason=_WHY or "")]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_ready():
+    """Fails (LIPFAST_REQUIRE_CUDA=1) rather than erroring obscurely; pins full-precision float32 GEMMs
+    and convolutions (TF32 would make float32 CUDA results differ from the CPU's by ~1e-3)."""
+    if _WHY is not None:
+        pytest.fail(f"LIPFAST_REQUIRE_CUDA is set but {_WHY}")
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+DTYPES = [torch.float32, F64]
+LOW = [torch.bfloat16, torch.float16]
+OUT_NAMES = ("proj", "hess", "hess_lo", "hess_hi")
+
+
+def _inputs(B, T, n, m, k, dtype=F64, device="cuda", d_scale=0.1):
+    """Seeded inputs of persample_linear, drawn on the CPU in float64 (so CPU and CUDA see the same
+    numbers) then cast: X [B,T,n], D [B,T,m], U [m,k], S [k] float64, V [n,k], sigma_next."""
+    W = gapped_matrix(m, n)
+    U, S, V, sigma_next = spectrum_of(W, k)
+    X = torch.randn(B, T, n, dtype=F64)
+    D = d_scale * torch.randn(B, T, m, dtype=F64)
+    cast = dict(device=device, dtype=dtype)
+    return X.to(**cast), D.to(**cast), U.to(**cast), S.to(device), V.to(**cast), sigma_next
+
+
+def _to_cpu(args):
+    return [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------
+def test_cuda_kernels_are_registered():
+    for op in ("persample_linear", "hessian_contract"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lipfast::{op}", "CUDA"), op
+    for op in ("subspace_iteration", "gradient_statistics", "update_statistics"):  # composite: every backend
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lipfast::{op}", "CompositeExplicitAutograd"), op
+
+
+# ----------------------------------------------------------------------------------------------------
+# persample_linear: parity with the CPU kernel and the reference twin
+# ----------------------------------------------------------------------------------------------------
+# (B, T, n, m, k): empty batch, all ones, odd, T = 1 (rank-one path) and T > 1 (sequence path), more
+# samples than a block has threads, rows wider than a block, T longer than a warp, k = min(m, n) (exact
+# spectrum, sigma_next = 0), and k = 1.
+PERSAMPLE_CASES = [
+    (0, 1, 5, 4, 2), (0, 3, 5, 4, 2), (1, 1, 1, 1, 1), (7, 1, 13, 5, 3), (300, 1, 17, 3, 2),
+    (33, 1, 129, 64, 8), (3, 6, 5, 8, 4), (2, 70, 300, 129, 9), (5, 1, 40, 40, 40), (4, 5, 24, 24, 24),
+    (1, 3, 1, 6, 1), (6, 2, 7, 9, 1),
+]
+
+
+def _case_id(c):
+    return "B{}-T{}-n{}-m{}-k{}".format(*c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PERSAMPLE_CASES, ids=_case_id)
+def test_persample_linear_matches_cpu_and_reference(dtype, case):
+    args = _inputs(*case, dtype=dtype)
+    out = ops.persample_linear(*args)
+    cpu = ops.persample_linear(*_to_cpu(args))
+    ref = reference.persample_linear(*_to_cpu(args))
+    B = case[0]
+    for name, o, c, r in zip(OUT_NAMES, out, cpu, ref):
+        assert o.shape == (B,) and o.dtype == F64 and o.device.type == "cuda", name
+        assert_close(o.cpu(), c, TOL["parity"][dtype], msg=f"{name}: CUDA vs CPU kernel")
+        assert_close(o.cpu(), r, TOL["parity"][dtype], msg=f"{name}: CUDA vs reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded", "sequence-permuted"])
+def test_persample_linear_non_contiguous(dtype, layout):
+    B, n, m, k = 6, 7, 5, 3
+    _, _, U, S, V, sn = _inputs(1, 1, n, m, k, dtype=dtype)
+    cuda = dict(dtype=dtype, device="cuda")
+    if layout == "transposed":
+        X, D = torch.randn(n, B, **cuda).mT.unsqueeze(1), torch.randn(m, B, **cuda).mT.unsqueeze(1)
+    elif layout == "sliced":
+        X, D = torch.randn(B, 1, 2 * n, **cuda)[..., 1::2], torch.randn(2 * B, 1, m, **cuda)[::2]
+    elif layout == "expanded":
+        X = torch.randn(1, 1, n, **cuda).expand(B, 3, n)
+        D = torch.randn(B, 1, m, **cuda).expand(B, 3, m)
+    else:
+        X, D = torch.randn(4, B, n, **cuda).transpose(0, 1), torch.randn(B, m, 4, **cuda).mT
+    assert not X.is_contiguous() and not D.is_contiguous()
+    got = ops.persample_linear(X, D, U, S, V, sn)
+    want = ops.persample_linear(X.contiguous(), D.contiguous(), U, S, V, sn)
+    cpu = ops.persample_linear(X.cpu(), D.cpu(), U.cpu(), S.cpu(), V.cpu(), sn)
+    for name, g, w, c in zip(OUT_NAMES, got, want, cpu):
+        assert_close(g, w, TOL["parity"][dtype], msg=name)
+        assert_close(g.cpu(), c, TOL["parity"][dtype], msg=f"{name} vs CPU")
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_persample_linear_degenerate_spectrum_is_nan_like_cpu(T):
+    """σ1 == σ2: NaN Hessian terms, finite projections, as on the CPU."""
+    Wd = torch.diag(torch.tensor([2.0, 2.0, 1.0], dtype=F64))
+    U, S, V, sn = spectrum_of(Wd, 3)
+    X, D = torch.randn(5, T, 3, dtype=F64), torch.randn(5, T, 3, dtype=F64)
+    got = ops.persample_linear(X.cuda(), D.cuda(), U.cuda(), S.cuda(), V.cuda(), sn)
+    cpu = ops.persample_linear(X, D, U, S, V, sn)
+    assert bool(torch.isfinite(got[0]).all())
+    for g, c in zip(got, cpu):
+        torch.testing.assert_close(g.cpu(), c, equal_nan=True, rtol=1e-12, atol=1e-12)
+    for g in got[1:]:
+        assert bool(torch.isnan(g).all())
+
+
+def test_persample_linear_cuda_error_messages():
+    X, D, U, S, V, sn = _inputs(4, 1, 6, 5, 2, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"persample_linear: D must have X's dtype"):
+        ops.persample_linear(X, D.double(), U, S, V, sn)
+    with pytest.raises(RuntimeError, match=r"persample_linear: D must have X's dtype"):
+        ops.persample_linear(X.bfloat16(), D, U.bfloat16(), S, V.bfloat16(), sn)
+    with pytest.raises(RuntimeError, match=r"persample_linear: .*must be on"):
+        ops.persample_linear(X, D.cpu(), U, S, V, sn)
+    with pytest.raises(RuntimeError, match=r"persample_linear: V.size\(0\) must equal X.size\(2\) = n"):
+        ops.persample_linear(X.half(), D.half(), U.half(), S, V[:-1].half(), sn)
+    with pytest.raises(RuntimeError, match=r"persample_linear: X must be float32, float64, float16 or bfloat16"):
+        ops.persample_linear(X.int(), D.int(), U.int(), S, V.int(), sn)
+    with pytest.raises(RuntimeError, match=r"persample_linear: X must be float32 or float64"):  # CPU: no half
+        ops.persample_linear(*_to_cpu([X.bfloat16(), D.bfloat16(), U.bfloat16(), S, V.bfloat16(), sn]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# persample_linear: float16 / bfloat16 inputs, flash-attn's rule
+# ----------------------------------------------------------------------------------------------------
+def _persample_linear_low_precision(X, D, U, S, V, sigma_next):
+    """The reference twin's algorithm with every product and sum in the inputs' own (low) precision;
+    the final contraction in float64 as everywhere. Its error is the yardstick of the kernel's."""
+    XV, DU = X @ V, D @ U
+    x = torch.einsum("btm,bt->bm", D, XV[..., 0])
+    y = torch.einsum("btn,bt->bn", X, DU[..., 0])
+    a, b = x @ U, y @ V
+    hess = reference.hessian_contract(a, b, (x * x).sum(-1), (y * y).sum(-1), S, sigma_next)
+    return (a[:, 0].to(F64), *hess)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", [(128, 1, 256, 96, 8), (64, 12, 64, 48, 6), (96, 1, 33, 20, 20)], ids=_case_id)
+def test_persample_linear_reduced_precision(dtype, case):
+    """Kernel error vs a float64 reference on the same (rounded) inputs <= 2 × the error of the
+    reference algorithm run in that precision (flash-attn tests/test_flash_attn.py)."""
+    X, D, U, S, V, sn = _inputs(*case, dtype=dtype)
+    out = ops.persample_linear(X, D, U, S, V, sn)
+    exact = reference.persample_linear(X.to(F64), D.to(F64), U.to(F64), S, V.to(F64), sn)
+    low = _persample_linear_low_precision(X, D, U, S, V, sn)
+    for name, o, e, lo in zip(OUT_NAMES, out, exact, low):
+        assert o.dtype == F64 and o.shape == (case[0],)
+        assert bool(torch.isfinite(o).all()), name
+        err, err_low = float((o - e).abs().max()), float((lo - e).abs().max())
+        floor = 1e-12 * float(e.abs().max())
+        assert err <= 2 * err_low + floor, (
+            f"{dtype} {name}: kernel error {err:.3e} > 2 × low-precision reference error {err_low:.3e}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# hessian_contract
+# ----------------------------------------------------------------------------------------------------
+def _contract_inputs(N, k, dtype, device="cuda", tie=False, exact=False):
+    r = max(k + (0 if exact else 1), 2)
+    S_all = torch.sort(torch.rand(r, dtype=F64) * 2 + 0.5, descending=True)[0]
+    if tie:
+        S_all[1] = S_all[0]
+    S, sn = S_all[:k], (0.0 if exact else float(S_all[k]))
+    a, b = torch.randn(N, k, dtype=F64), torch.randn(N, k, dtype=F64)
+    rest = torch.rand(N, dtype=F64)
+    xn = (a * a).sum(-1) + rest
+    yn = (b * b).sum(-1) + torch.rand(N, dtype=F64)
+    cast = dict(device=device, dtype=dtype)
+    return a.to(**cast), b.to(**cast), xn.to(**cast), yn.to(**cast), S.to(**cast), sn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,k,exact", [(0, 2, False), (1, 1, False), (7, 3, False), (300, 9, False),
+                                       (1000, 4, True), (257, 1, True)])
+def test_hessian_contract_matches_cpu_and_reference(dtype, N, k, exact):
+    args = _contract_inputs(N, k, dtype, exact=exact)
+    out = ops.hessian_contract(*args)
+    cpu = ops.hessian_contract(*_to_cpu(args))
+    ref = reference.hessian_contract(*_to_cpu(args))
+    for o, c, r in zip(out, cpu, ref):
+        assert o.shape == (N,) and o.dtype == F64 and o.device.type == "cuda"
+        # Same float64 arithmetic (math.h) on both backends: only FMA contraction may differ.
+        assert_close(o.cpu(), c, TOL["parity"][F64])
+        assert_close(o.cpu(), r, TOL["parity"][F64])
+
+
+def test_hessian_contract_degenerate_and_non_contiguous():
+    a, b, xn, yn, S, sn = _contract_inputs(9, 3, F64, tie=True)
+    for t in ops.hessian_contract(a, b, xn, yn, S, sn):
+        assert bool(torch.isnan(t).all())
+    a, b, xn, yn, S, sn = _contract_inputs(9, 3, F64)
+    at, bt = a.mT.contiguous().mT, b.mT.contiguous().mT  # column-major copies
+    assert not at.is_contiguous()
+    for g, w in zip(ops.hessian_contract(at, bt, xn, yn, S, sn), ops.hessian_contract(a, b, xn, yn, S, sn)):
+        assert_close(g, w, TOL["parity"][F64])
+    bad_sn = float(S[0]) * 1.5  # sigma_next above σ1: no valid bracket
+    for t in ops.hessian_contract(a, b, xn, yn, S, bad_sn):
+        assert bool(torch.isnan(t).all())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Composite ops on CUDA (ATen only): parity with their CPU runs
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_composite_ops_match_cpu(dtype):
+    m, n, k, N = 40, 30, 5, 16
+    W = gapped_matrix(m, n, dtype)
+    V0 = torch.randn(n, k + 3, dtype=dtype)
+    R, L = torch.randn(n, 2, dtype=dtype), torch.randn(m, 3, dtype=dtype)
+    cpu = ops.subspace_iteration(W, V0, k, 50, 1e-6 if dtype == torch.float32 else 1e-12, R, L)
+    out = ops.subspace_iteration(W.cuda(), V0.cuda(), k, 50, 1e-6 if dtype == torch.float32 else 1e-12,
+                                 R.cuda(), L.cuda())
+    assert out[4].device.type == "cuda" and out[4].dtype == torch.int64  # iters, on W's device
+    tol = TOL["truth"][dtype]
+    assert_close(out[1][:k].cpu(), cpu[1][:k], tol)                       # singular values
+    assert_close(out[6].cpu(), cpu[6], tol)                               # W·right
+    assert_close(out[7].cpu(), cpu[7], tol)                               # Wᵀ·left
+    U, S, V = spectrum_of(W, k)[:3]
+    U, V = U.to(dtype), V.to(dtype)
+    proj, hess, lo, hi = (torch.randn(N, dtype=F64) for _ in range(4))
+    G = torch.randn(m, n, dtype=dtype)
+    gs = dict(sigma_next=0.5, scale=float(N), loss_factor=1.0)
+    g_cpu = ops.gradient_statistics(proj, hess, lo, hi, G, U, S, V, **gs)
+    g_cuda = ops.gradient_statistics(*(t.cuda() for t in (proj, hess, lo, hi, G, U, S, V)), **gs)
+    assert_close(g_cuda.cpu(), g_cpu, TOL["parity"][dtype])
+    x, y = torch.randn(m, dtype=F64), torch.randn(n, dtype=F64)
+    u_cpu = ops.update_statistics(x, y, U, S, V, 0.5)
+    u_cuda = ops.update_statistics(*(t.cuda() for t in (x, y, U, S, V)), 0.5)
+    assert_close(u_cuda.cpu(), u_cpu, TOL["parity"][dtype])
+
+
+# ----------------------------------------------------------------------------------------------------
+# opcheck on CUDA (schema, fake kernel, AOT dispatch, autograd registration), with and without grad
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_cuda(requires_grad):
+    samples = []
+    for dtype in DTYPES + LOW:
+        for shape in [(0, 1, 5, 4, 2), (1, 1, 1, 1, 1), (5, 1, 6, 4, 2), (5, 3, 6, 4, 2)]:
+            X, D, U, S, V, sn = _inputs(*shape, dtype=dtype)
+            samples.append((torch.ops.lipfast.persample_linear.default,
+                            (X.requires_grad_(requires_grad and dtype in DTYPES), D, U, S, V, sn)))
+    for dtype in DTYPES:
+        for N, k in [(0, 2), (1, 1), (6, 3)]:
+            a, b, xn, yn, S, sn = _contract_inputs(N, k, dtype)
+            samples.append((torch.ops.lipfast.hessian_contract.default,
+                            (a.requires_grad_(requires_grad), b, xn, yn, S, sn)))
+        W = torch.randn(7, 5, dtype=dtype, device="cuda", requires_grad=requires_grad)
+        samples.append((torch.ops.lipfast.subspace_iteration.default,
+                        (W, torch.randn(5, 3, dtype=dtype, device="cuda"), 2, 3, 0.0)))
+        U, S, V = (t.to(device="cuda") for t in spectrum_of(gapped_matrix(6, 4), 2)[:3])
+        G = torch.randn(6, 4, dtype=dtype, device="cuda", requires_grad=requires_grad)
+        p = [torch.randn(5, dtype=F64, device="cuda") for _ in range(4)]
+        samples.append((torch.ops.lipfast.gradient_statistics.default,
+                        (*p, G, U.to(dtype), S, V.to(dtype), 0.1, 5.0, 1.0)))
+        samples.append((torch.ops.lipfast.update_statistics.default,
+                        (torch.randn(6, dtype=F64, device="cuda"), torch.randn(4, dtype=F64, device="cuda"),
+                         U, S, V, 0.1)))
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# No host synchronisation inside the kernels' ops (STYLE §8.8); the tracker's reductions stay on device
+# ----------------------------------------------------------------------------------------------------
+def test_ops_do_not_synchronise():
+    X, D, U, S, V, sn = _inputs(64, 1, 48, 32, 8, dtype=torch.float32)
+    Xs, Ds = X.expand(64, 5, 48).contiguous(), D.expand(64, 5, 32).contiguous()
+    a, b, xn, yn, S2, sn2 = _contract_inputs(100, 5, F64)
+    G = torch.randn(32, 48, device="cuda")
+    x, y = torch.randn(32, dtype=F64, device="cuda"), torch.randn(48, dtype=F64, device="cuda")
+    for _ in range(2):  # the first round warms the caching allocator and cuBLAS handles up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            stats = ops.persample_linear(X, D, U, S, V, sn)
+            ops.persample_linear(Xs, Ds, U, S, V, sn)
+            ops.persample_linear(X.bfloat16(), D.bfloat16(), U.bfloat16(), S, V.bfloat16(), sn)
+            ops.hessian_contract(a, b, xn, yn, S2, sn2)
+            ops.gradient_statistics(*stats, G, U, S, V, sn, 64.0, 1.0)
+            ops.update_statistics(x, y, U, S, V, sn)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_ops_run_on_the_current_stream_and_device():
+    X, D, U, S, V, sn = _inputs(32, 3, 20, 12, 4)
+    want = [t.cpu() for t in ops.persample_linear(X, D, U, S, V, sn)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = ops.persample_linear(X, D, U, S, V, sn)
+    torch.cuda.current_stream().wait_stream(side)
+    for g, w in zip(got, want):
+        assert_close(g.cpu(), w, TOL["parity"][F64])
+    if torch.cuda.device_count() > 1:  # tensors on a device that is not the current one
+        args = [t.to("cuda:1") if isinstance(t, torch.Tensor) else t for t in (X, D, U, S, V, sn)]
+        got = ops.persample_linear(*args)
+        assert got[0].device == torch.device("cuda:1")
+        for g, w in zip(got, want):
+            assert_close(g.cpu(), w, TOL["parity"][F64])
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tracked training run on CUDA matches the same run on the CPU, record by record
+# ----------------------------------------------------------------------------------------------------
+RECORD_FIELDS = ("sigma", "sigma2", "sigma_next", "drift", "diffusion_var", "ito", "ito_lo", "ito_hi",
+                 "first_order", "second_order", "delta_pred", "delta_obs")
+
+
+def _train(model, device, steps, batch, seed=0, **tracker_kw):
+    model = copy.deepcopy(model).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    with lipfast.Tracker(model, opt, **tracker_kw) as tracker:
+        for _ in range(steps):
+            x = torch.randn(batch, *model.input_shape, generator=g, dtype=F64).to(device=device, dtype=dtype)
+            y = torch.randint(0, 10, (batch,), generator=g).to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            tracker.log(loss=loss)
+            opt.step()
+    return tracker.records
+
+
+def _small_model(arch, dtype):
+    """Layers small enough (m·n <= 64·64) for exact spectra: the runs differ only by rounding."""
+    if arch == "mlp":
+        model, shape = models.build_model("mlp", (20,), 10, widths=(32, 32), seed=0), (20,)
+    else:
+        model, shape = models.build_model("cnn", (1, 8, 8), 10, widths=(4, 8), seed=0), (1, 8, 8)
+    model = model.to(dtype)
+    model.input_shape = shape
+    return model
+
+
+# float64: the runs agree to float64 rounding amplified over a few steps; float32: to float32 rounding
+# (different GEMM/convolution kernels, no TF32), amplified by the cancellation in delta_obs and ito.
+RUN_TOL = {F64: dict(rtol=1e-7, atol=1e-9), torch.float32: dict(rtol=2e-3, atol=2e-4)}
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_tracked_training_run_matches_cpu(arch, dtype):
+    model = _small_model(arch, dtype)
+    kw = dict(rank=8, gap_tol=1e-6, step_tol=1e6)
+    cpu = _train(model, "cpu", steps=6, batch=32, **kw)
+    gpu = _train(model, "cuda", steps=6, batch=32, **kw)
+    assert len(gpu) == len(cpu) > 0
+    tol = RUN_TOL[dtype]
+    for field in RECORD_FIELDS:
+        c = torch.tensor([r[field] for r in cpu], dtype=F64)
+        g = torch.tensor([r[field] for r in gpu], dtype=F64)
+        if dtype == torch.float32 and field == "delta_obs":
+            continue  # a difference of two float32 σ1: rounding, not signal, at this scale
+        scale = float(c.abs().max()) if c.numel() else 1.0
+        torch.testing.assert_close(g, c, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-300),
+                                   equal_nan=True, msg=lambda m, f=field: f"{arch} {dtype} {f}: {m}")
+    for rc, rg in zip(cpu, gpu):
+        assert (rc["step"], rc["layer"], rc["batch"]) == (rg["step"], rg["layer"], rg["batch"])
+        assert (rc["degenerate"], rc["nonfinite"]) == (rg["degenerate"], rg["nonfinite"])
+        assert math.isfinite(rg["sigma"])
