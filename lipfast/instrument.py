@@ -149,7 +149,8 @@ class LayerCapture:
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
             if spec is None:  # NaN/Inf weights: nothing is measurable, keep the sample count
                 B = calls[0].x.shape[0] if calls[0].x.dim() > 1 else 1
-                self.stats.append(tuple(torch.full((B,), float("nan"), dtype=torch.float64) for _ in range(4)))
+                self.stats.append(tuple(torch.full((B,), float("nan"), dtype=torch.float64, device=self.weight.device)
+                                        for _ in range(4)))
             elif self.kind == "linear":
                 self.stats.append(self._linear_stats(spec, calls, dtype))
             else:

@@ -70,10 +70,6 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     Returns:
         ``(proj, hess, hess_lo, hess_hi)``, each ``[B]`` float64: ``u1ᵀ G_i v1`` and ``H[G_i, G_i]``.
     """
-    if X.dim() == 3 and D.dim() == 3 and X.shape[1] == 0 and D.shape[1] == 0:
-        # T = 0: every G_i is an empty sum, 0, as with one all-zero position; the CPU kernel would read
-        # past its per-thread buffers for T = 0 (they are sized only when T > 1) and crash.
-        X, D = X.new_zeros(X.shape[0], 1, X.shape[2]), D.new_zeros(D.shape[0], 1, D.shape[2])
     return torch.ops.lipfast.persample_linear.default(
         X.detach(), D.detach(), U.detach(), S.detach(), V.detach(), float(sigma_next)
     )

@@ -204,23 +204,31 @@ def resume_and_compare(out: Path, ref: runio.Run, outcome: Outcome, tmp: Path, c
 def kill_run(out: Path, sig: int, trigger: str, amount: float, tmp: Path, extra: tuple[str, ...] = (),
              resume: bool = False) -> tuple[int | None, Path]:
     """Start ``lipfast train`` (or ``--resume``) into ``out`` and send ``sig`` once ``trigger`` fires:
-    ``"records"``: ``amount`` data lines are in layers.csv; ``"delay"``: ``amount`` seconds after config.json
-    appeared; ``"start"``: ``amount`` seconds after the process started. Returns (exit status, stderr file)."""
+    ``"records"``: ``amount`` data lines are in layers.csv; ``"delay"``: ``amount`` seconds after the first
+    record (of this process) appeared; ``"config"``: ``amount`` seconds after config.json appeared (a resume:
+    after the start); ``"start"``: ``amount`` seconds after the process started. Returns (exit status, stderr
+    file)."""
     err = tmp / f"{out.name}.{'resume' if resume else 'run'}.err"
     args = ("train", "--resume", "--out", str(out), "--quiet", "--no-report") if resume else (*RUN_ARGS, "--out", str(out))
     with open(err, "wb") as ferr:
         proc = subprocess.Popen(lipfast_cmd(*args, *extra), stdout=subprocess.DEVNULL, stderr=ferr)
         t0 = time.monotonic()
-        t_cfg = None
+        t_cfg = t0 if resume else None
+        t_rec = None
+        lines0 = data_lines(out / runio.LAYERS_FILE)
         try:
             while proc.poll() is None:
                 now = time.monotonic()
                 if now - t0 > TIMEOUT:
                     raise AssertionError(f"lipfast train did not finish in {TIMEOUT} s")
-                if t_cfg is None and (out / runio.CONFIG_FILE).exists() and not resume:
+                if t_cfg is None and (out / runio.CONFIG_FILE).exists():
                     t_cfg = now
-                fire = ((trigger == "records" and data_lines(out / runio.LAYERS_FILE) >= amount)
-                        or (trigger == "delay" and (resume or t_cfg is not None) and now - (t_cfg or t0) >= amount)
+                lines = data_lines(out / runio.LAYERS_FILE)
+                if t_rec is None and lines > lines0:
+                    t_rec = now
+                fire = ((trigger == "records" and lines >= amount)
+                        or (trigger == "delay" and t_rec is not None and now - t_rec >= amount)
+                        or (trigger == "config" and t_cfg is not None and now - t_cfg >= amount)
                         or (trigger == "start" and now - t0 >= amount))
                 if fire:
                     proc.send_signal(sig)
@@ -234,20 +242,24 @@ def kill_run(out: Path, sig: int, trigger: str, amount: float, tmp: Path, extra:
     return rc, err
 
 
-def check_signal_exit(rc: int, sig: int, err: Path, label: str) -> None:
-    """SIGKILL: killed (or it had just finished). SIGINT: status 130 with one line pointing at --resume."""
+def check_signal_exit(rc: int, sig: int, err: Path, out: Path, label: str, resume: bool = False) -> None:
+    """SIGKILL: killed (or it had just finished). SIGINT: lipfast's one line pointing at --resume, and status
+    130 or death by SIGINT (-2, which a shell also reports as 130): CPython re-raises SIGINT at exit when the
+    interrupt landed in source it ran through ``exec(str)`` (dataclass and namedtuple creation, here in
+    torch's lazy import of torch._dynamo when the optimizer is created), even after lipfast handled it. With no line at all,
+    the interrupt came while Python still imported lipfast and torch, before lipfast's main() ran: no run
+    folder then (a resume leaves the folder as it was)."""
     if rc == 0:
         return  # the signal arrived after the run had finished
-    if sig == signal.SIGINT and rc == -signal.SIGINT:
-        # Ctrl-C while Python was still importing lipfast and torch, before lipfast's main() ran: the
-        # interpreter's own traceback, and no run folder yet
-        assert not runio.is_run_folder(err.parent / err.name.split(".")[0]), label
-        return
     if sig == signal.SIGKILL:
         assert rc == -signal.SIGKILL, f"{label}: exit {rc}"
-    else:
-        assert rc == 130, f"{label}: exit {rc}: {err.read_text(errors='replace')}"
+        return
+    text = err.read_text(encoding="utf-8", errors="replace")
+    if "lipfast: interrupted" in text:
+        assert rc in (130, -signal.SIGINT), f"{label}: exit {rc}: {text}"
         assert "--resume" in one_line(err), label
+    else:
+        assert rc == -signal.SIGINT and (resume or not runio.is_run_folder(out)), f"{label}: exit {rc}: {text}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,13 +270,13 @@ def signal_trial(tmp: Path, ref, capsys, name: str, sig: int, trigger: str, amou
     out = tmp / name
     label = f"{name}: {signal.Signals(sig).name} on {trigger}={amount:.3g}"
     rc, err = kill_run(out, sig, trigger, amount, tmp)
-    check_signal_exit(rc, sig, err, label)
+    check_signal_exit(rc, sig, err, out, label)
     outcome = check_partial(out, ref, label, rc)
     if kill_resume is not None and outcome.folder:
         # interrupted again while resuming
         rc2, err2 = kill_run(out, sig, kill_resume[0], kill_resume[1], tmp, resume=True)
         label += f", then its resume on {kill_resume[0]}={kill_resume[1]:.3g}"
-        check_signal_exit(rc2, sig, err2, label)
+        check_signal_exit(rc2, sig, err2, out, label, resume=True)
         outcome = check_partial(out, ref, label, rc2)
     check_report(out, capsys, outcome)
     resume_and_compare(out, ref, outcome, tmp, capsys if inprocess_resume else None)
@@ -331,7 +343,7 @@ def test_faults_fast(tmp_path, reference, capsys, monkeypatch):
     outcomes = [
         signal_trial(tmp_path, reference, capsys, "kill-records", signal.SIGKILL, "records", 7 * N_LAYERS, **kw),
         signal_trial(tmp_path, reference, capsys, "int-records", signal.SIGINT, "records", 14 * N_LAYERS, **kw),
-        signal_trial(tmp_path, reference, capsys, "kill-delay", signal.SIGKILL, "delay", 0.0, **kw),
+        signal_trial(tmp_path, reference, capsys, "kill-config", signal.SIGKILL, "config", 0.0, **kw),
         # layers.csv grows ~0.9 kB a step: 2500 bytes run out in step 2's write
         disk_full_trial(tmp_path, reference, capsys, "efbig", 2500, **kw),
         # writes: config.json, 2 headers, then 2 a step and checkpoint.pt after step 3: the 20th, step 7's
@@ -356,12 +368,12 @@ def test_faults_random_loop(tmp_path, reference, capsys, monkeypatch):
         name = f"t{i:02d}-{kind}"
         if kind in ("kill", "int"):
             sig = signal.SIGKILL if kind == "kill" else signal.SIGINT
-            trigger = rng.choice(["records", "delay", "start"])
-            amount = {"records": rng.randint(1, N_STEPS * N_LAYERS), "delay": rng.uniform(0.0, 1.5),
-                      "start": rng.uniform(0.5, 4.0)}[trigger]
-            again = (rng.choice(["records", "delay"]), 0.0) if rng.random() < 0.3 else None
-            if again is not None:
-                again = (again[0], rng.randint(1, N_STEPS * N_LAYERS) if again[0] == "records" else rng.uniform(0, 1.5))
+            trigger = rng.choice(["records", "records", "delay", "config", "start"])
+            amount = {"records": rng.randint(1, N_STEPS * N_LAYERS), "delay": rng.uniform(0.0, 0.8),
+                      "config": rng.uniform(0.0, 1.5), "start": rng.uniform(0.5, 4.0)}[trigger]
+            again = None
+            if rng.random() < 0.3:  # and again while it resumes
+                again = rng.choice([("records", rng.randint(1, N_STEPS * N_LAYERS)), ("delay", rng.uniform(0, 0.8))])
             outcome = signal_trial(tmp_path, reference, capsys, name, sig, trigger, amount, kill_resume=again,
                                    inprocess_resume=inproc)
         elif kind == "efbig":

@@ -31,8 +31,9 @@ stored matrix (float64 LAPACK; 1 when ``min(m, n) = 1``), ``L = m + n`` (or the 
 - projections ``s_i = u1ᵀG_iv1``: ``C_H·(eps + ρ)·κ·√L·‖G_i‖_F``;
 - compiled op vs twin on the same spectrum (parity): the same bounds with ``ρ = 0``.
 
-``C_S = 16`` and ``C_H = 64`` are a margin of >= 10x over the largest ratio measured across these
-examples (see docs/RELIABILITY.md). Where ``C_H·eps·κ·√L >= 1`` the bound is vacuous (σ1 and σ2 tie to
+With ``C_S = 16`` and ``C_H = 64`` the largest error measured across these examples is 0.08 of its bound
+(0.12 for the Ritz-value bound), and a relative perturbation of 1e-7 of a Hessian form or a projection
+still fails (docs/RELIABILITY.md). Where ``C_H·eps·κ·√L >= 1`` the bound is vacuous (σ1 and σ2 tie to
 the dtype's precision): then only finiteness/NaN-by-degeneracy, ordering and sign are checked.
 
 Set ``LIPFAST_FUZZ=<factor>`` to multiply every example budget and draw fresh random examples each run
@@ -700,11 +701,6 @@ assert all(bool((t == 0).all()) for t in out), out
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "csrc/cpu/persample_linear_cpu.cpp: with T = 0 positions the per-thread buffers xbuf/ybuf, sized only "
-    "when T > 1, are read by sum_squares(xbuf.data(), m): the process segfaults (also through Tracker on a "
-    "Linear fed [B, 0, n]). Fix: size them when T != 1. lipfast.ops.persample_linear now maps T = 0 to one "
-    "zero position, so every Python caller is safe; only a direct torch.ops call reaches the kernel bug."))
 def test_compiled_persample_linear_kernel_with_no_positions():
     r = subprocess.run([sys.executable, "-c", _T0_KERNEL], capture_output=True, timeout=300, check=False)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr.decode(errors='replace')[-500:]}"
