@@ -702,6 +702,8 @@ assert all(bool((t == 0).all()) for t in out), out
 
 
 def test_compiled_persample_linear_kernel_with_no_positions():
+    """The compiled kernel called directly with ``T = 0`` gives zeros (it once read past its per-thread buffers
+    and segfaulted); in a subprocess, so a crash fails this test instead of ending the session."""
     r = subprocess.run([sys.executable, "-c", _T0_KERNEL], capture_output=True, timeout=300, check=False)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr.decode(errors='replace')[-500:]}"
 
