@@ -99,7 +99,7 @@ def naive_step(model, opt, X, y):
     sgd_step(model, opt, X, y)
 
 
-def check_correctness(model, X, y) -> None:
+def check_correctness(model, X, y, naive: bool = True) -> None:
     """Compiled tracker == reference tracker on one step; naive (exact) terms agree with it."""
     recs = {}
     for impl in ("compiled", "reference"):
@@ -108,7 +108,7 @@ def check_correctness(model, X, y) -> None:
         with lipfast.Tracker(m, opt, rank=8, implementation=impl, gap_tol=0, step_tol=math.inf) as tr:
             sgd_step(m, opt, X, y)
         recs[impl] = {r["layer"]: r for r in tr.records}
-    exact = naive_terms(model, X, y, LR)
+    exact = naive_terms(model, X, y, LR) if naive else {}
     for layer, r in recs["compiled"].items():
         ref = recs["reference"][layer]
         for f in ("sigma", "drift", "diffusion_var", "ito"):
@@ -118,6 +118,8 @@ def check_correctness(model, X, y) -> None:
         floor = 64 * torch.finfo(torch.float32).eps * r["sigma"]
         for f in ("first_order", "second_order"):
             assert abs(r[f] - ref[f]) <= floor, f"{layer}.{f}: {r[f]} vs reference {ref[f]} (floor {floor:.1e})"
+        if layer not in exact:
+            continue
         drift, diff, ito = exact[layer]
         H.assert_close(torch.tensor(r["drift"]), torch.tensor(drift), rtol=5e-3, atol=1e-5, what=f"{layer}.drift vs naive")
         H.assert_close(torch.tensor(r["diffusion_var"]), torch.tensor(diff), rtol=5e-2, atol=1e-5,
@@ -160,7 +162,7 @@ def peer_routes(model, X, y):
 
 def run_case(name: str, args, min_run_time: float) -> list[H.Result]:
     model, X, y = make_case(name, args.quick)
-    check_correctness(model, X, y)
+    check_correctness(model, X, y, naive=name != "wide")
     impls = []
 
     def variant(label, note="", naive=False, **tracker_kw):
@@ -176,7 +178,8 @@ def run_case(name: str, args, min_run_time: float) -> list[H.Result]:
     impls.append(variant("tracked", "rank 8, every step", rank=8))
     impls.append(variant("tracked every=10", "mean over steps", rank=8, every=10))
     impls.append(variant("reference-tracked", "same algorithm, plain torch", rank=8, implementation="reference"))
-    if not args.quick:
+    per_sample_bytes = X.shape[0] * sum(p.numel() for p in model.parameters()) * 8  # float64 copies
+    if not args.quick and per_sample_bytes < 2**31:  # the wide MLP's would need ~12 GB
         impls.append(variant("naive", "vmap(grad) + full SVD", naive=True))
     impls += peer_routes(model, X, y)
     config = H.Config(name=f"{name} B={X.shape[0]}", params={"batch": X.shape[0]})
