@@ -91,8 +91,8 @@ def truncation_table(args) -> list[str]:
                             args.lr, dict(rank=rank))
     exact = {(r["step"], r["layer"]): r for r in records["full"]}
     shapes = {r["layer"]: (r["m"], r["n"]) for r in records["full"]}
-    lines = [f"rank | layer (m x n) | steps used | flagged | ito rel. err median | max | "
-             f"bracket width / |ito| median | max | bracket holds exact"]
+    lines = ["rank | layer (m x n) | steps used | flagged | ito rel. err median | max | "
+             "bracket width / |ito| median | max | bracket holds exact"]
     lines.append("|".join(["---"] * 9))
     for k in RANKS[:-1]:
         for layer, (m, nn_) in shapes.items():

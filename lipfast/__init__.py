@@ -30,7 +30,7 @@ def _check_torch_version() -> None:
 
 _check_torch_version()
 
-from . import ops  # noqa: E402  (registers the fake kernels; needs _C loaded first)
+from . import ops  # noqa: E402, F401  (registers the fake kernels; needs _C loaded first)
 from .tracker import LipfastWarning, Tracker  # noqa: E402
 from .functional import (  # noqa: E402
     HessianForm,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import distributed, ops, reference
 from .functional import Spectrum, compute_spectrum
 from .instrument import Hook, LayerCapture, unsupported_reason
-from .optim import StepCoefficients, find_group, step_coefficients
+from .optim import StepCoefficients, step_coefficients
 
 __all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS"]
 
@@ -366,7 +366,7 @@ class Tracker:
             self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
             W_v1, Wt_u1 = spec_after.probes
             x, y = W_v1[:, 0] - p["x_before"], Wt_u1[:, 0] - p["y_before"]   # ΔW v1, ΔWᵀ u1
-            first, second, second_lo, second_hi, finite_after = self.impl.update_statistics(
+            first, second, _, _, finite_after = self.impl.update_statistics(
                 x, y, spec.U64, spec.S, spec.V64, float(spec.sigma_next)).tolist()
             # How far the step rotates the top singular pair, against the gap (MATH.md §1 degenerate gap).
             dw_norm = max(float(x.norm()), float(y.norm()))

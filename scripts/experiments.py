@@ -24,7 +24,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -424,7 +423,7 @@ def claim_degenerate(st: Study, models) -> str:
         "",
         "What this shows. At initialisation the relative gaps are small (Gaussian-like weights: σ₁/σ₂ close to 1; "
         "gap₀ column). "
-        + (f"No step has a relative gap below `gap_tol`: every flag comes from the step criterion "
+        + ("No step has a relative gap below `gap_tol`: every flag comes from the step criterion "
            "‖ΔW‖₂ > ½(σ₁ − σ₂). " if n_gap == 0 else
            f"{n_gap} flagged layer-steps have a relative gap below `gap_tol`; the others come from the step "
            "criterion ‖ΔW‖₂ > ½(σ₁ − σ₂). ")

@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lipfast
-from lipfast import report, runio
+from lipfast import runio
 from lipfast.cli import main
 from lipfast.tracker import Tracker
 
