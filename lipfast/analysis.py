@@ -404,7 +404,8 @@ def _series_summary(series: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    """CSV text with a header; floats written with repr (they read back bit-identical)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -438,7 +439,7 @@ def write_simulation(
             layer_rows.append([int(s["steps"][i]), name] + [float(s[c][i]) for c in cols[1:]])
     runio.write_text_atomic(
         path / runio.SDE_LAYERS_FILE,
-        _csv_text(["step", "layer", "observed", "mean", "lo", "hi"], layer_rows),
+        csv_text(["step", "layer", "observed", "mean", "lo", "hi"], layer_rows),
     )
     net_rows = []
     if sim["network"] is not None:
@@ -447,7 +448,7 @@ def write_simulation(
             net_rows.append([int(s["steps"][i])] + [float(s[c][i]) for c in cols[1:]])
     runio.write_text_atomic(
         path / runio.SDE_NETWORK_FILE,
-        _csv_text(["step", "observed", "mean", "lo", "hi"], net_rows),
+        csv_text(["step", "observed", "mean", "lo", "hi"], net_rows),
     )
     sde = {
         "n_paths": sim["n_paths"],

@@ -29,7 +29,6 @@ Plain functions: :func:`parse_values`, :func:`plan_sweep`, :func:`run_sweep`, :f
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -780,15 +779,6 @@ def _fits(factor: str, per_run: list[dict], layers: list[str]) -> dict:
     return fits
 
 
-def _csv(header: list[str], rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for row in rows:
-        w.writerow([repr(float(v)) if isinstance(v, (float, np.floating)) else v for v in row])
-    return buf.getvalue()
-
-
 def _write_runs_csv(out: Path, factor: str, per_run: list[dict], keys: list) -> None:
     rows = []
     for p in per_run:
@@ -796,7 +786,7 @@ def _write_runs_csv(out: Path, factor: str, per_run: list[dict], keys: list) -> 
         for (q, layer) in keys:
             rows.append([p["value"], p["replicate"], cfg.get("seed"), cfg.get("data_seed"), p["path"], q, layer,
                          float(p["quantities"].get((q, layer), math.nan))])
-    runio.write_text_atomic(out / RUNS_FILE, _csv(
+    runio.write_text_atomic(out / RUNS_FILE, analysis.csv_text(
         [factor, "replicate", "seed", "data_seed", "run", "quantity", "layer", "result"], rows))
 
 
@@ -806,7 +796,7 @@ def _write_table_csv(out: Path, factor: str, groups: list, keys: list, table: di
         for (q, layer) in keys:
             s = table[(v, q, layer)]
             rows.append([v, q, layer, s["n"], s["mean"], s["std"], s["min"], s["max"]])
-    runio.write_text_atomic(out / TABLE_FILE, _csv([factor, "quantity", "layer", "n", "mean", "std", "min", "max"],
+    runio.write_text_atomic(out / TABLE_FILE, analysis.csv_text([factor, "quantity", "layer", "n", "mean", "std", "min", "max"],
                                                    rows))
 
 
