@@ -372,7 +372,7 @@ class Tracker:
             dw_norm = max(float(x.norm()), float(y.norm()))
             sigma_next = float(spec_after.S[0])
         else:  # the step left NaN/Inf in W
-            first = second = second_lo = second_hi = dw_norm = sigma_next = NAN
+            first = second = dw_norm = sigma_next = NAN
             finite_after = 0.0
         N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = self._reduce(p["sums"]).tolist()
         N = int(N)
