@@ -36,8 +36,17 @@ TORCH_LIBRARY(lipfast, m) {
   m.def("gradient_statistics(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor G, Tensor U, "
         "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor) -> Tensor");
   // update_statistics: after a step, from x = ΔW v1 [m], y = ΔWᵀ u1 [n] (float64) and the spectrum before
-  //   the step. Returns float64 [5]: u1ᵀΔWv1, ½H[ΔW,ΔW] (value, lo, hi), all-finite flag.
+  //   the step. Returns float64 [7]: u1ᵀΔWv1, ½H[ΔW,ΔW] (value, lo, hi), all-finite flag, ‖x‖, ‖y‖.
   m.def("update_statistics(Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next) -> Tensor");
+  // track_update: one layer's work after an optimizer step, in one call: the new spectrum of W [m, n]
+  //   (warm-started from basis [n, p], or exact when `exact`), with the old spectrum U [m, k], S [k],
+  //   V [n, k], sigma_next and Wt_u1 = Wᵀu1 [n] before the step giving ΔW v1, ΔWᵀ u1 through probes.
+  //   Returns the new U [m, k], S [k], V [n, k], sigma_next [], residuals [k], basis [n, p], Wt_u1 [n], and
+  //   stats [12] float64: update_statistics' 7 values, new σ1, σ2 (σ_{k+1} when k = 1), σ_{k+1}, max
+  //   residual, sweeps.
+  m.def("track_update(Tensor W, Tensor basis, Tensor U, Tensor S, Tensor V, float sigma_next, Tensor Wt_u1, "
+        "int max_iters, float tol, bool exact) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, "
+        "Tensor residuals, Tensor basis, Tensor Wt_u1, Tensor stats)");
 }
 
 namespace {
@@ -54,7 +63,7 @@ void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 
 TORCH_LIBRARY_IMPL(lipfast, Autograd, m) {
   for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics",
-                           "update_statistics"}) {
+                           "update_statistics", "track_update"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_below_autograd>());
   }
 }

@@ -66,6 +66,13 @@ class Spectrum:
     def V64(self) -> Tensor:
         return self.V.to(torch.float64)
 
+    @cached_property
+    def host(self) -> tuple[float, float, float]:
+        """``(σ1, σ2, σ_{k+1})`` as Python floats, read from the device once (σ2 is ``sigma_next`` when k = 1)."""
+        top = self.S[:2].tolist()
+        nxt = float(self.sigma_next)
+        return top[0], (top + [nxt])[1], nxt
+
     @property
     def k(self) -> int:
         return int(self.S.shape[0])
@@ -75,7 +82,7 @@ class Spectrum:
         """``σ1 = ‖W‖₂`` (a 0-dim float64 tensor)."""
         return self.S[0]
 
-    @property
+    @cached_property
     def residual(self) -> float:
         """``max_j ‖Wᵀu_j − σ_j v_j‖`` over the k triplets."""
         return float(self.residuals.max()) if self.residuals.numel() else 0.0
@@ -175,6 +182,29 @@ def spectrum(W: Tensor, k: int = 8, state: Spectrum | None = None, iters: int | 
     return compute_spectrum(W.detach(), k, basis, iters, tol, oversample, seed)
 
 
+def default_tol(dtype: torch.dtype) -> float:
+    """Relative residual at which a subspace iteration stops by default (MATH.md §5)."""
+    return _DEFAULT_TOL[dtype]
+
+
+def block_size(k: int, r: int, oversample: int | None = None) -> int:
+    """Columns of the iterated block for k triplets of a matrix of rank <= r (MATH.md §5)."""
+    return min(r, k + 1 + (max(4, k // 2) if oversample is None else oversample))
+
+
+def needs_exact(m: int, n: int, k: int) -> bool:
+    """Whether an ``[m, n]`` matrix gets the exact spectrum instead of a subspace iteration."""
+    r = min(m, n)
+    return k >= r or block_size(k, r) >= r or m * n <= _SMALL_MATRIX
+
+
+def with_host_values(spec: Spectrum, sigma: float, sigma2: float, sigma_next: float, residual: float) -> Spectrum:
+    """``spec`` with its host-side numbers filled in from values the caller already read (no device reads)."""
+    spec.__dict__["host"] = (sigma, sigma2, sigma_next)
+    spec.__dict__["residual"] = residual
+    return spec
+
+
 def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int | None = None,
                      tol: float | None = None, oversample: int | None = None, seed: int = 0,
                      impl=ops, probes: tuple[Tensor, Tensor] | None = None, small: str = "lapack") -> Spectrum:
@@ -185,9 +215,11 @@ def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int 
     """
     m, n = W.shape
     r = min(m, n)
-    p = min(r, k + 1 + (max(4, k // 2) if oversample is None else oversample))
+    p = block_size(k, r, oversample)
     if k >= r or p >= r or m * n <= _SMALL_MATRIX:
-        spec = _gram_spectrum(W, k) if small == "gram" else _lapack_spectrum(W, k)
+        if small == "gram":
+            return _gram_spectrum(W, k, impl, probes)
+        spec = _lapack_spectrum(W, k)
         if probes is None:
             return spec
         right, left = probes
@@ -195,18 +227,22 @@ def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int 
         return dataclasses.replace(spec, probes=products)
 
     if basis is not None:
-        V0 = _resize_block(basis.to(W.device, W.dtype), p, seed)
+        if basis.dtype != W.dtype or basis.device != W.device:
+            basis = basis.to(W.device, W.dtype)
+        V0 = basis if basis.shape[1] == p else resize_block(basis, p, seed)
         max_iters = iters or _WARM_ITERS
     else:
         gen = torch.Generator(device=W.device).manual_seed(seed)
         V0 = torch.randn(n, p, generator=gen, device=W.device, dtype=W.dtype)
         max_iters = iters or _COLD_ITERS
-    tol = _DEFAULT_TOL[W.dtype] if tol is None else float(tol)
+    tol = default_tol(W.dtype) if tol is None else float(tol)
     right, left = probes if probes is not None else (None, None)
     U, S, V, res, it, advanced, W_right, Wt_left = impl.subspace_iteration(W, V0, k + 1, max_iters, tol, right, left)
     # The Ritz value of σ_{k+1} lies below the true one; adding its residual keeps the truncation
-    # bracket honest (a singular value lies within the residual of every Ritz value).
-    sigma_next = torch.minimum(S[k] + res[k], S[k - 1])
+    # bracket honest (a singular value lies within the residual of every Ritz value). Read on the host
+    # once (the iteration synchronised already), instead of a chain of 0-dim tensor ops.
+    s_k, s_km1, r_k = float(S[k]), float(S[k - 1]), float(res[k])
+    sigma_next = torch.tensor(min(s_k + r_k, s_km1), dtype=torch.float64, device=S.device)
     return Spectrum(U=U[:, :k], S=S[:k], V=V[:, :k], sigma_next=sigma_next, residuals=res[:k],
                     exact=False, shape=(m, n), basis=advanced, iters=int(it), Wt_u1=advanced[:, 0].to(torch.float64),
                     probes=None if probes is None else (W_right, Wt_left))
@@ -227,29 +263,32 @@ def _lapack_spectrum(W: Tensor, k: int) -> Spectrum:
                     exact=exact, shape=(m, n), basis=basis, iters=0, Wt_u1=S64[0] * V[:, 0].to(torch.float64))
 
 
-def _gram_spectrum(W: Tensor, k: int) -> Spectrum:
-    """Exact spectrum from the eigendecomposition of the smaller Gram matrix, in float64."""
+def _gram_spectrum(W: Tensor, k: int, impl=ops, probes: tuple[Tensor, Tensor] | None = None) -> Spectrum:
+    """Exact spectrum from the eigendecomposition of the smaller Gram matrix, in float64.
+
+    One subspace sweep whose block is the identity on the smaller side spans the whole row (or column)
+    space, so its Rayleigh–Ritz step is the exact SVD: the compiled op does it in one call, with the
+    probes riding along."""
     m, n = W.shape
     r = min(m, n)
-    W64 = W.to(torch.float64)
-    wide = m <= n
-    theta, Q = torch.linalg.eigh(W64 @ W64.mT if wide else W64.mT @ W64)
-    S = theta.flip(0).clamp_min(0).sqrt()
-    Q = Q.flip(1)
-    inv = torch.where(S > 0, 1 / S, torch.zeros_like(S))
-    other = (W64.mT @ Q if wide else W64 @ Q) * inv
-    U64, V64 = (Q, other) if wide else (other, Q)
-    res = (W64.mT @ U64 - V64 * S).norm(dim=0)
+    tall = m >= n  # iterate on the tall orientation, whose right side is the small one
+    A = W if tall else W.mT
+    right, left = probes if probes is not None else (None, None)
+    eye = torch.eye(r, dtype=W.dtype, device=W.device)
+    U, S, V, res, _, _, A_right, At_left = impl.subspace_iteration(
+        A, eye, r, 1, 0.0, right if tall else left, left if tall else right)
+    # For A = Wᵀ: W = V_A S U_Aᵀ, and the op's residuals ‖Aᵀu − σv‖ = ‖W v_W − σ u_W‖ are the other half.
+    U, V = (U, V) if tall else (V, U)
     kk = min(k, r)
     exact = k >= r
     sigma_next = S.new_zeros(()) if exact else S[kk]
-    U, V = U64.to(W.dtype), V64.to(W.dtype)
-    basis = V[:, : min(r, kk + 1 + max(4, kk // 2))]
+    products = None if probes is None else ((A_right, At_left) if tall else (At_left, A_right))
     return Spectrum(U=U[:, :kk], S=S[:kk], V=V[:, :kk], sigma_next=sigma_next, residuals=res[:kk], exact=exact,
-                    shape=(m, n), basis=basis, iters=0, Wt_u1=S[0] * V64[:, 0])
+                    shape=(m, n), basis=V[:, : min(r, kk + 1 + max(4, kk // 2))], iters=0,
+                    Wt_u1=S[0] * V[:, 0].to(torch.float64), probes=products)
 
 
-def _resize_block(block: Tensor, p: int, seed: int) -> Tensor:
+def resize_block(block: Tensor, p: int, seed: int) -> Tensor:
     """A warm-start block of ``p`` columns from a previous one (the rank may have changed)."""
     if block.shape[1] >= p:
         return block[:, :p]

@@ -171,9 +171,9 @@ class LayerCapture:
         if any(x.shape[0] != B for x in xs):  # calls on different sample sets: treat them as such
             return _cat_stats([self._linear_stats(spec, [c], dtype) for c in calls])
         # One call (the usual case) needs no concatenation: cat would copy the batch's activations.
-        X = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)).to(dtype)
-        D = (ds[0] if len(ds) == 1 else torch.cat(ds, dim=1)).to(dtype)
-        return self.owner.impl.persample_linear(X, D, spec.U.to(dtype), spec.S, spec.V.to(dtype), float(spec.sigma_next))
+        X = _as(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1), dtype)
+        D = _as(ds[0] if len(ds) == 1 else torch.cat(ds, dim=1), dtype)
+        return self.owner.impl.persample_linear(X, D, _as(spec.U, dtype), spec.S, _as(spec.V, dtype), spec.host[2])
 
     def _conv_stats(self, spec: Spectrum, calls: list[Call], dtype):
         B = calls[0].x.shape[0]
@@ -193,7 +193,9 @@ class LayerCapture:
     def take_stats(self):
         """All per-sample statistics since the last step, concatenated, and reset."""
         stats, self.stats = self.stats, []
-        return _cat_stats(stats) if stats else None
+        if not stats:
+            return None
+        return stats[0] if len(stats) == 1 else _cat_stats(stats)
 
     def _drop_groups(self) -> None:
         for group in self.groups.values():
@@ -209,6 +211,11 @@ class LayerCapture:
         self.handle.remove()
         self.reset()
 
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (skipping the dispatch of a no-op ``.to`` on the hot path)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _cat_stats(parts):

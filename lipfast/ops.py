@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics", "update_statistics"]
+__all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics", "update_statistics",
+           "track_update"]
+
+
+def _d(t: Tensor) -> Tensor:
+    """``t`` cut from autograd (no new tensor when it is not part of a graph: these wrappers run on
+    the tracker's hot path, several per layer and step)."""
+    return t.detach() if t.requires_grad else t
 
 
 def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float, right: Tensor | None = None,
@@ -34,8 +41,8 @@ def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float
         past ``V``, the warm start of the next call.
     """
     return torch.ops.lipfast.subspace_iteration.default(
-        W.detach(), V0.detach(), int(k), int(max_iters), float(tol),
-        None if right is None else right.detach(), None if left is None else left.detach())
+        _d(W), _d(V0), int(k), int(max_iters), float(tol),
+        None if right is None else _d(right), None if left is None else _d(left))
 
 
 def hessian_contract(a: Tensor, b: Tensor, xnorm2: Tensor, ynorm2: Tensor, S: Tensor, sigma_next: float):
@@ -54,7 +61,7 @@ def hessian_contract(a: Tensor, b: Tensor, xnorm2: Tensor, ynorm2: Tensor, S: Te
         ``σ1 == σ2`` or ``σ1 == 0`` (no finite Hessian there).
     """
     return torch.ops.lipfast.hessian_contract.default(
-        a.detach(), b.detach(), xnorm2.detach(), ynorm2.detach(), S.detach(), float(sigma_next)
+        _d(a), _d(b), _d(xnorm2), _d(ynorm2), _d(S), float(sigma_next)
     )
 
 
@@ -71,7 +78,7 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
         ``(proj, hess, hess_lo, hess_hi)``, each ``[B]`` float64: ``u1ᵀ G_i v1`` and ``H[G_i, G_i]``.
     """
     return torch.ops.lipfast.persample_linear.default(
-        X.detach(), D.detach(), U.detach(), S.detach(), V.detach(), float(sigma_next)
+        _d(X), _d(D), _d(U), _d(S), _d(V), float(sigma_next)
     )
 
 
@@ -91,8 +98,8 @@ def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Te
         when every reduction is finite.
     """
     return torch.ops.lipfast.gradient_statistics.default(
-        proj.detach(), hess.detach(), hess_lo.detach(), hess_hi.detach(), G.detach(), U.detach(), S.detach(),
-        V.detach(), float(sigma_next), float(scale), float(loss_factor))
+        _d(proj), _d(hess), _d(hess_lo), _d(hess_hi), _d(G), _d(U), _d(S),
+        _d(V), float(sigma_next), float(scale), float(loss_factor))
 
 
 def update_statistics(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float) -> Tensor:
@@ -103,10 +110,54 @@ def update_statistics(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sig
         before the step.
 
     Returns:
-        float64 ``[5]``: ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]`` value/lo/hi, and 1.0 when finite.
+        float64 ``[7]``: ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]`` value/lo/hi, 1.0 when finite, ``‖x‖``, ``‖y‖``.
     """
     return torch.ops.lipfast.update_statistics.default(
-        x.detach(), y.detach(), U.detach(), S.detach(), V.detach(), float(sigma_next))
+        _d(x), _d(y), _d(U), _d(S), _d(V), float(sigma_next))
+
+
+def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,
+                 max_iters: int, tol: float, exact: bool):
+    """One tracked layer after an optimizer step (MATH.md §2, §5), in one call.
+
+    Args:
+        W: ``[m, n]`` the weight after the step.
+        basis: ``[n, p]`` warm-start block of the spectrum before the step (ignored when ``exact``).
+        U, S, V, sigma_next, Wt_u1: that spectrum (``Wt_u1 = Wᵀu1 [n]`` float64 before the step).
+        max_iters, tol: sweeps of the warm-started iteration; exact: the matrix is small enough for the
+            exact spectrum (``k >= min(m, n)`` or a full block).
+
+    Returns:
+        The new spectrum's ``U [m, k], S [k], V [n, k], sigma_next [], residuals [k], basis [n, p],
+        Wt_u1 [n]`` and float64 ``stats [12]``: ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]`` value/lo/hi, 1.0 when finite,
+        ``‖ΔW v1‖``, ``‖ΔWᵀu1‖``, new ``σ1``, ``σ2`` (``σ_{k+1}`` when k = 1), ``σ_{k+1}``, max residual,
+        sweeps.
+    """
+    return torch.ops.lipfast.track_update.default(
+        _d(W), _d(basis), _d(U), _d(S), _d(V), float(sigma_next), _d(Wt_u1),
+        int(max_iters), float(tol), bool(exact))
+
+
+@torch.library.register_fake("lipfast::track_update")
+def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exact):
+    torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
+    m, n = W.shape
+    k = U.shape[1]
+    r = min(m, n)
+    kk = min(k, r)
+    p = min(r, kk + 1 + max(4, kk // 2)) if exact else basis.shape[1]
+    f64 = dict(dtype=torch.float64, device=W.device)
+    # U, V and basis are column blocks of row-major buffers (the kernels keep blocks as rows).
+    return (
+        W.new_empty((kk, m)).mT,
+        torch.empty((kk,), **f64),
+        W.new_empty((kk, n)).mT,
+        torch.empty((), **f64),
+        torch.empty((kk,), **f64),
+        W.new_empty((p, n)).mT,
+        torch.empty((n,), **f64),
+        torch.empty((12,), **f64),
+    )
 
 
 @torch.library.register_fake("lipfast::gradient_statistics")
@@ -118,7 +169,7 @@ def _gradient_statistics_fake(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_ne
 @torch.library.register_fake("lipfast::update_statistics")
 def _update_statistics_fake(x, y, U, S, V, sigma_next):
     torch._check(x.dim() == 1 and y.dim() == 1, lambda: "x must have shape [m] and y shape [n]")
-    return torch.empty((5,), dtype=torch.float64, device=x.device)
+    return torch.empty((7,), dtype=torch.float64, device=x.device)
 
 
 @torch.library.register_fake("lipfast::subspace_iteration")
@@ -129,13 +180,14 @@ def _subspace_iteration_fake(W, V0, k, max_iters, tol, right=None, left=None):
     p = V0.shape[1]
     torch._check(V0.shape[0] == n, lambda: f"V0.size(0) must equal W.size(1) = {n}")
     f64 = dict(dtype=torch.float64, device=W.device)
+    # U, V and next are transposed views of row blocks ([p, m] row-major): the kernels keep blocks as rows.
     return (
-        W.new_empty((m, p)),
+        W.new_empty((p, m)).mT,
         torch.empty((p,), **f64),
-        W.new_empty((n, p)),
+        W.new_empty((p, n)).mT,
         torch.empty((p,), **f64),
         torch.empty((), dtype=torch.int64, device=W.device),
-        W.new_empty((n, p)),
+        W.new_empty((p, n)).mT,
         torch.empty((m, 0 if right is None else right.shape[1]), **f64),
         torch.empty((n, 0 if left is None else left.shape[1]), **f64),
     )

@@ -32,8 +32,9 @@ class StepCoefficients:
     lr: float
     fresh: float          # c: coefficient of the fresh loss gradient in −ΔW (sign included: maximize flips it)
     decay: float          # c·λ: coefficient of W in −ΔW
-    known: Tensor | None  # the deterministic (momentum) part of ΔW, or None
+    known: Tensor | None  # the momentum buffer whose multiple known_scale·buffer is the deterministic part of ΔW
     exact: bool           # False for optimizers lipfast models as plain SGD
+    known_scale: float = 0.0  # (kept apart so that only the buffer's projection, not a scaled copy, is formed)
 
 
 def find_group(optimizer: torch.optim.Optimizer, param: Tensor) -> dict | None:
@@ -55,12 +56,13 @@ def step_coefficients(optimizer: torch.optim.Optimizer, param: Tensor) -> StepCo
     wd = float(group.get("weight_decay", 0.0))
     sign = -1.0 if group.get("maximize", False) else 1.0
     buf = optimizer.state.get(param, {}).get("momentum_buffer") if mu != 0 else None
+    known, scale = (buf.detach(), 0.0) if buf is not None else (None, 0.0)
     if mu == 0:
-        c, known = lr, None
+        c = lr
     elif buf is None:
-        c, known = (lr * (1 + mu) if nesterov else lr), None
+        c = lr * (1 + mu) if nesterov else lr
     elif nesterov:
-        c, known = lr * (1 + mu * (1 - damp)), buf.detach() * (-lr * mu * mu)
+        c, scale = lr * (1 + mu * (1 - damp)), -lr * mu * mu
     else:
-        c, known = lr * (1 - damp), buf.detach() * (-lr * mu)
-    return StepCoefficients(lr=lr, fresh=sign * c, decay=c * wd, known=known, exact=True)
+        c, scale = lr * (1 - damp), -lr * mu
+    return StepCoefficients(lr=lr, fresh=sign * c, decay=c * wd, known=known, exact=True, known_scale=scale)

@@ -140,4 +140,39 @@ def update_statistics(x: Tensor, y: Tensor, U, S, V, sigma_next: float) -> Tenso
     first = U[:, 0].to(torch.float64) @ x
     second = 0.5 * _hessian_of_direction(x, y, U, S, V, sigma_next)
     finite = torch.isfinite(torch.cat([x, y])).all().to(torch.float64)
-    return torch.cat([first[None], second, finite[None]])
+    return torch.cat([first[None], second, finite[None], x.norm()[None], y.norm()[None]])
+
+
+def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,
+                 max_iters: int, tol: float, exact: bool):
+    """Twin of ``lipfast::track_update``: the new spectrum and the step's update statistics."""
+    m, n = W.shape
+    k, r = U.shape[1], min(m, n)
+    v1, u1 = V[:, :1].to(W.dtype), U[:, :1].to(W.dtype)
+    if exact:
+        tall = m >= n
+        A = W if tall else W.mT
+        Ua, Sa, Va, res, it, _, A_right, At_left = subspace_iteration(
+            A, torch.eye(r, dtype=W.dtype, device=W.device), r, 1, 0.0, v1 if tall else u1, u1 if tall else v1)
+        kk = min(k, r)
+        Uf, Vf = (Ua, Va) if tall else (Va, Ua)
+        W_v1, Wt_u1_new_probe = (A_right, At_left) if tall else (At_left, A_right)
+        sigma_next_new = Sa.new_zeros(()) if k >= r else Sa[kk].clone()
+        basis_new = Vf[:, : min(r, kk + 1 + max(4, kk // 2))].clone()
+        Wt_u1_new = Sa[0] * Vf[:, 0].to(torch.float64)
+        Un, Sn, Vn, res = Uf[:, :kk], Sa[:kk], Vf[:, :kk], res[:kk]
+    else:
+        Ui, Si, Vi, resi, it, nexti, W_v1, Wt_u1_new_probe = subspace_iteration(
+            W, basis.to(W.dtype), k + 1, max_iters, tol, v1, u1)
+        kk = k
+        sigma_next_new = torch.minimum(Si[k] + resi[k], Si[k - 1])
+        basis_new, Wt_u1_new = nexti, nexti[:, 0].to(torch.float64).clone()
+        Un, Sn, Vn, res = Ui[:, :k], Si[:k], Vi[:, :k], resi[:k]
+    S64 = S.to(torch.float64)
+    x = W_v1[:, 0] - U[:, 0].to(torch.float64) * S64[0]
+    y = Wt_u1_new_probe[:, 0] - Wt_u1.to(torch.float64)
+    upd = update_statistics(x, y, U, S64, V, sigma_next)
+    s2 = Sn[1] if kk > 1 else sigma_next_new
+    stats = torch.cat([upd, Sn[:1], s2.reshape(1), sigma_next_new.reshape(1), res.max().reshape(1),
+                       torch.as_tensor(it, dtype=torch.float64).reshape(1)])
+    return Un, Sn, Vn, sigma_next_new, res, basis_new, Wt_u1_new, stats

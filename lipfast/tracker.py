@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, ops, reference
-from .functional import Spectrum, compute_spectrum
+from .functional import (Spectrum, block_size, compute_spectrum, default_tol, needs_exact, resize_block,
+                         with_host_values)
 from .instrument import Hook, LayerCapture, unsupported_reason
 from .optim import StepCoefficients, step_coefficients
 
@@ -258,11 +259,11 @@ class Tracker:
     def spectrum_before(self, cap: LayerCapture) -> Spectrum | None:
         """The spectrum of ``cap``'s weight as it is now, from the cache when the weight is unchanged;
         None when the weight holds NaN/Inf (after a non-finite step)."""
-        W = _matrix(cap.weight, cap.m)
         cached = self._cache.get(cap.name)
+        if cached is not None and cached.version == cap.weight._version:
+            return cached.spec
+        W = _matrix(cap.weight, cap.m)
         if cached is not None:
-            if cached.version == cap.weight._version:
-                return cached.spec
             if cached.fingerprint is not None and cached.fingerprint == _fingerprint(W):
                 cached.version, cached.fingerprint = cap.weight._version, None
                 return cached.spec
@@ -272,16 +273,42 @@ class Tracker:
             self._cache[cap.name] = _Cached(spec, cap.weight._version)
         return spec
 
-    def _spectrum(self, W: Tensor, basis: Tensor | None, probes=None) -> Spectrum | None:
+    def _spectrum(self, W: Tensor, basis: Tensor | None) -> Spectrum | None:
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
         try:
+            # Small matrices: the exact spectrum by the same route as track_update's, so that a step that
+            # leaves W unchanged reads exactly delta_obs = 0.
             return compute_spectrum(W, self.rank, basis, self.iters if basis is not None else None, self.tol,
-                                    impl=self.impl, probes=probes,
-                                    small="lapack" if W.dtype == torch.float64 else "gram")
+                                    impl=self.impl, small="gram")
         except RuntimeError:  # NaN/Inf in W (LAPACK and the subspace iteration both refuse it)
             if bool(torch.isfinite(W).all()):
                 raise
             return None
+
+    def _advance(self, cap: LayerCapture, spec: Spectrum) -> tuple[Spectrum | None, list[float] | None]:
+        """The spectrum after the optimizer step, warm-started from ``spec``, and the step's update statistics
+        (``update_statistics``' seven values), in one op call; ``(None, None)`` when the step left NaN/Inf in
+        the weight. ΔW is read through the old top pair riding along in the new spectrum's GEMMs."""
+        W = _matrix(cap.weight, cap.m)
+        W = W if W.dtype in (torch.float32, torch.float64) else W.float()
+        m, n = W.shape
+        exact = needs_exact(m, n, self.rank)
+        basis = spec.basis
+        if not exact:
+            p = block_size(self.rank, min(m, n))
+            basis = basis if basis.shape[1] == p else resize_block(basis, p, 0)
+        tol = default_tol(W.dtype) if self.tol is None else float(self.tol)
+        try:
+            U, S, V, sigma_next, res, basis, Wt_u1, stats = self.impl.track_update(
+                W, basis, spec.U, spec.S, spec.V, spec.host[2], spec.Wt_u1, self.iters, tol, exact)
+        except RuntimeError:  # NaN/Inf in W (the subspace iteration refuses it)
+            if bool(torch.isfinite(W).all()):
+                raise
+            return None, None
+        st = stats.tolist()
+        new = Spectrum(U=U, S=S, V=V, sigma_next=sigma_next, residuals=res, exact=exact and self.rank >= min(m, n),
+                       shape=(m, n), basis=basis, iters=0 if exact else int(st[11]), Wt_u1=Wt_u1)
+        return with_host_values(new, st[7], st[8], st[9], st[10]), st[:7]
 
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
         if not self.capturing:
@@ -321,14 +348,14 @@ class Tracker:
         coef = step_coefficients(self.optimizer, cap.weight)
         known = None
         if coef.known is not None:
-            known = spec.U64[:, 0] @ (_matrix(coef.known, cap.m) @ spec.V[:, 0].to(G.dtype)).double()
-        sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U64, spec.S, spec.V64,
-                                                  float(spec.sigma_next), scale, loss_factor)
+            buf_v1 = _matrix(coef.known, cap.m) @ spec.V[:, 0].to(coef.known.dtype)
+            known = coef.known_scale * (spec.U64[:, 0] @ buf_v1.double())
+        sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
+                                                  spec.host[2], scale, loss_factor)
         # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
         # free with the spectrum (W v1 = σ1 u1 for a Ritz pair; Wᵀu1 from its last sweep), after it they
         # ride along in the next spectrum's GEMMs. No copy of W is kept.
-        return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor, known=known,
-                    x_before=spec.S[0] * spec.U64[:, 0], y_before=spec.Wt_u1)
+        return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor, known=known)
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
         try:
@@ -359,24 +386,19 @@ class Tracker:
         spec: Spectrum = p["spec"]
         coef: StepCoefficients = p["coef"]
         c = p["c"]
-        W_after = _matrix(cap.weight, cap.m)
-        probes = (spec.V[:, :1], spec.U[:, :1])
-        spec_after = self._spectrum(W_after, spec.basis, probes)
+        spec_after, update = self._advance(cap, spec)
         if spec_after is not None:
             self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
-            W_v1, Wt_u1 = spec_after.probes
-            x, y = W_v1[:, 0] - p["x_before"], Wt_u1[:, 0] - p["y_before"]   # ΔW v1, ΔWᵀ u1
-            first, second, _, _, finite_after = self.impl.update_statistics(
-                x, y, spec.U64, spec.S, spec.V64, float(spec.sigma_next)).tolist()
+            first, second, _, _, finite_after, x_norm, y_norm = update
             # How far the step rotates the top singular pair, against the gap (MATH.md §1 degenerate gap).
-            dw_norm = max(float(x.norm()), float(y.norm()))
-            sigma_next = float(spec_after.S[0])
+            dw_norm = max(x_norm, y_norm)
+            sigma_next = spec_after.host[0]
         else:  # the step left NaN/Inf in W
             first = second = dw_norm = sigma_next = NAN
             finite_after = 0.0
         N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = self._reduce(p["sums"]).tolist()
         N = int(N)
-        sigma, sigma2 = (spec.S[:2].tolist() + [float(spec.sigma_next)])[:2]
+        sigma, sigma2, _ = spec.host
         flags = []
 
         # The SDE terms of MATH.md §3 from one mini-batch; sums are shifted by K ≈ mean(s) so the

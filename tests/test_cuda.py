@@ -85,7 +85,7 @@ def _to_cpu(args):
 def test_cuda_kernels_are_registered():
     for op in ("persample_linear", "hessian_contract"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lipfast::{op}", "CUDA"), op
-    for op in ("subspace_iteration", "gradient_statistics", "update_statistics"):  # composite: every backend
+    for op in ("subspace_iteration", "gradient_statistics", "update_statistics", "track_update"):  # composite
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lipfast::{op}", "CompositeExplicitAutograd"), op
 
 
@@ -292,6 +292,18 @@ def test_composite_ops_match_cpu(dtype):
     u_cpu = ops.update_statistics(x, y, U, S, V, 0.5)
     u_cuda = ops.update_statistics(*(t.cuda() for t in (x, y, U, S, V)), 0.5)
     assert_close(u_cuda.cpu(), u_cpu, TOL["parity"][dtype])
+    # track_update: the tracker's post-step call, iterated and exact
+    for (mm, nn, exact) in [(m, n, False), (12, 40, True)]:
+        Wt = gapped_matrix(mm, nn, dtype)
+        Ut, St, Vt = (t.to(dtype) if t.dtype != F64 else t for t in spectrum_of(Wt, 4)[:3])
+        basis = torch.randn(nn, 9, dtype=dtype)
+        Wt_u1 = (Wt.mT @ Ut[:, 0]).to(F64)
+        W2 = Wt + 1e-3 * torch.randn(mm, nn, dtype=dtype)
+        args = (W2, basis, Ut, St, Vt, 0.5 * float(St[-1]), Wt_u1, 30, 0.0, exact)
+        t_cpu = ops.track_update(*args)
+        t_cuda = ops.track_update(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+        assert_close(t_cuda[1].cpu(), t_cpu[1], TOL["truth"][dtype])        # new singular values
+        assert_close(t_cuda[7][:8].cpu(), t_cpu[7][:8], TOL["parity"][dtype])  # update statistics, σ1
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -684,7 +684,8 @@ def test_compiled_ops_match_their_twins(data):
     xs, ys = dW @ spec.V64[:, 0], dW.mT @ spec.U64[:, 0]
     u_got = ops.update_statistics(xs, ys, spec.U, spec.S, spec.V, float(spec.sigma_next))
     u_want = reference.update_statistics(xs, ys, spec.U, spec.S, spec.V, float(spec.sigma_next))
-    assert u_got.shape == (5,) and float(u_got[4]) == float(u_want[4]) == 1.0
+    assert u_got.shape == (7,) and float(u_got[4]) == float(u_want[4]) == 1.0
+    assert_within(u_got[5:], u_want[5:], EPS[F64] * math.sqrt(m + n) * u_want[5:], "norms of x and y")
     assert_within(u_got[:1], u_want[:1], C_H * EPS[F64] * math.sqrt(m + n) * float(dW.norm()), "first order")
     if not bad:
         tol = parity_tol(spec, dW.square().sum()[None], EPS[F64], m + n)
@@ -870,4 +871,10 @@ def test_tracker_records_property(data):
                 assert math.isnan(va) and math.isnan(vb), (f, a, b)
                 continue
             tol = C_H * eps * kappa_of(a) * math.sqrt(L) * scale
+            # The realised-step terms read ΔW·v1 and ΔWᵀu1 as differences of projections of W that the two
+            # implementations compute with different GEMMs: their floor δ enters additively.
+            if f == "first_order":
+                tol += 2 * delta
+            elif f == "second_order":
+                tol += 4 * (sc["dW"] + delta) * delta / gap
             assert abs(va - vb) <= tol, (f, va, vb, tol, a, b)

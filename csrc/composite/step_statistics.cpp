@@ -1,8 +1,10 @@
 // The tracker's per-layer, per-step reductions (MATH.md §2–§3) as two ops, so a tracked step costs a
 // handful of dispatcher calls instead of dozens of small Python-level tensor ops. A weight is never
 // copied: ΔW is seen only through W·v1 and Wᵀ·u1 before the step (free from the spectrum) and after it
-// (probes riding along in the next spectrum's GEMMs, lipfast::subspace_iteration). Built from ATen calls and lipfast::hessian_contract, so one registration serves every backend; the
-// results stay on the device (no host synchronisation) until the caller reads them.
+// (probes riding along in the next spectrum's GEMMs, lipfast::subspace_iteration). Built from ATen calls and
+// lipfast::hessian_contract, so one registration serves every backend without a kernel of its own (the CPU
+// has one: csrc/cpu/step_statistics_cpu.cpp); the results stay on the device (no host synchronisation)
+// until the caller reads them.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -33,7 +35,34 @@ void check_spectrum_inputs(const char* op, int64_t m, int64_t n, const at::Tenso
               ", k=", U.size(1), "], got ", V.sizes());
   TORCH_CHECK(S.dim() == 1 && S.size(0) == U.size(1), op, ": S must have shape [k=", U.size(1), "], got ",
               S.sizes());
+  TORCH_CHECK(U.size(1) >= 1, op, ": U must have at least one column (k >= 1), got shape ", U.sizes());
 }
+
+}  // namespace
+
+// Shared with the CPU kernels (csrc/cpu/step_statistics_cpu.cpp).
+void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
+                                      const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
+                                      const at::Tensor& S, const at::Tensor& V) {
+  constexpr const char* op = "lipfast::gradient_statistics";
+  LIPFAST_CHECK_DIM("lipfast::gradient_statistics", G, "G", 2, "[m, n]");
+  LIPFAST_CHECK_FLOAT("lipfast::gradient_statistics", G, "G");
+  check_spectrum_inputs(op, G.size(0), G.size(1), U, S, V);
+  TORCH_CHECK(proj.dim() == 1 && hess.sizes() == proj.sizes() && hess_lo.sizes() == proj.sizes() &&
+                  hess_hi.sizes() == proj.sizes(),
+              op, ": proj, hess, hess_lo, hess_hi must all have shape [N], got ", proj.sizes(), ", ",
+              hess.sizes(), ", ", hess_lo.sizes(), ", ", hess_hi.sizes());
+}
+
+void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
+                                    const at::Tensor& S, const at::Tensor& V) {
+  constexpr const char* op = "lipfast::update_statistics";
+  LIPFAST_CHECK_DIM("lipfast::update_statistics", x, "x", 1, "[m]");
+  LIPFAST_CHECK_DIM("lipfast::update_statistics", y, "y", 1, "[n]");
+  check_spectrum_inputs(op, x.size(0), y.size(0), U, S, V);
+}
+
+namespace {
 
 // gradient_statistics: before the step. Returns float64 [11]:
 //   0 N, 1 Σ(s_i − K), 2 Σ(s_i − K)², 3 Σ H[G_i,G_i], 4 Σ lo, 5 Σ hi   (additive across ranks)
@@ -48,13 +77,7 @@ at::Tensor gradient_statistics(const at::Tensor& proj,     // [N] float64
                                                        const at::Tensor& S,        // [k]
                                                        const at::Tensor& V,        // [n, k]
                                                        double sigma_next, double scale, double loss_factor) {
-  constexpr const char* op = "lipfast::gradient_statistics";
-  LIPFAST_CHECK_DIM("lipfast::gradient_statistics", G, "G", 2, "[m, n]");
-  check_spectrum_inputs(op, G.size(0), G.size(1), U, S, V);
-  TORCH_CHECK(proj.dim() == 1 && hess.sizes() == proj.sizes() && hess_lo.sizes() == proj.sizes() &&
-                  hess_hi.sizes() == proj.sizes(),
-              op, ": proj, hess, hess_lo, hess_hi must all have shape [N], got ", proj.sizes(), ", ",
-              hess.sizes(), ", ", hess_lo.sizes(), ", ", hess_hi.sizes());
+  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G, U, S, V);
   auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), S64 = S.to(at::kDouble);
   auto u1 = U.select(1, 0).to(G.scalar_type()), v1 = V.select(1, 0).to(G.scalar_type());
   auto x = at::mv(G, v1).to(at::kDouble).div_(loss_factor);       // ḡ v1
@@ -78,16 +101,13 @@ at::Tensor update_statistics(const at::Tensor& x,  // [m] float64
                              const at::Tensor& S,  // [k]
                              const at::Tensor& V,  // [n, k]
                              double sigma_next) {
-  constexpr const char* op = "lipfast::update_statistics";
-  LIPFAST_CHECK_DIM("lipfast::update_statistics", x, "x", 1, "[m]");
-  LIPFAST_CHECK_DIM("lipfast::update_statistics", y, "y", 1, "[n]");
-  check_spectrum_inputs(op, x.size(0), y.size(0), U, S, V);
+  check_update_statistics_inputs(x, y, U, S, V);
   auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), S64 = S.to(at::kDouble);
   auto x64 = x.to(at::kDouble), y64 = y.to(at::kDouble);
   auto first = U64.select(1, 0).dot(x64).reshape({1});
   auto second = hessian_of_direction(x64, y64, U64, S64, V64, sigma_next).mul(0.5);
   auto finite = at::cat({x64, y64}).isfinite().all().to(at::kDouble).reshape({1});
-  return at::cat({first, second, finite});
+  return at::cat({first, second, finite, x64.norm().reshape({1}), y64.norm().reshape({1})});
 }
 
 }  // namespace

@@ -9,6 +9,37 @@
 #include "checks.h"
 
 namespace lipfast {
+
+// Shared with the CPU kernel (csrc/cpu/subspace_iteration_cpu.cpp).
+void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters,
+                                     double tol, const c10::optional<at::Tensor>& right,
+                                     const c10::optional<at::Tensor>& left) {
+  constexpr const char* op = "lipfast::subspace_iteration";
+  LIPFAST_CHECK_DIM("lipfast::subspace_iteration", W, "W", 2, "[m, n]");
+  LIPFAST_CHECK_DIM("lipfast::subspace_iteration", V0, "V0", 2, "[n, p]");
+  LIPFAST_CHECK_FLOAT("lipfast::subspace_iteration", W, "W");
+  TORCH_CHECK(V0.scalar_type() == W.scalar_type(), op, ": V0 must have W's dtype ", W.scalar_type(),
+              ", got ", V0.scalar_type());
+  LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", V0, "V0", W);
+  const int64_t m = W.size(0), n = W.size(1), p = V0.size(1);
+  LIPFAST_CHECK_SIZE("lipfast::subspace_iteration", V0, "V0", 0, n, "W.size(1)");
+  TORCH_CHECK(p >= 1 && p <= std::min(m, n), op, ": V0 must have between 1 and min(m, n) = ",
+              std::min(m, n), " columns, got ", p);
+  TORCH_CHECK(k >= 1 && k <= p, op, ": k must be in [1, V0.size(1) = ", p, "], got ", k);
+  TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK(tol >= 0.0, op, ": tol must be >= 0, got ", tol);
+  if (right.has_value()) {
+    TORCH_CHECK(right->dim() == 2 && right->size(0) == n, op, ": right must have shape [n=", n, ", a], got ",
+                right->sizes());
+    LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", *right, "right", W);
+  }
+  if (left.has_value()) {
+    TORCH_CHECK(left->dim() == 2 && left->size(0) == m, op, ": left must have shape [m=", m, ", b], got ",
+                left->sizes());
+    LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", *left, "left", W);
+  }
+}
+
 namespace {
 
 // Orthonormal basis of the columns of Z [n, p] by Cholesky QR in float64: a Gram matrix, its Cholesky
@@ -32,25 +63,12 @@ subspace_iteration(const at::Tensor& W,                     // [m, n]
                    int64_t k, int64_t max_iters, double tol,
                    const c10::optional<at::Tensor>& right,  // [n, a] probes: W·right
                    const c10::optional<at::Tensor>& left) { // [m, b] probes: Wᵀ·left
+  check_subspace_iteration_inputs(W, V0, k, max_iters, tol, right, left);
   constexpr const char* op = "lipfast::subspace_iteration";
-  LIPFAST_CHECK_DIM("lipfast::subspace_iteration", W, "W", 2, "[m, n]");
-  LIPFAST_CHECK_DIM("lipfast::subspace_iteration", V0, "V0", 2, "[n, p]");
-  LIPFAST_CHECK_FLOAT("lipfast::subspace_iteration", W, "W");
-  TORCH_CHECK(V0.scalar_type() == W.scalar_type(), op, ": V0 must have W's dtype ", W.scalar_type(),
-              ", got ", V0.scalar_type());
-  LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", V0, "V0", W);
   const int64_t m = W.size(0), n = W.size(1), p = V0.size(1);
-  LIPFAST_CHECK_SIZE("lipfast::subspace_iteration", V0, "V0", 0, n, "W.size(1)");
-  TORCH_CHECK(p >= 1 && p <= std::min(m, n), op, ": V0 must have between 1 and min(m, n) = ",
-              std::min(m, n), " columns, got ", p);
-  TORCH_CHECK(k >= 1 && k <= p, op, ": k must be in [1, V0.size(1) = ", p, "], got ", k);
-  TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
-  TORCH_CHECK(tol >= 0.0, op, ": tol must be >= 0, got ", tol);
   const auto dtype = W.scalar_type();
   auto R = right.has_value() ? right->to(dtype) : at::empty({n, 0}, W.options());
   auto L = left.has_value() ? left->to(dtype) : at::empty({m, 0}, W.options());
-  TORCH_CHECK(R.dim() == 2 && R.size(0) == n, op, ": right must have shape [n=", n, ", a], got ", R.sizes());
-  TORCH_CHECK(L.dim() == 2 && L.size(0) == m, op, ": left must have shape [m=", m, ", b], got ", L.sizes());
   const int64_t a = R.size(1), b = L.size(1);
   at::Tensor W_right, Wt_left;
 
@@ -91,8 +109,10 @@ subspace_iteration(const at::Tensor& W,                     // [m, n]
   // Z = WᵀW V / S has advanced one power step past the Ritz block V: returned as the next call's warm
   // start, so a tracker calling once per training step advances the subspace every step at the cost of
   // one sweep (two GEMMs), instead of re-running Rayleigh–Ritz on the block it already had.
-  // iters lives on W's device, as the fake kernel (lipfast/ops.py) declares.
-  return {U, S, V, residual, at::scalar_tensor(it, W.options().dtype(at::kLong)), Z.contiguous(), W_right,
+  // iters lives on W's device, and U, V, next are transposed views of row blocks (the CPU kernel's
+  // layout), as the fake kernel (lipfast/ops.py) declares.
+  auto rows = [](const at::Tensor& t) { return t.t().contiguous().t(); };
+  return {rows(U), S, rows(V), residual, at::scalar_tensor(it, W.options().dtype(at::kLong)), rows(Z), W_right,
           Wt_left};
 }
 

@@ -10,6 +10,7 @@
 
 #include "checks.h"
 #include "math.h"
+#include "row_kernels.h"
 
 namespace lipfast {
 
@@ -41,13 +42,6 @@ void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, con
 }
 
 namespace {
-
-template <typename scalar_t>
-double sum_squares(const scalar_t* p, int64_t len) {
-  double acc = 0.0;
-  for (int64_t c = 0; c < len; ++c) acc += static_cast<double>(p[c]) * static_cast<double>(p[c]);
-  return acc;
-}
 
 // out[c] += w * row[c], in double.
 template <typename scalar_t>
@@ -106,8 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> persample_linear_cpu(
             a[j] = static_cast<double>(DUi[j]) * xv0;
             b[j] = static_cast<double>(XVi[j]) * du0;
           }
-          xnorm2 = sum_squares(Di, m) * xv0 * xv0;
-          ynorm2 = sum_squares(Xi, n) * du0 * du0;
+          xnorm2 = rows::sum_squares(Di, m) * xv0 * xv0;
+          ynorm2 = rows::sum_squares(Xi, n) * du0 * du0;
         } else {
           // x_i = D_iᵀ (X_i v1) [m], y_i = X_iᵀ (D_i u1) [n], a_i = DU_iᵀ XV_i[:,0], b_i = XV_iᵀ DU_i[:,0].
           std::fill(xbuf.begin(), xbuf.end(), 0.0);
@@ -123,8 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> persample_linear_cpu(
               b[j] += static_cast<double>(XVi[t * k + j]) * du0;
             }
           }
-          xnorm2 = sum_squares(xbuf.data(), m);
-          ynorm2 = sum_squares(ybuf.data(), n);
+          xnorm2 = rows::sum_squares(xbuf.data(), m);
+          ynorm2 = rows::sum_squares(ybuf.data(), n);
         }
         const auto h = hessian_terms(a.data(), b.data(), 1, ps, k, sigma_next, xnorm2, ynorm2);
         pproj[i] = a[0];

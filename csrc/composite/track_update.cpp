@@ -1,0 +1,118 @@
+// lipfast::track_update: everything the tracker does for one layer after an optimizer step, in one call
+// (MATH.md §2, §5): the new spectrum, warm-started from the old block, with the old top pair as probes
+// riding in its GEMMs, then ΔW v1 and ΔWᵀ u1 from those probes and the step's first- and second-order
+// prediction. Composed from lipfast::subspace_iteration and lipfast::update_statistics through the
+// dispatcher, so every backend runs its own kernels; results stay on the device until the caller reads
+// the one `stats` vector. On a CPU this replaces some forty small Python-level tensor operations per layer
+// and step, each of which pays cold caches after the training step's large GEMMs.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "checks.h"
+
+namespace lipfast {
+namespace {
+
+using SubspaceResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+SubspaceResult call_subspace_iteration(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters,
+                                       double tol, const at::Tensor& right, const at::Tensor& left) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lipfast::subspace_iteration", "")
+                       .typed<SubspaceResult(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
+                                             const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&)>();
+  return op.call(W, V0, k, max_iters, tol, right, left);
+}
+
+at::Tensor call_update_statistics(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U, const at::Tensor& S,
+                                  const at::Tensor& V, double sigma_next) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lipfast::update_statistics", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, double)>();
+  return op.call(x, y, U, S, V, sigma_next);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+track_update(const at::Tensor& W,      // [m, n] the weight after the step
+             const at::Tensor& basis,  // [n, p] the old spectrum's warm-start block (ignored when exact)
+             const at::Tensor& U,      // [m, k] the old spectrum
+             const at::Tensor& S,      // [k]
+             const at::Tensor& V,      // [n, k]
+             double sigma_next,        // its σ_{k+1}
+             const at::Tensor& Wt_u1,  // [n] float64, Wᵀu1 before the step
+             int64_t max_iters, double tol, bool exact) {
+  constexpr const char* op = "lipfast::track_update";
+  LIPFAST_CHECK_DIM("lipfast::track_update", W, "W", 2, "[m, n]");
+  LIPFAST_CHECK_FLOAT("lipfast::track_update", W, "W");
+  const int64_t m = W.size(0), n = W.size(1), k = U.dim() == 2 ? U.size(1) : 0, r = std::min(m, n);
+  TORCH_CHECK(U.dim() == 2 && U.size(0) == m && k >= 1, op, ": U must have shape [m=", m, ", k >= 1], got ",
+              U.sizes());
+  TORCH_CHECK(V.dim() == 2 && V.size(0) == n && V.size(1) == k, op, ": V must have shape [n=", n, ", k=", k,
+              "], got ", V.sizes());
+  TORCH_CHECK(S.dim() == 1 && S.size(0) == k, op, ": S must have shape [k=", k, "], got ", S.sizes());
+  TORCH_CHECK(Wt_u1.dim() == 1 && Wt_u1.size(0) == n, op, ": Wt_u1 must have shape [n=", n, "], got ",
+              Wt_u1.sizes());
+  TORCH_CHECK(exact || k < r, op, ": an iterated spectrum needs k < min(m, n) = ", r, ", got k = ", k);
+  const auto dtype = W.scalar_type();
+  const auto v1 = V.slice(1, 0, 1).to(dtype), u1 = U.slice(1, 0, 1).to(dtype);
+
+  at::Tensor Un, Sn, Vn, res, iters, next, W_v1, Wt_u1n_probe, sigma_next_new, basis_new, Wt_u1_new;
+  int64_t kk = k;
+  if (exact) {
+    // One sweep whose block is the identity on the smaller side is the exact SVD (its Rayleigh–Ritz step
+    // sees the whole row space): iterate on the tall orientation, A = W or Wᵀ.
+    const bool tall = m >= n;
+    const auto A = tall ? W : W.t();
+    const auto eye = at::eye(r, W.options());
+    auto [Ua, Sa, Va, resa, ita, nexta, A_right, At_left] =
+        call_subspace_iteration(A, eye, r, 1, 0.0, tall ? v1 : u1, tall ? u1 : v1);
+    kk = std::min(k, r);
+    Un = (tall ? Ua : Va).slice(1, 0, kk);
+    Vn = (tall ? Va : Ua).slice(1, 0, kk);
+    Sn = Sa.slice(0, 0, kk);
+    res = resa.slice(0, 0, kk);
+    iters = ita;
+    W_v1 = tall ? A_right : At_left;
+    Wt_u1n_probe = tall ? At_left : A_right;
+    // Fresh tensors where a view would alias another output.
+    sigma_next_new = k >= r ? at::zeros({}, Sa.options()) : Sa.select(0, kk).clone();
+    const auto Vfull = tall ? Va : Ua;
+    basis_new = Vfull.slice(1, 0, std::min(r, kk + 1 + std::max<int64_t>(4, kk / 2))).clone();
+    Wt_u1_new = Vfull.select(1, 0).to(at::kDouble).mul(Sa.select(0, 0));
+  } else {
+    auto [Ui, Si, Vi, resi, iti, nexti, Wv, Wtu] =
+        call_subspace_iteration(W, basis.to(dtype), k + 1, max_iters, tol, v1, u1);
+    Un = Ui.slice(1, 0, k);
+    Vn = Vi.slice(1, 0, k);
+    Sn = Si.slice(0, 0, k);
+    res = resi.slice(0, 0, k);
+    iters = iti;
+    W_v1 = Wv;
+    Wt_u1n_probe = Wtu;
+    // The Ritz value of σ_{k+1} lies below the true one; adding its residual keeps the truncation bracket
+    // honest (a singular value lies within the residual of every Ritz value).
+    sigma_next_new = at::minimum(Si.select(0, k) + resi.select(0, k), Si.select(0, k - 1));
+    basis_new = nexti;
+    Wt_u1_new = nexti.select(1, 0).to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  }
+  // ΔW v1 = W_after v1 − σ1 u1 (W_before v1 = σ1 u1 for a Ritz pair) and ΔWᵀ u1 = W_afterᵀ u1 − W_beforeᵀ u1.
+  const auto S64 = S.to(at::kDouble);
+  const auto x = W_v1.select(1, 0) - U.select(1, 0).to(at::kDouble) * S64.select(0, 0);
+  const auto y = Wt_u1n_probe.select(1, 0) - Wt_u1.to(at::kDouble);
+  const auto upd = call_update_statistics(x, y, U, S64, V, sigma_next);
+  const auto s2 = kk > 1 ? Sn.select(0, 1) : sigma_next_new;
+  const auto stats = at::cat({upd, Sn.slice(0, 0, 1), s2.reshape({1}), sigma_next_new.reshape({1}),
+                              res.max().reshape({1}), iters.to(at::kDouble).reshape({1})});
+  return {Un, Sn, Vn, sigma_next_new, res, basis_new, Wt_u1_new, stats};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) { m.impl("track_update", &track_update); }
+
+}  // namespace lipfast

@@ -1,0 +1,134 @@
+// CPU kernels of lipfast::gradient_statistics and lipfast::update_statistics (layouts and meaning in
+// csrc/composite/step_statistics.cpp, whose ATen-composed kernels serve the other backends). On a CPU the
+// composed versions spend their time dispatching some thirty tiny ATen ops per layer and step; here the
+// two products with the gradient go to BLAS and everything else is one loop over m + n entries.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+#include "math.h"
+
+namespace lipfast {
+
+void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
+                                      const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
+                                      const at::Tensor& S, const at::Tensor& V);
+void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
+                                    const at::Tensor& S, const at::Tensor& V);
+
+namespace {
+
+// The projections of one direction (x = E v1 [m], y = Eᵀ u1 [n], float64) onto the top-k triplets, and
+// H[E,E] from them (MATH.md §1). U [m, k] and V [n, k] are read through their strides, in float64.
+struct Direction {
+  double first;  // u1ᵀ x = ⟨J, E⟩
+  HessianTerms h;
+  double xnorm2, ynorm2;
+  bool finite;
+};
+
+Direction project(const double* x, int64_t m, const double* y, int64_t n, const at::Tensor& U64,
+                  const at::Tensor& V64, const double* S, int64_t k, double sigma_next) {
+  const double* pu = U64.data_ptr<double>();
+  const double* pv = V64.data_ptr<double>();
+  const int64_t su0 = U64.stride(0), su1 = U64.stride(1), sv0 = V64.stride(0), sv1 = V64.stride(1);
+  std::vector<double> a(k, 0.0), b(k, 0.0);
+  double xx = 0.0, yy = 0.0;
+  for (int64_t r = 0; r < m; ++r) {
+    xx += x[r] * x[r];
+    for (int64_t j = 0; j < k; ++j) a[j] += pu[r * su0 + j * su1] * x[r];
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    yy += y[c] * y[c];
+    for (int64_t j = 0; j < k; ++j) b[j] += pv[c * sv0 + j * sv1] * y[c];
+  }
+  Direction d;
+  d.first = a[0];
+  d.h = hessian_terms(a.data(), b.data(), 1, S, k, sigma_next, xx, yy);
+  d.xnorm2 = xx;
+  d.ynorm2 = yy;
+  d.finite = std::isfinite(xx) && std::isfinite(yy);  // NaN/Inf anywhere in x or y shows in its norm
+  return d;
+}
+
+at::Tensor vector_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+}  // namespace
+
+at::Tensor gradient_statistics_cpu(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
+                                   const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
+                                   const at::Tensor& S_, const at::Tensor& V, double sigma_next, double scale,
+                                   double loss_factor) {
+  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G, U, S_, V);
+  const int64_t m = G.size(0), n = G.size(1), k = U.size(1), N = proj.size(0);
+  const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble);
+  const auto S = vector_f64(S_);
+  // ḡ v1 and ḡᵀ u1: two GEMVs with the gradient in its dtype, through BLAS (contiguous vectors: a strided
+  // one costs MKL twice the time).
+  const auto dt = G.scalar_type();
+  const auto x = vector_f64(at::mv(G, V.select(1, 0).to(dt).contiguous())).div_(loss_factor);
+  const auto y = vector_f64(at::mv(G.t(), U.select(1, 0).to(dt).contiguous())).div_(loss_factor);
+  const Direction g = project(x.data_ptr<double>(), m, y.data_ptr<double>(), n, U64, V64, S.data_ptr<double>(), k,
+                              sigma_next);
+  const double K = g.first;
+  const auto p = vector_f64(proj), h = vector_f64(hess), lo = vector_f64(hess_lo), hi = vector_f64(hess_hi);
+  const double *pp = p.data_ptr<double>(), *ph = h.data_ptr<double>(), *pl = lo.data_ptr<double>(),
+               *pq = hi.data_ptr<double>();
+  double s1 = 0.0, s2 = 0.0, sh = 0.0, sl = 0.0, su = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    const double s = scale * pp[i] - K;
+    s1 += s;
+    s2 += s * s;
+    sh += ph[i];
+    sl += pl[i];
+    su += pq[i];
+  }
+  const double sc2 = scale * scale;
+  auto out = at::empty({11}, G.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  o[0] = static_cast<double>(N);
+  o[1] = s1;
+  o[2] = s2;
+  o[3] = sh * sc2;
+  o[4] = sl * sc2;
+  o[5] = su * sc2;
+  o[6] = K;
+  o[7] = g.h.value;
+  o[8] = g.h.lo;
+  o[9] = g.h.hi;
+  bool finite = g.finite;
+  for (int i = 1; i <= 6; ++i) finite = finite && std::isfinite(o[i]);
+  o[10] = finite ? 1.0 : 0.0;
+  return out;
+}
+
+at::Tensor update_statistics_cpu(const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& U,
+                                 const at::Tensor& S_, const at::Tensor& V, double sigma_next) {
+  check_update_statistics_inputs(x_, y_, U, S_, V);
+  const int64_t m = x_.size(0), n = y_.size(0), k = U.size(1);
+  const auto x = vector_f64(x_), y = vector_f64(y_), S = vector_f64(S_);
+  const Direction d = project(x.data_ptr<double>(), m, y.data_ptr<double>(), n, U.to(at::kDouble),
+                              V.to(at::kDouble), S.data_ptr<double>(), k, sigma_next);
+  auto out = at::empty({7}, x_.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  o[0] = d.first;
+  o[1] = 0.5 * d.h.value;
+  o[2] = 0.5 * d.h.lo;
+  o[3] = 0.5 * d.h.hi;
+  o[4] = d.finite && std::isfinite(d.first) ? 1.0 : 0.0;
+  o[5] = std::sqrt(d.xnorm2);
+  o[6] = std::sqrt(d.ynorm2);
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(lipfast, CPU, m) {
+  m.impl("gradient_statistics", &gradient_statistics_cpu);
+  m.impl("update_statistics", &update_statistics_cpu);
+}
+
+}  // namespace lipfast

@@ -1,0 +1,238 @@
+"""The tracker's per-step ops: lipfast::gradient_statistics, lipfast::update_statistics (their CPU kernels)
+and lipfast::track_update (one layer after an optimizer step). Against the reference twins, against
+dense ground truths (LAPACK, the full-SVD Hessian), opcheck, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lipfast import functional, ops, reference
+
+from conftest import DEVICES, DTYPES, TOL, align_signs, assert_close, decaying_matrix, gapped_matrix, spectrum_of
+
+F64 = torch.float64
+
+
+def _spectrum(W, k, transposed=True):
+    """A Spectrum of W as the tracker holds it (warm-started, U/V as column blocks of row buffers)."""
+    spec = functional.compute_spectrum(W, k, small="gram")
+    spec = functional.compute_spectrum(W, k, spec.basis, 30, 0.0, small="gram")
+    if not transposed:
+        spec = functional.Spectrum(**{**spec.__dict__, "U": spec.U.contiguous(), "V": spec.V.contiguous()})
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradient_statistics / update_statistics: CPU kernels vs the twins
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [0, 1, 7])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_gradient_statistics_matches_reference(dtype, N, transposed):
+    m, n, k = 80, 70, 5
+    W = decaying_matrix(m, n, dtype)
+    spec = _spectrum(W, k, transposed)
+    g = torch.Generator().manual_seed(N)
+    proj, hess, lo, hi = (torch.randn(N, generator=g, dtype=F64) for _ in range(4))
+    G = torch.randn(m, n, generator=g, dtype=dtype)
+    args = (proj, hess, lo, hi, G, spec.U, spec.S, spec.V, float(spec.sigma_next), 3.0, 2.0)
+    got, want = ops.gradient_statistics(*args), reference.gradient_statistics(*args)
+    assert got.shape == (11,) and got.dtype == F64
+    scale = torch.cat([want.abs(), torch.ones(1, dtype=F64)]).max()
+    torch.testing.assert_close(got, want, rtol=TOL["parity"][dtype]["rtol"], atol=TOL["parity"][dtype]["atol"] * scale)
+    assert float(got[10]) == 1.0
+
+
+def test_gradient_statistics_flags_non_finite_gradient():
+    W = decaying_matrix(40, 30)
+    spec = _spectrum(W, 3)
+    G = torch.randn(40, 30, dtype=F64)
+    G[3, 4] = float("nan")
+    p = torch.randn(4, dtype=F64)
+    out = ops.gradient_statistics(p, p, p, p, G, spec.U, spec.S, spec.V, float(spec.sigma_next), 4.0, 1.0)
+    assert float(out[10]) == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_statistics_matches_reference_and_dense_truth(dtype):
+    m, n, k = 70, 90, 6
+    W = gapped_matrix(m, n, dtype)
+    spec = _spectrum(W, k)
+    dW = 1e-3 * torch.randn(m, n, dtype=F64)
+    x, y = dW @ spec.V64[:, 0], dW.mT @ spec.U64[:, 0]
+    got = ops.update_statistics(x, y, spec.U, spec.S, spec.V, float(spec.sigma_next))
+    want = reference.update_statistics(x, y, spec.U, spec.S, spec.V, float(spec.sigma_next))
+    assert got.shape == (7,)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert float(got[5]) == pytest.approx(float(x.norm()), rel=1e-12)
+    assert float(got[6]) == pytest.approx(float(y.norm()), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# track_update
+# ----------------------------------------------------------------------------------------------------
+def _step(W, scale=1e-3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return W + scale * float(W.norm()) / math.sqrt(W.numel()) * torch.randn(W.shape, generator=g, dtype=W.dtype)
+
+
+# (m, n, k, exact): iterated, iterated wide, exact tall (k < r), exact wide, exact with k >= r
+TRACK_CASES = [(90, 70, 5, False), (60, 110, 4, False), (40, 12, 4, True), (10, 64, 8, True), (6, 30, 8, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TRACK_CASES)
+def test_track_update_matches_reference(dtype, case):
+    m, n, k, exact = case
+    assert functional.needs_exact(m, n, k) == exact
+    W = gapped_matrix(m, n, dtype)
+    spec = _spectrum(W, k) if not exact else functional.compute_spectrum(W, k, small="gram")
+    W2 = _step(W)
+    args = (W2, spec.basis, spec.U, spec.S, spec.V, float(spec.sigma_next), spec.Wt_u1, 2, 0.0, exact)
+    got, want = ops.track_update(*args), reference.track_update(*args)
+    kk = min(k, m, n)
+    assert got[0].shape == (m, kk) and got[2].shape == (n, kk) and got[1].shape == (kk,) and got[7].shape == (12,)
+    tol = TOL["parity"][dtype]
+    assert_close(got[1], want[1], tol)                                    # S
+    # The top pair (well separated in these matrices); trailing Ritz vectors of a few sweeps are not
+    # determined to rounding where their Ritz values sit close.
+    sgn = align_signs(got[0][:, :1], want[0][:, :1])
+    assert_close(got[0][:, :1] * sgn, want[0][:, :1].to(dtype), tol)     # u1
+    assert_close(got[2][:, :1] * sgn, want[2][:, :1].to(dtype), tol)     # v1
+    scale = float(want[7][:7].abs().max())
+    torch.testing.assert_close(got[7][:7], want[7][:7], rtol=tol["rtol"], atol=tol["atol"] * scale)
+    assert_close(got[7][7:10], want[7][7:10], tol)                        # σ1, σ2, σ_{k+1}
+    assert float(got[7][4]) == 1.0
+
+
+@pytest.mark.parametrize("case", TRACK_CASES)
+def test_track_update_against_dense_truth(case):
+    """float64: the new σ1 against LAPACK and the predicted change against the full-SVD Hessian."""
+    m, n, k, exact = case
+    W = gapped_matrix(m, n)
+    spec = _spectrum(W, k) if not exact else functional.compute_spectrum(W, k, small="gram")
+    W2 = _step(W)
+    U, S, V, sigma_next, res, basis, Wt_u1, stats = ops.track_update(
+        W2, spec.basis, spec.U, spec.S, spec.V, float(spec.sigma_next), spec.Wt_u1, 50, 1e-12, exact)
+    S_true = torch.linalg.svdvals(W2)
+    assert float(S[0]) == pytest.approx(float(S_true[0]), rel=1e-9)
+    assert float(stats[7]) == float(S[0])
+    U0, S0, V0, _ = reference.spectrum_exact(W, k)
+    dW = W2 - W
+    first = float(U0[:, 0] @ dW @ V0[:, 0])
+    second = 0.5 * float(reference.hessian_form_dense(W, dW))
+    assert float(stats[0]) == pytest.approx(first, rel=1e-8, abs=1e-14)
+    if spec.exact:
+        assert float(stats[1]) == pytest.approx(second, rel=1e-6)
+    assert float(stats[2]) - 1e-12 <= second <= float(stats[3]) + 1e-12   # inside the truncation bracket
+    assert float(stats[5]) == pytest.approx(float((dW @ V0[:, 0]).norm()), rel=1e-6)
+    assert float(stats[6]) == pytest.approx(float((dW.mT @ U0[:, 0]).norm()), rel=1e-6)
+    # The new spectrum warm-starts the next call: Wt_u1 = Wᵀu1 of the new weight.
+    torch.testing.assert_close(Wt_u1, W2.mT @ U[:, 0], rtol=1e-6, atol=1e-9 * float(S[0]))
+
+
+def test_track_update_non_finite_weight_is_refused():
+    W = gapped_matrix(90, 70)
+    spec = _spectrum(W, 5)
+    W2 = W.clone()
+    W2[1, 2] = float("inf")
+    with pytest.raises(RuntimeError, match="W must be finite"):
+        ops.track_update(W2, spec.basis, spec.U, spec.S, spec.V, float(spec.sigma_next), spec.Wt_u1, 1, 0.0, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_step_ops_opcheck(device, requires_grad):
+    samples = []
+    for dtype in DTYPES:
+        for (m, n, k, exact) in [(90, 70, 5, False), (10, 64, 8, True), (40, 12, 4, True)]:
+            W = gapped_matrix(m, n, dtype)
+            spec = _spectrum(W, k) if not exact else functional.compute_spectrum(W, k, small="gram")
+            W2 = _step(W).to(device).requires_grad_(requires_grad)
+            samples.append((torch.ops.lipfast.track_update.default,
+                            (W2, spec.basis.to(device), spec.U.to(device), spec.S.to(device), spec.V.to(device),
+                             float(spec.sigma_next), spec.Wt_u1.to(device), 1, 0.0, exact)))
+        U, S, V = (t.to(device) for t in spectrum_of(gapped_matrix(6, 4), 2)[:3])
+        G = torch.randn(6, 4, dtype=dtype, device=device, requires_grad=requires_grad)
+        p = [torch.randn(5, dtype=F64, device=device) for _ in range(4)]
+        samples.append((torch.ops.lipfast.gradient_statistics.default, (*p, G, U.to(dtype), S, V.to(dtype), 0.1, 5.0, 1.0)))
+        samples.append((torch.ops.lipfast.update_statistics.default,
+                        (torch.randn(6, dtype=F64, device=device), torch.randn(4, dtype=F64, device=device),
+                         U, S, V, 0.1)))
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(W=torch.randn(5)), r"lipfast::track_update: W must have shape \[m, n\] \(2 dims\), got \[5\]"),
+    (dict(U=torch.randn(7, 2)), r"lipfast::track_update: U must have shape \[m=9, k >= 1\], got \[7, 2\]"),
+    (dict(V=torch.randn(6, 3)), r"lipfast::track_update: V must have shape \[n=8, k=2\], got \[6, 3\]"),
+    (dict(Wt_u1=torch.randn(3, dtype=F64)), r"lipfast::track_update: Wt_u1 must have shape \[n=8\], got \[3\]"),
+    (dict(W=torch.ones(9, 8, dtype=torch.int32)), r"lipfast::track_update: W must be float32 or float64"),
+])
+def test_track_update_bad_input_messages(kwargs, match):
+    args = dict(W=torch.randn(9, 8), basis=torch.randn(8, 3), U=torch.randn(9, 2), S=torch.tensor([2.0, 1.0], dtype=F64),
+                V=torch.randn(8, 2), Wt_u1=torch.randn(8, dtype=F64))
+    args.update(kwargs)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.lipfast.track_update(args["W"], args["basis"], args["U"], args["S"], args["V"], 0.5, args["Wt_u1"],
+                                       1, 0.0, False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# subspace_iteration's CPU kernel: paths the tracker's shapes do not reach
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subspace_iteration_large_block_uses_lapack_eigh(dtype):
+    """A block above the Jacobi limit (p > 32) takes LAPACK's eigh inside the CPU kernel."""
+    W = decaying_matrix(130, 110, dtype, rate=0.97)
+    V0 = torch.randn(110, 50, dtype=dtype)
+    out, want = ops.subspace_iteration(W, V0, 40, 3, 0.0), reference.subspace_iteration(W, V0, 40, 3, 0.0)
+    assert_close(out[1], want[1], TOL["parity"][dtype])
+
+
+def test_subspace_iteration_outputs_chain_as_warm_starts():
+    """The op returns U, V and next as column blocks of row buffers; feeding next back in works and
+    converges to LAPACK."""
+    W = decaying_matrix(120, 90, rate=0.7)
+    block = torch.randn(90, 9, dtype=F64)
+    for _ in range(40):
+        U, S, V, res, it, block, _, _ = ops.subspace_iteration(W, block, 8, 1, 0.0)
+    assert U.stride() == (1, 120) and V.stride() == (1, 90) and block.stride() == (1, 90)
+    torch.testing.assert_close(S[:3], torch.linalg.svdvals(W)[:3], rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ATen-composed kernels (what CUDA and other backends run) against the CPU kernels, on the CPU
+# ----------------------------------------------------------------------------------------------------
+_COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_composite_kernels_match_cpu_kernels(dtype):
+    m, n, k = 60, 45, 4
+    W = gapped_matrix(m, n, dtype)
+    V0 = torch.randn(n, k + 4, dtype=dtype)
+    R, L = torch.randn(n, 1, dtype=dtype), torch.randn(m, 2, dtype=dtype)
+    args = (W, V0, k, 20, 0.0, R, L)
+    cpu = torch.ops.lipfast.subspace_iteration.default(*args)
+    comp = torch.ops.lipfast.subspace_iteration.default.redispatch(_COMPOSITE, *args)
+    for i in (1, 6, 7):  # singular values, W·right, Wᵀ·left
+        assert_close(comp[i], cpu[i], TOL["parity"][dtype])
+    assert comp[0].stride() == cpu[0].stride() == (1, m) and comp[5].stride() == cpu[5].stride() == (1, n)
+    spec = _spectrum(W, k)
+    g = torch.Generator().manual_seed(1)
+    p = [torch.randn(6, generator=g, dtype=F64) for _ in range(4)]
+    G = torch.randn(m, n, generator=g, dtype=dtype)
+    gargs = (*p, G, spec.U, spec.S, spec.V, float(spec.sigma_next), 6.0, 1.0)
+    got = torch.ops.lipfast.gradient_statistics.default.redispatch(_COMPOSITE, *gargs)
+    want = torch.ops.lipfast.gradient_statistics.default(*gargs)
+    torch.testing.assert_close(got, want, rtol=TOL["parity"][dtype]["rtol"],
+                               atol=TOL["parity"][dtype]["atol"] * float(want.abs().max()))
+    x, y = torch.randn(m, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    uargs = (x, y, spec.U, spec.S, spec.V, float(spec.sigma_next))
+    got = torch.ops.lipfast.update_statistics.default.redispatch(_COMPOSITE, *uargs)
+    torch.testing.assert_close(got, torch.ops.lipfast.update_statistics.default(*uargs), rtol=1e-9, atol=1e-12)
