@@ -457,15 +457,14 @@ def conv2d_projections(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size:
     v1 = spec.V[:, :1].to(x.dtype)
     XV0 = F.conv2d(x, v1.mT.reshape(1, C, kh, kw), stride=(sh, sw), padding=(ph, pw),
                    dilation=(dh, dw)).reshape(B, -1)                   # X_i v1 per position [B, T]
-    du0 = torch.einsum("bct,c->bt", g, U[:, 0]).reshape(B, Ho, Wo)     # D_i u1 per position
-    xvec = torch.einsum("bct,bt->bc", g, XV0)                          # x_i = G_i v1  [B, C_out]
-    xp = F.pad(x, (pw, pw, ph, ph))
-    yvec = x.new_empty(B, C, kh, kw)
-    for p in range(kh):
-        for q in range(kw):
-            patch = xp[:, :, p * dh: p * dh + (Ho - 1) * sh + 1: sh, q * dw: q * dw + (Wo - 1) * sw + 1: sw]
-            yvec[:, :, p, q] = torch.einsum("bchw,bhw->bc", patch, du0)
-    return xvec, yvec.reshape(B, n)
+    du0 = torch.matmul(U[:, 0], g).reshape(B, Ho, Wo)                 # D_i u1 per position
+    xvec = torch.matmul(g, XV0.unsqueeze(2)).squeeze(2)                # x_i = G_i v1  [B, C_out]
+    # y_i[c, p, q] = Σ_{h,w} x_pad[i, c, p·dh + h·sh, q·dw + w·sw] · du0[i, h, w]: a convolution of each
+    # sample's input with its own du0 as the filter. Samples become the groups and channels the batch
+    # (stride and dilation swap roles), so one grouped convolution does it without unfolding.
+    xp = F.pad(x.transpose(0, 1), (pw, pw, ph, ph))                    # [C_in, B, H + 2ph, W + 2pw]
+    yc = F.conv2d(xp, du0.unsqueeze(1), stride=(dh, dw), dilation=(sh, sw), groups=B)[:, :, :kh, :kw]
+    return xvec, yc.permute(1, 0, 2, 3).reshape(B, n)
 
 
 def contract_projections(spec: Spectrum, xvec: Tensor, yvec: Tensor, impl=ops, mask: bool = True) -> PerSample:
