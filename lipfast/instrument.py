@@ -110,7 +110,16 @@ class LayerCapture:
         self.groups: dict[int, ForwardGroup] = {}
         self.stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # per micro-batch [B] each
         self.dropped_calls = 0
-        self.handle = module.register_forward_hook(Hook(self._on_forward))
+        self.handle = None
+        self.hook(True)
+
+    def hook(self, on: bool) -> None:
+        """Attach or detach the forward hook (the tracker detaches it over steps it does not track)."""
+        if on and self.handle is None:
+            self.handle = self.module.register_forward_hook(Hook(self._on_forward))
+        elif not on and self.handle is not None:
+            self.handle.remove()
+            self.handle = None
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args, output) -> None:
@@ -208,7 +217,7 @@ class LayerCapture:
         self.stats = []
 
     def remove(self) -> None:
-        self.handle.remove()
+        self.hook(False)
         self.reset()
 
 

@@ -156,8 +156,9 @@ class Tracker:
                 rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol, implementation=implementation)))
         for name, module in chosen:
             self.captures[name] = LayerCapture(name, module, self)
+        self._root = root
+        self._root_handle = root.register_forward_pre_hook(Hook(self._on_root_forward))
         self._handles = [
-            root.register_forward_pre_hook(Hook(self._on_root_forward)),
             optimizer.register_step_pre_hook(Hook(self._on_step_pre)),
             optimizer.register_step_post_hook(Hook(self._on_step_post)),
         ]
@@ -255,6 +256,20 @@ class Tracker:
 
     def _on_root_forward(self, module, args) -> None:
         self.forward_id += 1
+
+    def _sync_hooks(self) -> None:
+        """Forward hooks only over steps that are tracked: with ``every=N`` the other steps run the model
+        without any lipfast code in its forward (the optimizer's two step hooks count them)."""
+        on = self.capturing
+        if on == (self._root_handle is not None):
+            return
+        for cap in self.captures.values():
+            cap.hook(on)
+        if on:
+            self._root_handle = self._root.register_forward_pre_hook(Hook(self._on_root_forward))
+        else:
+            self._root_handle.remove()
+            self._root_handle = None
 
     def spectrum_before(self, cap: LayerCapture) -> Spectrum | None:
         """The spectrum of ``cap``'s weight as it is now, from the cache when the weight is unchanged;
@@ -378,6 +393,7 @@ class Tracker:
             self._pending.clear()
             self._logged = {}
             self.step += 1
+            self._sync_hooks()
 
     # -- records ---------------------------------------------------------------------------------
     def _record(self, cap: LayerCapture, p: dict) -> dict:
@@ -536,17 +552,19 @@ class Tracker:
                             Wt_u1=s["Wt_u1"])
             fp = tuple(s["fingerprint"]) if s.get("fingerprint") is not None else None
             self._cache[name] = _Cached(spec, version=None, fingerprint=fp)
+        self._sync_hooks()
 
     def close(self) -> None:
         """Remove every hook and drop buffered tensors. Idempotent."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._closed = True
+        self._sync_hooks()
         for cap in self.captures.values():
             cap.remove()
         self._pending.clear()
         self._inflight = None
-        self._closed = True
 
     def __enter__(self) -> "Tracker":
         return self

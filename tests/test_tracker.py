@@ -530,8 +530,12 @@ def test_every_tracks_only_every_kth_step():
             want = expected_step(model, twin, opt, x, y, names, lambda: train_step(model, opt, x, y))
             check_records(tracker.records, step, want)
         else:
+            # No lipfast code runs in the forward of an untracked step: its forward hooks are detached.
+            assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
             train_step(model, opt, x, y)
             assert all(not c.groups and not c.stats for c in tracker.captures.values())
+        hooked = tracker.step % 3 == 0
+        assert all(bool(c.module._forward_hooks) == hooked for c in tracker.captures.values())
     assert sorted({r["step"] for r in tracker.records}) == [0, 3, 6]
     assert [n["step"] for n in tracker.network] == [0, 3, 6]
     assert len(tracker.records) == 3 * len(names)
