@@ -11,8 +11,8 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("script", ["bench_ops.py", "bench_step.py", "bench_memory.py", "sde_orders.py",
-                                    "truncation_error.py"])
+@pytest.mark.parametrize("script", ["bench_ops.py", "bench_step.py", "bench_memory.py", "profile_step.py",
+                                    "sde_orders.py", "truncation_error.py"])
 def test_bench_script_runs_quick(script):
     out = subprocess.run([sys.executable, "-W", "error", str(BENCH / script), "--quick"], capture_output=True,
                          text=True, timeout=300)
