@@ -295,9 +295,10 @@ def test_composite_ops_match_cpu(dtype):
     # track_update: the tracker's post-step call, iterated and exact
     for (mm, nn, exact) in [(m, n, False), (12, 40, True)]:
         Wt = gapped_matrix(mm, nn, dtype)
-        Ut, St, Vt = (t.to(dtype) if t.dtype != F64 else t for t in spectrum_of(Wt, 4)[:3])
+        U64, St, V64 = spectrum_of(Wt, 4)[:3]
+        Ut, Vt = U64.to(dtype), V64.to(dtype)
         basis = torch.randn(nn, 9, dtype=dtype)
-        Wt_u1 = (Wt.mT @ Ut[:, 0]).to(F64)
+        Wt_u1 = Wt.to(F64).mT @ U64[:, 0]
         W2 = Wt + 1e-3 * torch.randn(mm, nn, dtype=dtype)
         args = (W2, basis, Ut, St, Vt, 0.5 * float(St[-1]), Wt_u1, 30, 0.0, exact)
         t_cpu = ops.track_update(*args)
