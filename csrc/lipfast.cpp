@@ -32,9 +32,11 @@ TORCH_LIBRARY(lipfast, m) {
   //   hess_lo/hess_hi [N] (float64, as persample_linear returns them), the weight gradient G [m, n] and the
   //   spectrum U [m, k], S [k], V [n, k]. Returns float64 [11]: N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi
   //   (additive across data-parallel ranks), K = u1ᵀḡv1, H[ḡ,ḡ] (value, lo, hi), all-finite flag; with
-  //   s = scale·proj, H = scale²·hess, ḡ = G / loss_factor).
+  //   s = scale·proj, H = scale²·hess, ḡ = G / loss_factor). Gv1 [m], Gtu1 [n], when given, are G·v1 and
+  //   Gᵀ·u1 formed elsewhere (from the per-sample sums), and G is then not read.
   m.def("gradient_statistics(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor G, Tensor U, "
-        "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor) -> Tensor");
+        "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor, Tensor? Gv1=None, "
+        "Tensor? Gtu1=None) -> Tensor");
   // update_statistics: after a step, from x = ΔW v1 [m], y = ΔWᵀ u1 [n] (float64) and the spectrum before
   //   the step. Returns float64 [7]: u1ᵀΔWv1, ½H[ΔW,ΔW] (value, lo, hi), all-finite flag, ‖x‖, ‖y‖.
   m.def("update_statistics(Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next) -> Tensor");

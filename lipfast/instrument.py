@@ -108,7 +108,8 @@ class LayerCapture:
         self.n = self.weight[0].numel()
         self.owner = owner
         self.groups: dict[int, ForwardGroup] = {}
-        self.stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # per micro-batch [B] each
+        # per micro-batch: proj, hess, hess_lo, hess_hi [B] and Σ_i G_i v1 [m], Σ_i G_iᵀ u1 [n] (or None)
+        self.stats: list[tuple] = []
         self.dropped_calls = 0
         self.handle = None
         self.hook(True)
@@ -159,7 +160,7 @@ class LayerCapture:
             if spec is None:  # NaN/Inf weights: nothing is measurable, keep the sample count
                 B = calls[0].x.shape[0] if calls[0].x.dim() > 1 else 1
                 self.stats.append(tuple(torch.full((B,), float("nan"), dtype=torch.float64, device=self.weight.device)
-                                        for _ in range(4)))
+                                        for _ in range(4)) + (None, None))
             elif self.kind == "linear":
                 self.stats.append(self._linear_stats(spec, calls, dtype))
             else:
@@ -182,7 +183,14 @@ class LayerCapture:
         # One call (the usual case) needs no concatenation: cat would copy the batch's activations.
         X = _as(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1), dtype)
         D = _as(ds[0] if len(ds) == 1 else torch.cat(ds, dim=1), dtype)
-        return self.owner.impl.persample_linear(X, D, _as(spec.U, dtype), spec.S, _as(spec.V, dtype), spec.host[2])
+        U, V = _as(spec.U, dtype), _as(spec.V, dtype)
+        stats = self.owner.impl.persample_linear(X, D, U, spec.S, V, spec.host[2])
+        # Σ_i G_i v1 = Dᵀ(X v1) and Σ_i G_iᵀ u1 = Xᵀ(D u1): the gradient's two products from the rows of X and
+        # D (B·T rows, where G has m), so the step needs no pass over the gradient itself.
+        X2, D2 = X.reshape(-1, self.n), D.reshape(-1, self.m)
+        gv = torch.mv(D2.mT, torch.mv(X2, V[:, 0]))
+        gtu = torch.mv(X2.mT, torch.mv(D2, U[:, 0]))
+        return (*stats, gv, gtu)
 
     def _conv_stats(self, spec: Spectrum, calls: list[Call], dtype):
         B = calls[0].x.shape[0]
@@ -197,7 +205,7 @@ class LayerCapture:
             yvec = yv if yvec is None else yvec + yv
         # The tracker flags degenerate steps with its own tolerances (gap_tol, step_tol), as for Linear.
         ps = contract_projections(spec, xvec, yvec, self.owner.impl, mask=False)
-        return ps.proj, ps.hess, ps.hess_lo, ps.hess_hi
+        return ps.proj, ps.hess, ps.hess_lo, ps.hess_hi, xvec.sum(0), yvec.sum(0)
 
     def take_stats(self):
         """All per-sample statistics since the last step, concatenated, and reset."""
@@ -228,4 +236,9 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _cat_stats(parts):
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+    """Per-sample statistics of several sample sets, one after the other; their gradient products add
+    (None when one part has none: the tracker then reads the gradient)."""
+    per_sample = tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+    if any(p[4] is None for p in parts):
+        return per_sample + (None, None)
+    return per_sample + tuple(sum(p[i] for p in parts[1:]) + parts[0][i] for i in (4, 5))

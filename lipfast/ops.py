@@ -83,7 +83,8 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
 
 
 def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Tensor, G: Tensor, U: Tensor,
-                        S: Tensor, V: Tensor, sigma_next: float, scale: float, loss_factor: float) -> Tensor:
+                        S: Tensor, V: Tensor, sigma_next: float, scale: float, loss_factor: float,
+                        Gv1: Tensor | None = None, Gtu1: Tensor | None = None) -> Tensor:
     """The tracker's reductions before a step (MATH.md §3), fused.
 
     Args:
@@ -91,6 +92,8 @@ def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Te
         G: ``[m, n]`` the weight's gradient; ``ḡ = G / loss_factor``.
         U, S, V: the spectrum before the step; sigma_next: ``σ_{k+1}``.
         scale: per-sample scale, ``s_i = scale·proj_i`` and ``H[G_i,G_i] = scale²·hess_i``.
+        Gv1, Gtu1: optional ``[m]``, ``[n]`` ``G·v1`` and ``Gᵀ·u1`` formed elsewhere (the tracker sums them
+            from the per-sample projections); G is then not read.
 
     Returns:
         float64 ``[11]``: ``N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi`` (additive across data-parallel
@@ -99,7 +102,8 @@ def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Te
     """
     return torch.ops.lipfast.gradient_statistics.default(
         _d(proj), _d(hess), _d(hess_lo), _d(hess_hi), _d(G), _d(U), _d(S),
-        _d(V), float(sigma_next), float(scale), float(loss_factor))
+        _d(V), float(sigma_next), float(scale), float(loss_factor),
+        None if Gv1 is None else _d(Gv1), None if Gtu1 is None else _d(Gtu1))
 
 
 def update_statistics(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float) -> Tensor:
@@ -161,7 +165,8 @@ def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exa
 
 
 @torch.library.register_fake("lipfast::gradient_statistics")
-def _gradient_statistics_fake(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next, scale, loss_factor):
+def _gradient_statistics_fake(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next, scale, loss_factor, Gv1=None,
+                              Gtu1=None):
     torch._check(G.dim() == 2, lambda: f"G must have shape [m, n], got {tuple(G.shape)}")
     return torch.empty((11,), dtype=torch.float64, device=G.device)
 

@@ -120,11 +120,11 @@ def _hessian_of_direction(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor,
 
 
 def gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next: float, scale: float,
-                        loss_factor: float) -> Tensor:
+                        loss_factor: float, Gv1: Tensor | None = None, Gtu1: Tensor | None = None) -> Tensor:
     """Twin of ``lipfast::gradient_statistics`` (see lipfast/ops.py for the layout of the result)."""
     u1, v1 = U[:, 0].to(G.dtype), V[:, 0].to(G.dtype)
-    x = (G @ v1).to(torch.float64) / loss_factor
-    y = (G.mT @ u1).to(torch.float64) / loss_factor
+    x = (G @ v1 if Gv1 is None else Gv1).to(torch.float64) / loss_factor
+    y = (G.mT @ u1 if Gtu1 is None else Gtu1).to(torch.float64) / loss_factor
     K = U[:, 0].to(torch.float64) @ x
     hg = _hessian_of_direction(x, y, U, S, V, sigma_next)
     s = proj.to(torch.float64) * scale - K

@@ -9,6 +9,10 @@ What the per-sample numbers mean:
   loss gradients over every sample whose forward/backward ran since the last step (with gradient
   accumulation, divide each micro-batch loss by the number of micro-batches, as is usual).
   ``"sum"``: it is their sum.
+- The noise terms are the spread of the per-sample gradients around their own mean, which the tracker
+  forms from the captured samples: gradient clipping or an extra loss term (an L2 penalty) change the step
+  (``first_order``, ``second_order``) but not that spread. Under DDP the mean is ``weight.grad``, the
+  global batch's after DDP's all-reduce.
 - Under ``DistributedDataParallel`` every rank captures its own samples and ONE all-reduce per tracked
   step sums the statistics of all layers: the records are those of the global batch (unequal local
   batches are weighted as DDP weights them); :mod:`lipfast.distributed` derives and documents it.
@@ -355,7 +359,7 @@ class Tracker:
     def _prepare(self, cap: LayerCapture, spec: Spectrum, stats, grad: Tensor) -> dict:
         """Everything that needs the state before the step: the gradient's reductions, the momentum
         buffer's projection, and float64 projections of W that the step's ΔW will be read from."""
-        proj, hess, hess_lo, hess_hi = stats
+        proj, hess, hess_lo, hess_hi, gv, gtu = stats
         N = int(proj.shape[0])
         loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
         scale = 1.0 if self.loss_reduction == "sum" else float(N)
@@ -365,8 +369,12 @@ class Tracker:
         if coef.known is not None:
             buf_v1 = _matrix(coef.known, cap.m) @ spec.V[:, 0].to(coef.known.dtype)
             known = coef.known_scale * (spec.U64[:, 0] @ buf_v1.double())
+        # ḡ·v1 and ḡᵀ·u1 from the per-sample sums, so that ḡ is exactly the mean of the G_i whose spread the
+        # noise terms measure (gradient clipping or an extra loss term change weight.grad, not the G_i). Under
+        # DDP ḡ must be the global batch's, which weight.grad is after DDP's all-reduce.
+        products = (gv, gtu) if self._group is None and gv is not None else (None, None)
         sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
-                                                  spec.host[2], scale, loss_factor)
+                                             spec.host[2], scale, loss_factor, *products)
         # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
         # free with the spectrum (W v1 = σ1 u1 for a Ritz pair; Wᵀu1 from its last sweep), after it they
         # ride along in the next spectrum's GEMMs. No copy of W is kept.

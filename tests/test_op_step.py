@@ -46,6 +46,42 @@ def test_gradient_statistics_matches_reference(dtype, N, transposed):
     assert float(got[10]) == 1.0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_statistics_with_given_products_matches_reading_the_gradient(dtype):
+    m, n, k = 60, 50, 4
+    spec = _spectrum(decaying_matrix(m, n, dtype), k)
+    g = torch.Generator().manual_seed(3)
+    p = [torch.randn(9, generator=g, dtype=F64) for _ in range(4)]
+    G = torch.randn(m, n, generator=g, dtype=dtype)
+    Gv1, Gtu1 = G @ spec.V[:, 0].to(dtype), G.mT @ spec.U[:, 0].to(dtype)
+    args = (*p, G, spec.U, spec.S, spec.V, float(spec.sigma_next), 9.0, 1.5)
+    want = ops.gradient_statistics(*args)
+    for impl in (ops, reference):
+        got = impl.gradient_statistics(*args, Gv1, Gtu1)
+        torch.testing.assert_close(got, want, rtol=TOL["parity"][dtype]["rtol"],
+                                   atol=TOL["parity"][dtype]["atol"] * float(want.abs().max()))
+    # G is not read when the products are given, and the given vectors are left as they were.
+    before = Gv1.clone()
+    torch.testing.assert_close(ops.gradient_statistics(*p, torch.full_like(G, float("nan")), *args[5:], Gv1, Gtu1),
+                               ops.gradient_statistics(*args, Gv1, Gtu1))
+    assert torch.equal(Gv1, before)
+
+
+@pytest.mark.parametrize("which, match", [
+    ("one", r"lipfast::gradient_statistics: Gv1 and Gtu1 must be given together"),
+    ("short", r"lipfast::gradient_statistics: Gv1 must have shape \[m=6\], got \[5\]"),
+    ("long", r"lipfast::gradient_statistics: Gtu1 must have shape \[n=4\], got \[7\]"),
+])
+def test_gradient_statistics_given_products_messages(which, match):
+    U, S, V = spectrum_of(gapped_matrix(6, 4), 2)[:3]
+    p = [torch.randn(5, dtype=F64) for _ in range(4)]
+    G = torch.randn(6, 4, dtype=F64)
+    gv, gtu = {"one": (torch.randn(6, dtype=F64), None), "short": (torch.randn(5, dtype=F64), torch.randn(4, dtype=F64)),
+               "long": (torch.randn(6, dtype=F64), torch.randn(7, dtype=F64))}[which]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.lipfast.gradient_statistics(*p, G, U, S, V, 0.1, 5.0, 1.0, gv, gtu)
+
+
 def test_gradient_statistics_flags_non_finite_gradient():
     W = decaying_matrix(40, 30)
     spec = _spectrum(W, 3)
@@ -159,6 +195,9 @@ def test_step_ops_opcheck(device, requires_grad):
         G = torch.randn(6, 4, dtype=dtype, device=device, requires_grad=requires_grad)
         p = [torch.randn(5, dtype=F64, device=device) for _ in range(4)]
         samples.append((torch.ops.lipfast.gradient_statistics.default, (*p, G, U.to(dtype), S, V.to(dtype), 0.1, 5.0, 1.0)))
+        samples.append((torch.ops.lipfast.gradient_statistics.default,
+                        (*p, G, U.to(dtype), S, V.to(dtype), 0.1, 5.0, 1.0, torch.randn(6, dtype=dtype, device=device),
+                         torch.randn(4, dtype=dtype, device=device))))
         samples.append((torch.ops.lipfast.update_statistics.default,
                         (torch.randn(6, dtype=F64, device=device), torch.randn(4, dtype=F64, device=device),
                          U, S, V, 0.1)))
@@ -228,10 +267,12 @@ def test_composite_kernels_match_cpu_kernels(dtype):
     p = [torch.randn(6, generator=g, dtype=F64) for _ in range(4)]
     G = torch.randn(m, n, generator=g, dtype=dtype)
     gargs = (*p, G, spec.U, spec.S, spec.V, float(spec.sigma_next), 6.0, 1.0)
-    got = torch.ops.lipfast.gradient_statistics.default.redispatch(_COMPOSITE, *gargs)
-    want = torch.ops.lipfast.gradient_statistics.default(*gargs)
-    torch.testing.assert_close(got, want, rtol=TOL["parity"][dtype]["rtol"],
-                               atol=TOL["parity"][dtype]["atol"] * float(want.abs().max()))
+    products = (G @ spec.V[:, 0].to(dtype), G.mT @ spec.U[:, 0].to(dtype))
+    for extra in ((), products):
+        got = torch.ops.lipfast.gradient_statistics.default.redispatch(_COMPOSITE, *gargs, *extra)
+        want = torch.ops.lipfast.gradient_statistics.default(*gargs, *extra)
+        torch.testing.assert_close(got, want, rtol=TOL["parity"][dtype]["rtol"],
+                                   atol=TOL["parity"][dtype]["atol"] * float(want.abs().max()))
     x, y = torch.randn(m, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
     uargs = (x, y, spec.U, spec.S, spec.V, float(spec.sigma_next))
     got = torch.ops.lipfast.update_statistics.default.redispatch(_COMPOSITE, *uargs)

@@ -519,6 +519,32 @@ def test_gradient_accumulation_equal_halves():
     tracker.close()
 
 
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_noise_terms_use_the_per_sample_mean_under_gradient_clipping(arch):
+    """Clipping rescales weight.grad but not the per-sample gradients: the diffusion and Itô terms are the
+    spread of the G_i around their own mean (the ground truth's ḡ), and first/second order follow the step
+    actually taken."""
+    model = mlp() if arch == "mlp" else cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin, tracker = tracked_run(model, opt, **EXACT)
+    names = list(tracker.captures)
+    x, y = batch(model, 12)
+
+    def clipped_step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+        assert float(norm) > 1e-2  # the clipping really rescales
+        opt.step()
+
+    want = expected_step(model, twin, opt, x, y, names, clipped_step, check_update=False)
+    got = {r["layer"]: r for r in tracker.records}
+    for name in names:
+        assert_matches(got[name], want[name], ("sigma", "sigma_next", "delta_obs", "first_order", "second_order",
+                                               "diffusion_var", "ito"))
+    tracker.close()
+
+
 def test_every_tracks_only_every_kth_step():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

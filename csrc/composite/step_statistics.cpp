@@ -43,7 +43,8 @@ void check_spectrum_inputs(const char* op, int64_t m, int64_t n, const at::Tenso
 // Shared with the CPU kernels (csrc/cpu/step_statistics_cpu.cpp).
 void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
                                       const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
-                                      const at::Tensor& S, const at::Tensor& V) {
+                                      const at::Tensor& S, const at::Tensor& V, const c10::optional<at::Tensor>& Gv1,
+                                      const c10::optional<at::Tensor>& Gtu1) {
   constexpr const char* op = "lipfast::gradient_statistics";
   LIPFAST_CHECK_DIM("lipfast::gradient_statistics", G, "G", 2, "[m, n]");
   LIPFAST_CHECK_FLOAT("lipfast::gradient_statistics", G, "G");
@@ -52,6 +53,17 @@ void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& 
                   hess_hi.sizes() == proj.sizes(),
               op, ": proj, hess, hess_lo, hess_hi must all have shape [N], got ", proj.sizes(), ", ",
               hess.sizes(), ", ", hess_lo.sizes(), ", ", hess_hi.sizes());
+  TORCH_CHECK(Gv1.has_value() == Gtu1.has_value(), op, ": Gv1 and Gtu1 must be given together (or neither)");
+  if (Gv1.has_value()) {
+    TORCH_CHECK(Gv1->dim() == 1 && Gv1->size(0) == G.size(0), op, ": Gv1 must have shape [m=", G.size(0),
+                "], got ", Gv1->sizes());
+    TORCH_CHECK(Gtu1->dim() == 1 && Gtu1->size(0) == G.size(1), op, ": Gtu1 must have shape [n=", G.size(1),
+                "], got ", Gtu1->sizes());
+    LIPFAST_CHECK_SAME_DEVICE("lipfast::gradient_statistics", *Gv1, "Gv1", G);
+    LIPFAST_CHECK_SAME_DEVICE("lipfast::gradient_statistics", *Gtu1, "Gtu1", G);
+    LIPFAST_CHECK_FLOAT("lipfast::gradient_statistics", *Gv1, "Gv1");
+    LIPFAST_CHECK_FLOAT("lipfast::gradient_statistics", *Gtu1, "Gtu1");
+  }
 }
 
 void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
@@ -67,7 +79,8 @@ namespace {
 // gradient_statistics: before the step. Returns float64 [11]:
 //   0 N, 1 Σ(s_i − K), 2 Σ(s_i − K)², 3 Σ H[G_i,G_i], 4 Σ lo, 5 Σ hi   (additive across ranks)
 //   6 K = u1ᵀ ḡ v1 (the shift, ≈ mean s_i), 7 H[ḡ,ḡ], 8 lo, 9 hi, 10 1.0 if everything is finite else 0.0
-// with s_i = scale·proj_i, H[G_i,G_i] = scale²·hess_i, ḡ = G / loss_factor.
+// with s_i = scale·proj_i, H[G_i,G_i] = scale²·hess_i, ḡ = G / loss_factor (G·v1 and Gᵀ·u1 read from Gv1,
+// Gtu1 when given).
 at::Tensor gradient_statistics(const at::Tensor& proj,     // [N] float64
                                                        const at::Tensor& hess,     // [N]
                                                        const at::Tensor& hess_lo,  // [N]
@@ -76,12 +89,14 @@ at::Tensor gradient_statistics(const at::Tensor& proj,     // [N] float64
                                                        const at::Tensor& U,        // [m, k]
                                                        const at::Tensor& S,        // [k]
                                                        const at::Tensor& V,        // [n, k]
-                                                       double sigma_next, double scale, double loss_factor) {
-  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G, U, S, V);
+                                                       double sigma_next, double scale, double loss_factor,
+                                                       const c10::optional<at::Tensor>& Gv1,
+                                                       const c10::optional<at::Tensor>& Gtu1) {
+  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G, U, S, V, Gv1, Gtu1);
   auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), S64 = S.to(at::kDouble);
   auto u1 = U.select(1, 0).to(G.scalar_type()), v1 = V.select(1, 0).to(G.scalar_type());
-  auto x = at::mv(G, v1).to(at::kDouble).div_(loss_factor);       // ḡ v1
-  auto y = at::mv(G.t(), u1).to(at::kDouble).div_(loss_factor);   // ḡᵀ u1
+  auto x = (Gv1.has_value() ? *Gv1 : at::mv(G, v1)).to(at::kDouble).div(loss_factor);       // ḡ v1
+  auto y = (Gtu1.has_value() ? *Gtu1 : at::mv(G.t(), u1)).to(at::kDouble).div(loss_factor);  // ḡᵀ u1
   auto K = U64.select(1, 0).dot(x);
   auto hg = hessian_of_direction(x, y, U64, S64, V64, sigma_next);
   auto s = proj.to(at::kDouble).mul(scale).sub(K);

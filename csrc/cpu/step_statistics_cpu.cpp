@@ -17,7 +17,8 @@ namespace lipfast {
 
 void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
                                       const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
-                                      const at::Tensor& S, const at::Tensor& V);
+                                      const at::Tensor& S, const at::Tensor& V, const c10::optional<at::Tensor>& Gv1,
+                                      const c10::optional<at::Tensor>& Gtu1);
 void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
                                     const at::Tensor& S, const at::Tensor& V);
 
@@ -63,16 +64,18 @@ at::Tensor vector_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous
 at::Tensor gradient_statistics_cpu(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
                                    const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
                                    const at::Tensor& S_, const at::Tensor& V, double sigma_next, double scale,
-                                   double loss_factor) {
-  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G, U, S_, V);
+                                   double loss_factor, const c10::optional<at::Tensor>& Gv1,
+                                   const c10::optional<at::Tensor>& Gtu1) {
+  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G, U, S_, V, Gv1, Gtu1);
   const int64_t m = G.size(0), n = G.size(1), k = U.size(1), N = proj.size(0);
   const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble);
   const auto S = vector_f64(S_);
-  // ḡ v1 and ḡᵀ u1: two GEMVs with the gradient in its dtype, through BLAS (contiguous vectors: a strided
-  // one costs MKL twice the time).
+  // ḡ v1 and ḡᵀ u1: given, or two GEMVs with the gradient in its dtype, through BLAS (contiguous vectors: a
+  // strided one costs MKL twice the time).
   const auto dt = G.scalar_type();
-  const auto x = vector_f64(at::mv(G, V.select(1, 0).to(dt).contiguous())).div_(loss_factor);
-  const auto y = vector_f64(at::mv(G.t(), U.select(1, 0).to(dt).contiguous())).div_(loss_factor);
+  const auto x = vector_f64(Gv1.has_value() ? *Gv1 : at::mv(G, V.select(1, 0).to(dt).contiguous())).div(loss_factor);
+  const auto y =
+      vector_f64(Gtu1.has_value() ? *Gtu1 : at::mv(G.t(), U.select(1, 0).to(dt).contiguous())).div(loss_factor);
   const Direction g = project(x.data_ptr<double>(), m, y.data_ptr<double>(), n, U64, V64, S.data_ptr<double>(), k,
                               sigma_next);
   const double K = g.first;
