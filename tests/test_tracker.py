@@ -717,6 +717,25 @@ def test_autocast_bfloat16_forward_gives_finite_records():
     tracker.close()
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_bfloat16_weights_give_finite_records(momentum):
+    """A model held in bfloat16: spectra and per-sample statistics run in float32, the gradient stays bf16."""
+    model = mlp((5, 7, 6, 3), dtype=torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    tracker = Tracker(model, opt, rank=8, gap_tol=0.0, step_tol=math.inf)
+    for _ in range(3):
+        x, y = batch(model, 8, dtype=torch.bfloat16)
+        opt.zero_grad()
+        F.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+    assert len(tracker.records) == 9
+    for r in tracker.records:
+        assert not r["nonfinite"] and not r["degenerate"]
+        for f in ("sigma", "sigma_next", *FORCES):
+            assert math.isfinite(r[f]), (f, r)
+    tracker.close()
+
+
 # torch.compile imports dynamo, which emits torch's own DeprecationWarnings (torch.jit.script_method).
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_model_is_refused():

@@ -47,7 +47,6 @@ void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& 
                                       const c10::optional<at::Tensor>& Gtu1) {
   constexpr const char* op = "lipfast::gradient_statistics";
   LIPFAST_CHECK_DIM("lipfast::gradient_statistics", G, "G", 2, "[m, n]");
-  LIPFAST_CHECK_FLOAT("lipfast::gradient_statistics", G, "G");
   check_spectrum_inputs(op, G.size(0), G.size(1), U, S, V);
   TORCH_CHECK(proj.dim() == 1 && hess.sizes() == proj.sizes() && hess_lo.sizes() == proj.sizes() &&
                   hess_hi.sizes() == proj.sizes(),
