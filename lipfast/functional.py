@@ -3,7 +3,6 @@ per-sample statistics of Linear and Conv2d layers without per-sample gradients (
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -41,8 +40,7 @@ class Spectrum:
             the warm start of the next call.
         iters: subspace sweeps done (0 for a LAPACK SVD).
         Wt_u1: ``[n]`` float64 ``Wᵀu1`` as the last sweep computed it (``W v1 = σ1 u1`` holds by
-            construction): with the probes of the next spectrum, the tracker reads ΔW from these.
-        probes: ``(W·right [m, a], Wᵀ·left [n, b])`` float64, when the call was given probe blocks.
+            construction): with the probes of lipfast::track_update, the tracker reads ΔW from these.
     """
 
     U: Tensor
@@ -55,7 +53,6 @@ class Spectrum:
     basis: Tensor | None = None
     iters: int = 0
     Wt_u1: Tensor | None = None
-    probes: tuple[Tensor, Tensor] | None = None
 
     @cached_property
     def U64(self) -> Tensor:
@@ -207,7 +204,7 @@ def with_host_values(spec: Spectrum, sigma: float, sigma2: float, sigma_next: fl
 
 def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int | None = None,
                      tol: float | None = None, oversample: int | None = None, seed: int = 0,
-                     impl=ops, probes: tuple[Tensor, Tensor] | None = None, small: str = "lapack") -> Spectrum:
+                     impl=ops, small: str = "lapack") -> Spectrum:
     """:func:`spectrum` without argument checks, warm-started from a bare ``basis [n, p]``.
 
     For callers that validated already (the tracker): no finiteness pass, no host sync beyond the
@@ -217,14 +214,7 @@ def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int 
     r = min(m, n)
     p = block_size(k, r, oversample)
     if k >= r or p >= r or m * n <= _SMALL_MATRIX:
-        if small == "gram":
-            return _gram_spectrum(W, k, impl, probes)
-        spec = _lapack_spectrum(W, k)
-        if probes is None:
-            return spec
-        right, left = probes
-        products = ((W @ right.to(W.dtype)).to(torch.float64), (W.mT @ left.to(W.dtype)).to(torch.float64))
-        return dataclasses.replace(spec, probes=products)
+        return _gram_spectrum(W, k, impl) if small == "gram" else _lapack_spectrum(W, k)
 
     if basis is not None:
         if basis.dtype != W.dtype or basis.device != W.device:
@@ -236,16 +226,14 @@ def compute_spectrum(W: Tensor, k: int, basis: Tensor | None = None, iters: int 
         V0 = torch.randn(n, p, generator=gen, device=W.device, dtype=W.dtype)
         max_iters = iters or _COLD_ITERS
     tol = default_tol(W.dtype) if tol is None else float(tol)
-    right, left = probes if probes is not None else (None, None)
-    U, S, V, res, it, advanced, W_right, Wt_left = impl.subspace_iteration(W, V0, k + 1, max_iters, tol, right, left)
+    U, S, V, res, it, advanced, _, _ = impl.subspace_iteration(W, V0, k + 1, max_iters, tol)
     # The Ritz value of σ_{k+1} lies below the true one; adding its residual keeps the truncation
     # bracket honest (a singular value lies within the residual of every Ritz value). Read on the host
     # once (the iteration synchronised already), instead of a chain of 0-dim tensor ops.
     s_k, s_km1, r_k = float(S[k]), float(S[k - 1]), float(res[k])
     sigma_next = torch.tensor(min(s_k + r_k, s_km1), dtype=torch.float64, device=S.device)
     return Spectrum(U=U[:, :k], S=S[:k], V=V[:, :k], sigma_next=sigma_next, residuals=res[:k],
-                    exact=False, shape=(m, n), basis=advanced, iters=int(it), Wt_u1=advanced[:, 0].to(torch.float64),
-                    probes=None if probes is None else (W_right, Wt_left))
+                    exact=False, shape=(m, n), basis=advanced, iters=int(it), Wt_u1=advanced[:, 0].to(torch.float64))
 
 
 def _lapack_spectrum(W: Tensor, k: int) -> Spectrum:
@@ -258,34 +246,29 @@ def _lapack_spectrum(W: Tensor, k: int) -> Spectrum:
     kk = min(k, r)
     exact = k >= r
     sigma_next = S64.new_zeros(()) if exact else S64[kk]
-    basis = V[:, : min(r, kk + 1 + max(4, kk // 2))]
+    basis = V[:, : block_size(kk, r)]
     return Spectrum(U=U[:, :kk], S=S64[:kk], V=V[:, :kk], sigma_next=sigma_next, residuals=res[:kk],
                     exact=exact, shape=(m, n), basis=basis, iters=0, Wt_u1=S64[0] * V[:, 0].to(torch.float64))
 
 
-def _gram_spectrum(W: Tensor, k: int, impl=ops, probes: tuple[Tensor, Tensor] | None = None) -> Spectrum:
+def _gram_spectrum(W: Tensor, k: int, impl=ops) -> Spectrum:
     """Exact spectrum from the eigendecomposition of the smaller Gram matrix, in float64.
 
     One subspace sweep whose block is the identity on the smaller side spans the whole row (or column)
-    space, so its Rayleigh–Ritz step is the exact SVD: the compiled op does it in one call, with the
-    probes riding along."""
+    space, so its Rayleigh–Ritz step is the exact SVD (lipfast::track_update takes the same route)."""
     m, n = W.shape
     r = min(m, n)
     tall = m >= n  # iterate on the tall orientation, whose right side is the small one
     A = W if tall else W.mT
-    right, left = probes if probes is not None else (None, None)
     eye = torch.eye(r, dtype=W.dtype, device=W.device)
-    U, S, V, res, _, _, A_right, At_left = impl.subspace_iteration(
-        A, eye, r, 1, 0.0, right if tall else left, left if tall else right)
+    U, S, V, res, _, _, _, _ = impl.subspace_iteration(A, eye, r, 1, 0.0)
     # For A = Wᵀ: W = V_A S U_Aᵀ, and the op's residuals ‖Aᵀu − σv‖ = ‖W v_W − σ u_W‖ are the other half.
     U, V = (U, V) if tall else (V, U)
     kk = min(k, r)
     exact = k >= r
     sigma_next = S.new_zeros(()) if exact else S[kk]
-    products = None if probes is None else ((A_right, At_left) if tall else (At_left, A_right))
     return Spectrum(U=U[:, :kk], S=S[:kk], V=V[:, :kk], sigma_next=sigma_next, residuals=res[:kk], exact=exact,
-                    shape=(m, n), basis=V[:, : min(r, kk + 1 + max(4, kk // 2))], iters=0,
-                    Wt_u1=S[0] * V[:, 0].to(torch.float64), probes=products)
+                    shape=(m, n), basis=V[:, : block_size(kk, r)], iters=0, Wt_u1=S[0] * V[:, 0].to(torch.float64))
 
 
 def resize_block(block: Tensor, p: int, seed: int) -> Tensor:

@@ -241,4 +241,4 @@ def _cat_stats(parts):
     per_sample = tuple(torch.cat([p[i] for p in parts]) for i in range(4))
     if any(p[4] is None for p in parts):
         return per_sample + (None, None)
-    return per_sample + tuple(sum(p[i] for p in parts[1:]) + parts[0][i] for i in (4, 5))
+    return per_sample + tuple(sum((p[i] for p in parts[1:]), parts[0][i]) for i in (4, 5))

@@ -4,6 +4,7 @@ dense ground truths (LAPACK, the full-SVD Hessian), opcheck, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,7 +22,7 @@ def _spectrum(W, k, transposed=True):
     spec = functional.compute_spectrum(W, k, small="gram")
     spec = functional.compute_spectrum(W, k, spec.basis, 30, 0.0, small="gram")
     if not transposed:
-        spec = functional.Spectrum(**{**spec.__dict__, "U": spec.U.contiguous(), "V": spec.V.contiguous()})
+        spec = dataclasses.replace(spec, U=spec.U.contiguous(), V=spec.V.contiguous())
     return spec
 
 
