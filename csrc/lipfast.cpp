@@ -28,6 +28,10 @@ TORCH_LIBRARY(lipfast, m) {
   //   all float64.
   m.def("persample_linear(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
         "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi)");
+  //   .sums also returns Gv1 [m] = Σ_i G_i v1 and Gtu1 [n] = Σ_i G_iᵀ u1 (float64): the gradient's products
+  //   with the top pair, from the rows of X and D (no pass over the gradient itself).
+  m.def("persample_linear.sums(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
+        "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)");
   // gradient_statistics: the tracker's reductions before a step, from per-sample statistics proj/hess/
   //   hess_lo/hess_hi [N] (float64, as persample_linear returns them), the weight gradient G [m, n] and the
   //   spectrum U [m, k], S [k], V [n, k]. Returns float64 [11]: N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi
@@ -49,6 +53,13 @@ TORCH_LIBRARY(lipfast, m) {
   m.def("track_update(Tensor W, Tensor basis, Tensor U, Tensor S, Tensor V, float sigma_next, Tensor Wt_u1, "
         "int max_iters, float tol, bool exact) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, "
         "Tensor residuals, Tensor basis, Tensor Wt_u1, Tensor stats)");
+  // conv2d_projections: the per-sample products of a Conv2d (groups=1, zero padding) with the weight's top
+  //   singular pair, G_i = Σ_positions d_i(p) x_i(p)ᵀ never formed and x never unfolded: x [B, C_in, H, W],
+  //   grad_out [B, C_out, H', W'] (x's dtype), u1 [C_out], v1 [C_in·kh·kw] (the weight's flattening order),
+  //   kernel_size, stride, padding, dilation as pairs. Returns Gv1 [B, C_out] = G_i v1 and
+  //   Gtu1 [B, C_in·kh·kw] = G_iᵀ u1, float64.
+  m.def("conv2d_projections(Tensor x, Tensor grad_out, Tensor u1, Tensor v1, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation) -> (Tensor Gv1, Tensor Gtu1)");
 }
 
 namespace {
@@ -64,8 +75,8 @@ void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lipfast, Autograd, m) {
-  for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics",
-                           "update_statistics", "track_update"}) {
+  for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "persample_linear.sums",
+                           "gradient_statistics", "update_statistics", "track_update", "conv2d_projections"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_below_autograd>());
   }
 }

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate as check
@@ -422,32 +421,12 @@ def persample_conv2d(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size, s
 
 
 def conv2d_projections(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size: tuple[int, int],
-                       stride: tuple[int, int], padding: tuple[int, int],
-                       dilation: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """``x_i = G_i v1 [B, C_out]`` and ``y_i = G_iᵀ u1 [B, C_in·kh·kw]`` of a Conv2d, unchecked.
-
-    Linear in ``grad_out``, so the projections of a layer called several times on the same samples
-    add up. ``X V`` is a convolution with the columns of ``V`` as filters; ``y_i`` is taken one kernel
-    offset at a time, so the unfolded patches never exist.
-    """
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    B, C = x.shape[:2]
-    Ho, Wo = grad_out.shape[2:]
-    m, n = spec.shape
-    x = x.detach()
-    g = grad_out.detach().reshape(B, m, Ho * Wo)                       # [B, C_out, T]
-    U = spec.U.to(x.dtype)
-    v1 = spec.V[:, :1].to(x.dtype)
-    XV0 = F.conv2d(x, v1.mT.reshape(1, C, kh, kw), stride=(sh, sw), padding=(ph, pw),
-                   dilation=(dh, dw)).reshape(B, -1)                   # X_i v1 per position [B, T]
-    du0 = torch.matmul(U[:, 0], g).reshape(B, Ho, Wo)                 # D_i u1 per position
-    xvec = torch.matmul(g, XV0.unsqueeze(2)).squeeze(2)                # x_i = G_i v1  [B, C_out]
-    # y_i[c, p, q] = Σ_{h,w} x_pad[i, c, p·dh + h·sh, q·dw + w·sw] · du0[i, h, w]: a convolution of each
-    # sample's input with its own du0 as the filter. Samples become the groups and channels the batch
-    # (stride and dilation swap roles), so one grouped convolution does it without unfolding.
-    xp = F.pad(x.transpose(0, 1), (pw, pw, ph, ph))                    # [C_in, B, H + 2ph, W + 2pw]
-    yc = F.conv2d(xp, du0.unsqueeze(1), stride=(dh, dw), dilation=(sh, sw), groups=B)[:, :, :kh, :kw]
-    return xvec, yc.permute(1, 0, 2, 3).reshape(B, n)
+                       stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                       impl=ops) -> tuple[Tensor, Tensor]:
+    """``x_i = G_i v1 [B, C_out]`` and ``y_i = G_iᵀ u1 [B, C_in·kh·kw]`` of a Conv2d, float64, unchecked
+    (``lipfast::conv2d_projections``). Linear in ``grad_out``, so the projections of a layer called
+    several times on the same samples add up."""
+    return impl.conv2d_projections(x, grad_out, spec.U[:, 0], spec.V[:, 0], kernel_size, stride, padding, dilation)
 
 
 def contract_projections(spec: Spectrum, xvec: Tensor, yvec: Tensor, impl=ops, mask: bool = True) -> PerSample:

@@ -184,13 +184,9 @@ class LayerCapture:
         X = _as(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1), dtype)
         D = _as(ds[0] if len(ds) == 1 else torch.cat(ds, dim=1), dtype)
         U, V = _as(spec.U, dtype), _as(spec.V, dtype)
-        stats = self.owner.impl.persample_linear(X, D, U, spec.S, V, spec.host[2])
-        # Σ_i G_i v1 = Dᵀ(X v1) and Σ_i G_iᵀ u1 = Xᵀ(D u1): the gradient's two products from the rows of X and
-        # D (B·T rows, where G has m), so the step needs no pass over the gradient itself.
-        X2, D2 = X.reshape(-1, self.n), D.reshape(-1, self.m)
-        gv = torch.mv(D2.mT, torch.mv(X2, V[:, 0]))
-        gtu = torch.mv(X2.mT, torch.mv(D2, U[:, 0]))
-        return (*stats, gv, gtu)
+        # With the statistics, Σ_i G_i v1 = Dᵀ(X v1) and Σ_i G_iᵀ u1 = Xᵀ(D u1): the gradient's two products from
+        # the rows of X and D (B·T rows, where G has m), so the step needs no pass over the gradient itself.
+        return self.owner.impl.persample_linear(X, D, U, spec.S, V, spec.host[2], sums=True)
 
     def _conv_stats(self, spec: Spectrum, calls: list[Call], dtype):
         B = calls[0].x.shape[0]
@@ -200,7 +196,7 @@ class LayerCapture:
         for c in calls:
             x = c.x if c.x.dim() == 4 else c.x.unsqueeze(0)
             d = c.d if c.d.dim() == 4 else c.d.unsqueeze(0)
-            xv, yv = conv2d_projections(spec, x.to(dtype), d.to(dtype), *self.geometry)
+            xv, yv = conv2d_projections(spec, x.to(dtype), d.to(dtype), *self.geometry, impl=self.owner.impl)
             xvec = xv if xvec is None else xvec + xv
             yvec = yv if yvec is None else yvec + yv
         # The tracker flags degenerate steps with its own tolerances (gap_tol, step_tol), as for Linear.

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics", "update_statistics",
-           "track_update"]
+           "track_update", "conv2d_projections"]
 
 
 def _d(t: Tensor) -> Tensor:
@@ -65,7 +65,7 @@ def hessian_contract(a: Tensor, b: Tensor, xnorm2: Tensor, ynorm2: Tensor, S: Te
     )
 
 
-def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float):
+def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, sums: bool = False):
     """Fused per-sample statistics of a Linear layer, never forming ``G_i = D_iᵀ X_i`` (MATH.md §4).
 
     Args:
@@ -73,13 +73,15 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
         D: ``[B, T, m]`` gradients of each sample's own loss w.r.t. the layer output.
         U: ``[m, k]``, S: ``[k]``, V: ``[n, k]``: the top-k triplets of the weight.
         sigma_next: ``σ_{k+1}``, or ``0`` when the spectrum is exact.
+        sums: also return ``Σ_i G_i v1 [m]`` and ``Σ_i G_iᵀ u1 [n]`` (the ``.sums`` overload): the batch
+            gradient's products with the top pair, formed in the same pass over X and D.
 
     Returns:
-        ``(proj, hess, hess_lo, hess_hi)``, each ``[B]`` float64: ``u1ᵀ G_i v1`` and ``H[G_i, G_i]``.
+        ``(proj, hess, hess_lo, hess_hi)``, each ``[B]`` float64: ``u1ᵀ G_i v1`` and ``H[G_i, G_i]``;
+        with ``sums``, then ``Gv1 [m]`` and ``Gtu1 [n]``, float64.
     """
-    return torch.ops.lipfast.persample_linear.default(
-        _d(X), _d(D), _d(U), _d(S), _d(V), float(sigma_next)
-    )
+    op = torch.ops.lipfast.persample_linear.sums if sums else torch.ops.lipfast.persample_linear.default
+    return op(_d(X), _d(D), _d(U), _d(S), _d(V), float(sigma_next))
 
 
 def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Tensor, G: Tensor, U: Tensor,
@@ -140,6 +142,31 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     return torch.ops.lipfast.track_update.default(
         _d(W), _d(basis), _d(U), _d(S), _d(V), float(sigma_next), _d(Wt_u1),
         int(max_iters), float(tol), bool(exact))
+
+
+def conv2d_projections(x: Tensor, grad_out: Tensor, u1: Tensor, v1: Tensor, kernel_size, stride, padding, dilation):
+    """``G_i v1`` and ``G_iᵀ u1`` of a Conv2d (groups=1, zero padding) for every sample, without forming
+    ``G_i`` or unfolding ``x`` (MATH.md §4).
+
+    Args:
+        x: ``[B, C_in, H, W]`` layer input (float32/float64).
+        grad_out: ``[B, C_out, H', W']`` output-gradients of each sample's own loss, in ``x``'s dtype.
+        u1: ``[C_out]``, v1: ``[C_in·kh·kw]``: the top singular pair of ``weight.reshape(C_out, -1)``.
+        kernel_size, stride, padding, dilation: pairs of ints, as ``nn.Conv2d`` holds them.
+
+    Returns:
+        ``(Gv1 [B, C_out], Gtu1 [B, C_in·kh·kw])``, float64.
+    """
+    return torch.ops.lipfast.conv2d_projections.default(
+        _d(x), _d(grad_out), _d(u1), _d(v1), list(kernel_size), list(stride), list(padding), list(dilation))
+
+
+@torch.library.register_fake("lipfast::conv2d_projections")
+def _conv2d_projections_fake(x, grad_out, u1, v1, kernel_size, stride, padding, dilation):
+    torch._check(x.dim() == 4, lambda: f"x must have shape [B, C_in, H, W], got {tuple(x.shape)}")
+    torch._check(grad_out.dim() == 4, lambda: f"grad_out must have shape [B, C_out, H', W'], got {tuple(grad_out.shape)}")
+    f64 = dict(dtype=torch.float64, device=x.device)
+    return torch.empty((x.shape[0], grad_out.shape[1]), **f64), torch.empty((x.shape[0], v1.shape[0]), **f64)
 
 
 @torch.library.register_fake("lipfast::track_update")
@@ -212,4 +239,11 @@ def _persample_linear_fake(X, D, U, S, V, sigma_next):
     torch._check(D.dim() == 3, lambda: f"D must have shape [B, T, m], got {tuple(D.shape)}")
     B = X.shape[0]
     return tuple(torch.empty((B,), dtype=torch.float64, device=X.device) for _ in range(4))
+
+
+@torch.library.register_fake("lipfast::persample_linear.sums")
+def _persample_linear_sums_fake(X, D, U, S, V, sigma_next):
+    f64 = dict(dtype=torch.float64, device=X.device)
+    return (*_persample_linear_fake(X, D, U, S, V, sigma_next), torch.empty((D.shape[2],), **f64),
+            torch.empty((X.shape[2],), **f64))
 

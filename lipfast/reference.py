@@ -54,8 +54,9 @@ def hessian_contract(a: Tensor, b: Tensor, xnorm2: Tensor, ynorm2: Tensor, S: Te
     return value, lo, hi
 
 
-def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float):
-    """Twin of ``lipfast::persample_linear``: X [B,T,n], D [B,T,m] -> proj, hess, hess_lo, hess_hi [B]."""
+def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, sums: bool = False):
+    """Twin of ``lipfast::persample_linear``: X [B,T,n], D [B,T,m] -> proj, hess, hess_lo, hess_hi [B]
+    (and with ``sums`` ``Σ_i G_i v1 [m]``, ``Σ_i G_iᵀ u1 [n]``, the ``.sums`` overload)."""
     X, D, U, V = (t.to(torch.float64) for t in (X, D, U, V))
     XV = X @ V                                    # [B, T, k]
     DU = D @ U                                    # [B, T, k]
@@ -64,7 +65,7 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     a = x @ U
     b = y @ V
     hess = hessian_contract(a, b, (x * x).sum(-1), (y * y).sum(-1), S, sigma_next)
-    return (a[:, 0], *hess)
+    return (a[:, 0], *hess, x.sum(0), y.sum(0)) if sums else (a[:, 0], *hess)
 
 
 def spectrum_exact(W: Tensor, k: int):
@@ -111,6 +112,24 @@ def persample_conv2d_unfold(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, V
     cols = F.unfold(x.to(torch.float64), kernel_size, dilation=dilation, padding=padding, stride=stride)  # [B, K, T]
     D = grad_out.to(torch.float64).reshape(B, grad_out.shape[1], -1)                                       # [B, m, T]
     return persample_linear(cols.mT, D.mT, U, S, V, sigma_next)
+
+
+def conv2d_projections(x: Tensor, grad_out: Tensor, u1: Tensor, v1: Tensor, kernel_size, stride, padding, dilation):
+    """Twin of ``lipfast::conv2d_projections``: ``X_iᵀv1`` is a convolution with v1 as the filter, and
+    ``G_iᵀu1`` a correlation of each sample's input with its own map ``D_iᵀu1``, which one grouped
+    convolution does for the whole batch (samples as groups, channels as the batch: stride and dilation
+    swap roles)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    B, C = x.shape[:2]
+    m, (Ho, Wo) = grad_out.shape[1], grad_out.shape[2:]
+    g = grad_out.reshape(B, m, Ho * Wo)
+    xv = F.conv2d(x, v1.to(x.dtype).reshape(1, C, kh, kw), stride=(sh, sw), padding=(ph, pw),
+                  dilation=(dh, dw)).reshape(B, -1)
+    du = (u1.to(x.dtype) @ g).reshape(B, 1, Ho, Wo)
+    Gv1 = (g @ xv.unsqueeze(2)).squeeze(2)
+    xp = F.pad(x.transpose(0, 1), (pw, pw, ph, ph))
+    yc = F.conv2d(xp, du, stride=(dh, dw), dilation=(sh, sw), groups=B)[:, :, :kh, :kw]
+    return Gv1.to(torch.float64), yc.permute(1, 0, 2, 3).reshape(B, C * kh * kw).to(torch.float64)
 
 
 def _hessian_of_direction(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float) -> Tensor:

@@ -31,6 +31,15 @@ EXPECTED_SCHEMAS = {
     "update_statistics": (
         "lipfast::update_statistics(Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next) -> Tensor"
     ),
+    "track_update": (
+        "lipfast::track_update(Tensor W, Tensor basis, Tensor U, Tensor S, Tensor V, float sigma_next, Tensor Wt_u1, "
+        "int max_iters, float tol, bool exact) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, Tensor residuals, "
+        "Tensor basis, Tensor Wt_u1, Tensor stats)"
+    ),
+    "conv2d_projections": (
+        "lipfast::conv2d_projections(Tensor x, Tensor grad_out, Tensor u1, Tensor v1, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation) -> (Tensor Gv1, Tensor Gtu1)"
+    ),
 }
 
 
@@ -56,6 +65,21 @@ def test_built_against_the_running_torch():
 def test_schema_registered(name):
     packet = getattr(torch.ops.lipfast, name)
     assert str(packet.default._schema) == EXPECTED_SCHEMAS[name]
+
+
+def test_persample_linear_sums_overload_registered():
+    assert str(torch.ops.lipfast.persample_linear.sums._schema) == (
+        "lipfast::persample_linear.sums(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
+        "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)")
+
+
+def test_every_op_has_a_wrapper_and_is_listed():
+    """A new op needs its schema here, a typed wrapper in lipfast.ops and a twin in lipfast.reference."""
+    from lipfast import ops, reference
+    assert sorted(ops.__all__) == sorted(EXPECTED_SCHEMAS)
+    for name in ops.__all__:
+        assert hasattr(torch.ops.lipfast, name)
+        assert callable(getattr(reference, name)), f"lipfast.reference has no twin of {name}"
 
 
 def test_public_names_exist():

@@ -305,6 +305,26 @@ def test_composite_ops_match_cpu(dtype):
         t_cuda = ops.track_update(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
         assert_close(t_cuda[1].cpu(), t_cpu[1], TOL["truth"][dtype])        # new singular values
         assert_close(t_cuda[7][:8].cpu(), t_cpu[7][:8], TOL["parity"][dtype])  # update statistics, σ1
+    # persample_linear.sums: the CUDA persample_linear kernel plus four GEMVs (composite)
+    for (B, T) in [(33, 1), (7, 5)]:
+        args = (torch.randn(B, T, n, dtype=dtype), torch.randn(B, T, m, dtype=dtype), U, S, V, 0.5)
+        s_cpu = ops.persample_linear(*args, sums=True)
+        s_cuda = ops.persample_linear(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args), sums=True)
+        for got, want in zip(s_cuda, s_cpu):
+            assert got.device.type == "cuda" and got.dtype == F64
+            assert_close(got.cpu(), want, TOL["parity"][dtype])
+    # conv2d_projections: strided and stride-1 geometries (the CPU kernel has a path for each)
+    for (B, C, Co, H, Wd, geometry) in [(5, 3, 4, 9, 7, ([3, 2], [2, 1], [1, 0], [1, 2])),
+                                       (4, 6, 8, 10, 10, ([3, 3], [1, 1], [1, 1], [1, 1]))]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+        Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (Wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        args = (torch.randn(B, C, H, Wd, dtype=dtype), torch.randn(B, Co, Ho, Wo, dtype=dtype),
+                torch.randn(Co, dtype=dtype), torch.randn(C * kh * kw, dtype=dtype))
+        c_cpu = ops.conv2d_projections(*args, *geometry)
+        c_cuda = ops.conv2d_projections(*(a.cuda() for a in args), *geometry)
+        for got, want in zip(c_cuda, c_cpu):
+            assert got.device.type == "cuda" and got.dtype == F64
+            assert_close(got.cpu(), want, TOL["parity"][dtype])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -185,6 +185,36 @@ def test_persample_linear_matches_reference(device, dtype, shape):
         assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[3])
 
 
+_COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PERSAMPLE_SHAPES + [(0, 1, 5, 4, 2), (3, 0, 5, 4, 2), (300, 1, 40, 30, 8)],
+                         ids=lambda s: "B{}-T{}-n{}-m{}-k{}".format(*s))
+def test_persample_linear_sums_match_the_gradient(device, dtype, shape):
+    """The .sums overload: .default's four statistics, and Σ_i G_i v1, Σ_i G_iᵀ u1 equal to the batch
+    gradient G = Σ_i D_iᵀ X_i times v1 and u1; from the CPU kernel, the composite kernel (what other
+    backends run) and the twin."""
+    B, T, n, m, k = shape
+    args = _raw_inputs(B, T, n, m, k, dtype, device)
+    X, D, U, S, V, sn = args
+    G = torch.einsum("btm,btn->mn", D.to(F64), X.to(F64))
+    truth = (G @ V[:, 0].to(F64), G.mT @ U[:, 0].to(F64))
+    default = {"kernel": ops.persample_linear(*args), "reference": reference.persample_linear(*args)}
+    runs = {"kernel": ops.persample_linear(*args, sums=True),
+            "composite": torch.ops.lipfast.persample_linear.sums.redispatch(_COMPOSITE, *args),
+            "reference": reference.persample_linear(*args, sums=True)}
+    for name, out in runs.items():
+        assert len(out) == 6, name
+        # the four statistics are .default's own (whose parity with the twin is tested above)
+        for o, r in zip(out[:4], default["reference" if name == "reference" else "kernel"]):
+            assert torch.equal(o, r), name
+        for o, r in zip(out[4:], truth):
+            assert o.dtype == F64 and o.shape == r.shape and o.device.type == device, name
+            assert_close(o, r, TOL["parity"][dtype], msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
 def test_persample_linear_non_contiguous(dtype, layout):
@@ -225,6 +255,7 @@ def _persample_samples(device, requires_grad):
 def test_persample_linear_opcheck(device, requires_grad):
     for args in _persample_samples(device, requires_grad=requires_grad):
         torch.library.opcheck(torch.ops.lipfast.persample_linear.default, args)
+        torch.library.opcheck(torch.ops.lipfast.persample_linear.sums, args)
 
 
 def test_persample_linear_outputs_are_not_differentiable():

@@ -226,3 +226,78 @@ def test_non_finite(which, bad):
 def test_spec_must_be_a_spectrum():
     with pytest.raises(TypeError, match=r"lipfast\.persample_conv2d: spec must be a Spectrum from lipfast\.spectrum"):
         lipfast.persample_conv2d(None, _x(), _g(), 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The op lipfast::conv2d_projections itself: its CPU kernel (a strided and a stride-1 path), its composite
+# kernel (what CUDA runs) and its reference twin, against G_i v1 and G_iᵀ u1 of torch.func's gradients.
+_COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+_OP = torch.ops.lipfast.conv2d_projections.default
+
+
+def _pairs(case):
+    return [tuple(v) if isinstance(v, tuple) else (v, v) for v in case[4:]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES + [(4, 3, 6, (9, 7), 3, 1, 1, 1), (2, 2, 3, (8, 9), (3, 5), 1, (2, 0), (2, 1))],
+                         ids=_case_id)
+def test_op_kernels_match_per_sample_gradients(dtype, case):
+    W, x, grad_out, G = _conv_case(*case, dtype=dtype)
+    u1, v1 = torch.randn(W.shape[0], dtype=F64), torch.randn(W.shape[1], dtype=F64)
+    truth = (G.to(F64) @ v1, G.to(F64).mT @ u1)
+    geometry = _pairs(case)
+    for name, got in [("cpu", _OP(x, grad_out, u1, v1, *geometry)),
+                      ("composite", _OP.redispatch(_COMPOSITE, x, grad_out, u1, v1, *geometry)),
+                      ("reference", reference.conv2d_projections(x, grad_out, u1, v1, *geometry))]:
+        for out, want in zip(got, truth):
+            assert out.dtype == F64 and out.shape == want.shape, name
+            assert_close(out, want, TOL["parity"][dtype], msg=name)
+
+
+def test_op_non_contiguous_inputs_and_empty_batch():
+    W, x, grad_out, G = _conv_case(3, 4, 5, (6, 6), 3, 1, 1, 1)
+    u1, v1 = torch.randn(5, dtype=F64), torch.randn(36, dtype=F64)
+    geometry = [(3, 3), (1, 1), (1, 1), (1, 1)]
+    want = _OP(x, grad_out, u1, v1, *geometry)
+    got = _OP(x.to(memory_format=torch.channels_last), grad_out.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2),
+              u1.float(), v1[::1], *geometry)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    empty = _OP(x[:0], grad_out[:0], u1, v1, *geometry)
+    assert [tuple(t.shape) for t in empty] == [(0, 5), (0, 36)]
+    empty = _OP.redispatch(_COMPOSITE, x[:0], grad_out[:0], u1, v1, *geometry)
+    assert [tuple(t.shape) for t in empty] == [(0, 5), (0, 36)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_opcheck(device):
+    for dtype in DTYPES:
+        for case in [(2, 3, 4, (6, 5), 3, 1, 1, 1), (2, 2, 3, (7, 7), (2, 3), 2, (1, 0), (1, 2))]:
+            _, x, grad_out, _ = _conv_case(*case, dtype=dtype, device=device)
+            u1 = torch.randn(case[2], dtype=dtype, device=device)
+            v1 = torch.randn(case[1] * _prod(case[4]), dtype=dtype, device=device)
+            for requires_grad in (False, True):
+                torch.library.opcheck(_OP, (x.requires_grad_(requires_grad), grad_out, u1, v1, *map(list, _pairs(case))))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(x=torch.randn(2, 3, 5)), r"lipfast::conv2d_projections: x must have shape \[B, C_in, H, W\] \(4 dims\)"),
+    (dict(grad_out=torch.randn(2, 4, 5, 5, dtype=F64)), r"grad_out must have x's dtype Float, got Double"),
+    (dict(grad_out=torch.randn(3, 4, 5, 5)), r"grad_out must have x's batch size B = 2"),
+    (dict(grad_out=torch.randn(2, 4, 4, 5)), r"grad_out must have spatial size \[5, 5\]"),
+    (dict(u1=torch.randn(3)), r"u1.size\(0\) must equal grad_out.size\(1\) = C_out \(4\), got 3"),
+    (dict(v1=torch.randn(26)), r"v1 must have C_in·kh·kw = 3·3·3 = 27 entries, got 26"),
+    (dict(stride=[0, 1]), r"stride must be two ints >= 1, got \[0, 1\]"),
+    (dict(padding=[1]), r"padding must be two ints >= 0"),
+    (dict(kernel_size=[3, 3], dilation=[4, 1]), r"the kernel spans 9 pixels along dim 2 .* but x is only 7 pixels"),
+    (dict(x=torch.ones(2, 3, 5, 5, dtype=torch.int64), grad_out=torch.ones(2, 4, 5, 5, dtype=torch.int64)),
+     r"x must be float32 or float64, got Long"),
+])
+def test_op_bad_input_messages(change, match):
+    args = dict(x=torch.randn(2, 3, 5, 5), grad_out=torch.randn(2, 4, 5, 5), u1=torch.randn(4), v1=torch.randn(27),
+                kernel_size=[3, 3], stride=[1, 1], padding=[1, 1], dilation=[1, 1])
+    args.update(change)
+    for run in (_OP, lambda *a: _OP.redispatch(_COMPOSITE, *a)):
+        with pytest.raises(RuntimeError, match=match):
+            run(*args.values())

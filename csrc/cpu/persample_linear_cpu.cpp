@@ -1,6 +1,6 @@
 // CPU kernel of lipfast::persample_linear (MATH.md §4): per-sample projections s_i = u1ᵀ G_i v1 and
-// H[G_i, G_i] of a Linear layer, with G_i = D_iᵀ X_i never formed. The two skinny GEMMs X·V and D·U go
-// to ATen (its BLAS beats a hand loop); one fused pass over X and D then produces everything else.
+// H[G_i, G_i] of a Linear layer, with G_i = D_iᵀ X_i never formed; the `.sums` overload also returns
+// Σ_i G_i v1 and Σ_i G_iᵀ u1 (the tracker's gradient products), formed in the same pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -43,94 +43,138 @@ void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, con
 
 namespace {
 
-// out[c] += w * row[c], in double.
+using Stats4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Stats6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The statistics of samples [begin, end), and with `sums` their Σ_i G_i v1 into gv [m], Σ_i G_iᵀ u1 into
+// gtu [n].
+// XV = X·V and DU = D·U [B, T, k] come from ATen's GEMM. T == 1 (an MLP): one pass over each row of X and
+// of D gives its squared norm (float64) and, while the row sits in L1, its share of the sums (four GEMVs
+// over the whole batch cost 2–3× more). T > 1: one pass over each sample's rows forms x_i = D_iᵀ(X_i v1)
+// and y_i = X_iᵀ(D_i u1), which are also its shares of the sums.
 template <typename scalar_t>
-void axpy(double* out, const scalar_t* row, double w, int64_t len) {
-  for (int64_t c = 0; c < len; ++c) out[c] += w * static_cast<double>(row[c]);
+void samples(const scalar_t* px, const scalar_t* pd, const scalar_t* pxv, const scalar_t* pdu, const double* ps,
+             int64_t T, int64_t n, int64_t m, int64_t k, double sigma_next, int64_t begin, int64_t end, double* out_proj, double* out_hess, double* out_lo, double* out_hi,
+             double* gv, double* gtu) {
+  std::vector<double> a(k), b(k), xbuf, ybuf;
+  if (T != 1) {
+    xbuf.resize(m);
+    ybuf.resize(n);
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t* Xi = px + i * T * n;
+    const scalar_t* Di = pd + i * T * m;
+    const scalar_t* XVi = pxv + i * T * k;
+    const scalar_t* DUi = pdu + i * T * k;
+    double xnorm2, ynorm2;
+    if (T == 1) {
+      // G_i = D_i X_iᵀ is rank one: x_i = (X_i·v1) D_i and y_i = (D_i·u1) X_i.
+      const double xx = rows::sum_squares(Xi, n);
+      const double dd = rows::sum_squares(Di, m);
+      const double xv0 = XVi[0], du0 = DUi[0];
+      for (int64_t j = 0; j < k; ++j) {
+        a[j] = static_cast<double>(DUi[j]) * xv0;
+        b[j] = static_cast<double>(XVi[j]) * du0;
+      }
+      xnorm2 = dd * xv0 * xv0;
+      ynorm2 = xx * du0 * du0;
+      if (gv != nullptr) {
+        rows::add_scaled(gv, xv0, Di, m);
+        rows::add_scaled(gtu, du0, Xi, n);
+      }
+    } else {
+      // x_i = D_iᵀ (X_i v1) [m], y_i = X_iᵀ (D_i u1) [n], a_i = DU_iᵀ XV_i[:,0], b_i = XV_iᵀ DU_i[:,0].
+      std::fill(xbuf.begin(), xbuf.end(), 0.0);
+      std::fill(ybuf.begin(), ybuf.end(), 0.0);
+      std::fill(a.begin(), a.end(), 0.0);
+      std::fill(b.begin(), b.end(), 0.0);
+      for (int64_t t = 0; t < T; ++t) {
+        const double xv0 = XVi[t * k], du0 = DUi[t * k];
+        rows::add_scaled(xbuf.data(), xv0, Di + t * m, m);
+        rows::add_scaled(ybuf.data(), du0, Xi + t * n, n);
+        for (int64_t j = 0; j < k; ++j) {
+          a[j] += static_cast<double>(DUi[t * k + j]) * xv0;
+          b[j] += static_cast<double>(XVi[t * k + j]) * du0;
+        }
+      }
+      xnorm2 = rows::sum_squares(xbuf.data(), m);
+      ynorm2 = rows::sum_squares(ybuf.data(), n);
+      if (gv != nullptr) {
+        for (int64_t r = 0; r < m; ++r) gv[r] += xbuf[r];
+        for (int64_t c = 0; c < n; ++c) gtu[c] += ybuf[c];
+      }
+    }
+    const auto h = hessian_terms(a.data(), b.data(), 1, ps, k, sigma_next, xnorm2, ynorm2);
+    out_proj[i] = a[0];
+    out_hess[i] = h.value;
+    out_lo[i] = h.lo;
+    out_hi[i] = h.hi;
+  }
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> persample_linear_cpu(
-    const at::Tensor& X_,  // [B, T, n]
-    const at::Tensor& D_,  // [B, T, m]
-    const at::Tensor& U,   // [m, k]
-    const at::Tensor& S_,  // [k]
-    const at::Tensor& V,   // [n, k]
-    double sigma_next) {
+Stats6 persample_linear_impl(const at::Tensor& X_, const at::Tensor& D_, const at::Tensor& U, const at::Tensor& S_,
+                             const at::Tensor& V, double sigma_next, bool sums) {
   check_persample_linear_inputs(X_, D_, U, S_, V);
   const int64_t B = X_.size(0), T = X_.size(1), n = X_.size(2), m = D_.size(2), k = U.size(1);
+  const auto dtype = X_.scalar_type();
   auto X = X_.contiguous();
   auto D = D_.contiguous();
   auto S = S_.to(at::kDouble).contiguous();
   auto opts = S.options();
-  // outputs
   auto proj = at::empty({B}, opts), hess = at::empty({B}, opts);
   auto hess_lo = at::empty({B}, opts), hess_hi = at::empty({B}, opts);
-  if (B == 0) return {proj, hess, hess_lo, hess_hi};
+  auto Gv1 = at::zeros({sums ? m : 0}, opts), Gtu1 = at::zeros({sums ? n : 0}, opts);
+  if (B == 0) return {proj, hess, hess_lo, hess_hi, Gv1, Gtu1};
 
-  auto XV = at::matmul(X, V.to(X.scalar_type())).contiguous();  // [B, T, k]
-  auto DU = at::matmul(D, U.to(X.scalar_type())).contiguous();  // [B, T, k]
+  // The two skinny GEMMs go to ATen's BLAS (a hand-written pass over the rows, fused with the rest, measured
+  // no faster: it is bound by reading V and U from L2 for every row).
+  const auto XV = at::matmul(X, V.to(dtype)).contiguous();  // [B, T, k]
+  const auto DU = at::matmul(D, U.to(dtype)).contiguous();  // [B, T, k]
+  // Samples go to chunks, one per thread at most, each with its own partial sums (added up below), and
+  // each worth ~32k multiply-adds at least.
+  const int64_t per_sample = std::max<int64_t>(1, T * (m + n) * (k + 2));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * per_sample / 32768));
+  std::vector<double> partial(sums ? chunks * (m + n) : 0, 0.0);
   const double* ps = S.data_ptr<double>();
-  double *pproj = proj.data_ptr<double>(), *phess = hess.data_ptr<double>();
-  double *plo = hess_lo.data_ptr<double>(), *phi = hess_hi.data_ptr<double>();
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, T * (m + n + 2 * k)));
-
-  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "persample_linear", [&] {
-    const scalar_t* px = X.data_ptr<scalar_t>();
-    const scalar_t* pd = D.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "persample_linear", [&] {
     const scalar_t* pxv = XV.data_ptr<scalar_t>();
     const scalar_t* pdu = DU.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      std::vector<double> a(k), b(k), xbuf, ybuf;
-      if (T != 1) {  // T > 1, or T == 0 (every G_i an empty sum: the general path gives zeros)
-        xbuf.resize(m);
-        ybuf.resize(n);
-      }
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* Xi = px + i * T * n;
-        const scalar_t* Di = pd + i * T * m;
-        const scalar_t* XVi = pxv + i * T * k;
-        const scalar_t* DUi = pdu + i * T * k;
-        double xnorm2, ynorm2;
-        if (T == 1) {
-          // G_i = D_i X_iᵀ is rank one: x_i = (X_i·v1) D_i and y_i = (D_i·u1) X_i.
-          const double xv0 = XVi[0], du0 = DUi[0];
-          for (int64_t j = 0; j < k; ++j) {
-            a[j] = static_cast<double>(DUi[j]) * xv0;
-            b[j] = static_cast<double>(XVi[j]) * du0;
-          }
-          xnorm2 = rows::sum_squares(Di, m) * xv0 * xv0;
-          ynorm2 = rows::sum_squares(Xi, n) * du0 * du0;
-        } else {
-          // x_i = D_iᵀ (X_i v1) [m], y_i = X_iᵀ (D_i u1) [n], a_i = DU_iᵀ XV_i[:,0], b_i = XV_iᵀ DU_i[:,0].
-          std::fill(xbuf.begin(), xbuf.end(), 0.0);
-          std::fill(ybuf.begin(), ybuf.end(), 0.0);
-          std::fill(a.begin(), a.end(), 0.0);
-          std::fill(b.begin(), b.end(), 0.0);
-          for (int64_t t = 0; t < T; ++t) {
-            const double xv0 = XVi[t * k], du0 = DUi[t * k];
-            axpy(xbuf.data(), Di + t * m, xv0, m);
-            axpy(ybuf.data(), Xi + t * n, du0, n);
-            for (int64_t j = 0; j < k; ++j) {
-              a[j] += static_cast<double>(DUi[t * k + j]) * xv0;
-              b[j] += static_cast<double>(XVi[t * k + j]) * du0;
-            }
-          }
-          xnorm2 = rows::sum_squares(xbuf.data(), m);
-          ynorm2 = rows::sum_squares(ybuf.data(), n);
-        }
-        const auto h = hessian_terms(a.data(), b.data(), 1, ps, k, sigma_next, xnorm2, ynorm2);
-        pproj[i] = a[0];
-        phess[i] = h.value;
-        plo[i] = h.lo;
-        phi[i] = h.hi;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double* gv = sums ? partial.data() + c * (m + n) : nullptr;
+        samples(X.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), pxv, pdu, ps, T, n, m, k, sigma_next,
+                B * c / chunks, B * (c + 1) / chunks, proj.data_ptr<double>(), hess.data_ptr<double>(),
+                hess_lo.data_ptr<double>(), hess_hi.data_ptr<double>(), gv, sums ? gv + m : nullptr);
       }
     });
   });
-  return {proj, hess, hess_lo, hess_hi};
+  if (sums) {
+    double *pg = Gv1.data_ptr<double>(), *pt = Gtu1.data_ptr<double>();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const double* part = partial.data() + c * (m + n);
+      for (int64_t r = 0; r < m; ++r) pg[r] += part[r];
+      for (int64_t j = 0; j < n; ++j) pt[j] += part[m + j];
+    }
+  }
+  return {proj, hess, hess_lo, hess_hi, Gv1, Gtu1};
 }
 
-TORCH_LIBRARY_IMPL(lipfast, CPU, m) { m.impl("persample_linear", &persample_linear_cpu); }
+}  // namespace
+
+Stats4 persample_linear_cpu(const at::Tensor& X, const at::Tensor& D, const at::Tensor& U, const at::Tensor& S,
+                            const at::Tensor& V, double sigma_next) {
+  auto [proj, hess, lo, hi, gv, gtu] = persample_linear_impl(X, D, U, S, V, sigma_next, /*sums=*/false);
+  return {proj, hess, lo, hi};
+}
+
+Stats6 persample_linear_sums_cpu(const at::Tensor& X, const at::Tensor& D, const at::Tensor& U, const at::Tensor& S,
+                                 const at::Tensor& V, double sigma_next) {
+  return persample_linear_impl(X, D, U, S, V, sigma_next, /*sums=*/true);
+}
+
+TORCH_LIBRARY_IMPL(lipfast, CPU, m) {
+  m.impl("persample_linear", &persample_linear_cpu);
+  m.impl("persample_linear.sums", &persample_linear_sums_cpu);
+}
 
 }  // namespace lipfast

@@ -2,15 +2,11 @@
 // target_clones and picked at load time for the running CPU, so a portable wheel still vectorises.
 // The reductions use four independent accumulators: one would wait on the FMA latency.
 #include "row_kernels.h"
+#include "target_clones.h"
 
 #include <algorithm>
 #include <cmath>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LIPFAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LIPFAST_CPU_CLONES
-#endif
 
 namespace lipfast {
 namespace rows {
@@ -104,6 +100,12 @@ inline __attribute__((always_inline)) double sum_squares_impl(const T* x, int64_
 }
 
 template <typename T>
+inline __attribute__((always_inline)) void add_scaled_impl(double* out, double w, const T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] += w * static_cast<double>(x[c]);
+}
+
+template <typename T>
 inline void transpose_impl(const T* Y, int64_t r, int64_t ld, int64_t q, T* out) {
   // Output rows written one at a time: interleaving q output rows a power-of-two stride apart maps
   // them onto the same cache sets.
@@ -118,6 +120,11 @@ void transpose(const double* Y, int64_t r, int64_t ld, int64_t q, double* out) {
 
 LIPFAST_CPU_CLONES double sum_squares(const float* x, int64_t n) { return sum_squares_impl(x, n); }
 LIPFAST_CPU_CLONES double sum_squares(const double* x, int64_t n) { return sum_squares_impl(x, n); }
+
+LIPFAST_CPU_CLONES void add_scaled(double* out, double w, const float* x, int64_t n) { add_scaled_impl(out, w, x, n); }
+LIPFAST_CPU_CLONES void add_scaled(double* out, double w, const double* x, int64_t n) {
+  add_scaled_impl(out, w, x, n);
+}
 
 LIPFAST_CPU_CLONES void gram(const float* Z, int64_t p, int64_t n, double* M) { gram_impl(Z, p, n, M); }
 LIPFAST_CPU_CLONES void gram(const double* Z, int64_t p, int64_t n, double* M) { gram_impl(Z, p, n, M); }

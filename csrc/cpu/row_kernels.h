@@ -25,6 +25,10 @@ void residual_norms(const double* Z, const double* V, const double* s, int64_t p
 double sum_squares(const float* x, int64_t n);
 double sum_squares(const double* x, int64_t n);
 
+// out[c] += w·x[c], out in float64.
+void add_scaled(double* out, double w, const float* x, int64_t n);
+void add_scaled(double* out, double w, const double* x, int64_t n);
+
 // out [q, r] = the first q columns of Y [r, ld] (row-major, leading dimension ld), transposed.
 void transpose(const float* Y, int64_t r, int64_t ld, int64_t q, float* out);
 void transpose(const double* Y, int64_t r, int64_t ld, int64_t q, double* out);
