@@ -278,3 +278,20 @@ def test_composite_kernels_match_cpu_kernels(dtype):
     uargs = (x, y, spec.U, spec.S, spec.V, float(spec.sigma_next))
     got = torch.ops.lipfast.update_statistics.default.redispatch(_COMPOSITE, *uargs)
     torch.testing.assert_close(got, torch.ops.lipfast.update_statistics.default(*uargs), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TRACK_CASES)
+def test_track_update_cpu_kernel_matches_composite(dtype, case):
+    """The CPU kernel of track_update calls the same CPU kernels as the composite kernel (what other
+    backends run) and does their glue in loops: the results agree to rounding, layouts included."""
+    m, n, k, exact = case
+    W = gapped_matrix(m, n, dtype)
+    spec = _spectrum(W, k) if not exact else functional.compute_spectrum(W, k, small="gram")
+    args = (_step(W), spec.basis, spec.U, spec.S, spec.V, float(spec.sigma_next), spec.Wt_u1, 2, 0.0, exact)
+    cpu = torch.ops.lipfast.track_update.default(*args)
+    comp = torch.ops.lipfast.track_update.default.redispatch(_COMPOSITE, *args)
+    for i, (a, b) in enumerate(zip(cpu, comp)):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride(), i
+        scale = max(float(b.abs().max()), 1e-30) if b.numel() else 1.0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * scale, msg=lambda s, i=i: f"output {i}: {s}")

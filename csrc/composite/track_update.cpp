@@ -3,8 +3,8 @@
 // riding in its GEMMs, then ΔW v1 and ΔWᵀ u1 from those probes and the step's first- and second-order
 // prediction. Composed from lipfast::subspace_iteration and lipfast::update_statistics through the
 // dispatcher, so every backend runs its own kernels; results stay on the device until the caller reads
-// the one `stats` vector. On a CPU this replaces some forty small Python-level tensor operations per layer
-// and step, each of which pays cold caches after the training step's large GEMMs.
+// the one `stats` vector (one call instead of some forty Python-level tensor operations per layer and
+// step). The CPU has its own kernel with the same arithmetic (csrc/cpu/track_update_cpu.cpp).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -14,6 +14,24 @@
 #include "checks.h"
 
 namespace lipfast {
+
+// Shared with the CPU kernel (csrc/cpu/track_update_cpu.cpp).
+void check_track_update_inputs(const at::Tensor& W, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
+                               const at::Tensor& Wt_u1, bool exact) {
+  constexpr const char* op = "lipfast::track_update";
+  LIPFAST_CHECK_DIM("lipfast::track_update", W, "W", 2, "[m, n]");
+  LIPFAST_CHECK_FLOAT("lipfast::track_update", W, "W");
+  const int64_t m = W.size(0), n = W.size(1), k = U.dim() == 2 ? U.size(1) : 0, r = std::min(m, n);
+  TORCH_CHECK(U.dim() == 2 && U.size(0) == m && k >= 1, op, ": U must have shape [m=", m, ", k >= 1], got ",
+              U.sizes());
+  TORCH_CHECK(V.dim() == 2 && V.size(0) == n && V.size(1) == k, op, ": V must have shape [n=", n, ", k=", k,
+              "], got ", V.sizes());
+  TORCH_CHECK(S.dim() == 1 && S.size(0) == k, op, ": S must have shape [k=", k, "], got ", S.sizes());
+  TORCH_CHECK(Wt_u1.dim() == 1 && Wt_u1.size(0) == n, op, ": Wt_u1 must have shape [n=", n, "], got ",
+              Wt_u1.sizes());
+  TORCH_CHECK(exact || k < r, op, ": an iterated spectrum needs k < min(m, n) = ", r, ", got k = ", k);
+}
+
 namespace {
 
 using SubspaceResult =
@@ -46,18 +64,8 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
              double sigma_next,        // its σ_{k+1}
              const at::Tensor& Wt_u1,  // [n] float64, Wᵀu1 before the step
              int64_t max_iters, double tol, bool exact) {
-  constexpr const char* op = "lipfast::track_update";
-  LIPFAST_CHECK_DIM("lipfast::track_update", W, "W", 2, "[m, n]");
-  LIPFAST_CHECK_FLOAT("lipfast::track_update", W, "W");
-  const int64_t m = W.size(0), n = W.size(1), k = U.dim() == 2 ? U.size(1) : 0, r = std::min(m, n);
-  TORCH_CHECK(U.dim() == 2 && U.size(0) == m && k >= 1, op, ": U must have shape [m=", m, ", k >= 1], got ",
-              U.sizes());
-  TORCH_CHECK(V.dim() == 2 && V.size(0) == n && V.size(1) == k, op, ": V must have shape [n=", n, ", k=", k,
-              "], got ", V.sizes());
-  TORCH_CHECK(S.dim() == 1 && S.size(0) == k, op, ": S must have shape [k=", k, "], got ", S.sizes());
-  TORCH_CHECK(Wt_u1.dim() == 1 && Wt_u1.size(0) == n, op, ": Wt_u1 must have shape [n=", n, "], got ",
-              Wt_u1.sizes());
-  TORCH_CHECK(exact || k < r, op, ": an iterated spectrum needs k < min(m, n) = ", r, ", got k = ", k);
+  check_track_update_inputs(W, U, S, V, Wt_u1, exact);
+  const int64_t m = W.size(0), n = W.size(1), k = U.size(1), r = std::min(m, n);
   const auto dtype = W.scalar_type();
   const auto v1 = V.slice(1, 0, 1).to(dtype), u1 = U.slice(1, 0, 1).to(dtype);
 
