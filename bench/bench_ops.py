@@ -7,6 +7,11 @@ Cases (float32 by default, k = 8, the sizes of the MLP 784-512-512-10 of PERF.md
 - subspace_iteration: warm start of a 512×784 init-like matrix one small step later, two sweeps
   (fixed, so op and twin do the same work); plus ``lipfast.spectrum`` with its default stopping
   rule, ``torch.linalg.svd`` and ``torch.svd_lowrank`` for scale and accuracy.
+- persample_linear.sums: the same plus Σ G_i v1, Σ G_iᵀ u1 (what the tracker calls), Linear 2048→2048 at
+  B=256, vs the plain op followed by the four GEMVs the tracker used to run, and vs the twin.
+- conv2d_projections: G_i v1 and G_iᵀ u1 of the runs' small CNN (conv 1→32 at 28×28 and conv 32→64 at
+  14×14, B=128, 3×3, padding 1), the CPU kernel vs the composite kernel (ATen convolutions, what other
+  backends run) and the twin.
 - hessian_contract: N=128 directions projected on k=8 triplets, op vs twin.
 - hessian_form: one 512×784 direction, ``lipfast.hessian_form`` vs the same route through the twin,
   and the dense ground truth ``reference.hessian_form_dense``.
@@ -38,12 +43,16 @@ def get_configs(device: str, dtype: torch.dtype, quick: bool) -> list[H.Config]:
         cfg("persample_linear 784→512 B=128", kind="persample", B=128, T=1, n=784, m=512),
         cfg("persample_linear 512→512 B=128", kind="persample", B=128, T=1, n=512, m=512),
         cfg("persample_linear B=16 T=64 256→256", kind="persample", B=16, T=64, n=256, m=256),
+        cfg("persample_linear.sums 2048→2048 B=256", kind="persample_sums", B=256, n=2048, m=2048),
+        cfg("conv2d_projections 1→32 28×28 B=128", kind="conv", B=128, C=1, Co=32, hw=28),
+        cfg("conv2d_projections 32→64 14×14 B=128", kind="conv", B=128, C=32, Co=64, hw=14),
         cfg("subspace_iteration warm 512×784", kind="spectrum", m=512, n=784, sweeps=2),
         cfg("hessian_contract N=128", kind="contract", N=128),
         cfg("hessian_form 512×784, 1 direction", kind="hessian_form", m=512, n=784),
     ]
     if quick:  # one representative of each kind
-        configs = [c for c in configs if c.name != "persample_linear 512→512 B=128"]
+        configs = [c for c in configs if c.name not in ("persample_linear 512→512 B=128",
+                                                        "conv2d_projections 1→32 28×28 B=128")]
     return configs
 
 
@@ -117,6 +126,49 @@ def run_persample(config, opts):
     case.add("reference", lambda: reference.persample_linear(*args))
     case.add_compiled("reference + compile", reference.persample_linear, args,
                       check=_parity(config, "reference + compile")(expected))
+    return case.run()
+
+
+def run_persample_sums(config, opts):
+    p, dev, dt = config.params, config.device, config.dtype
+    W = _linear_weight(p["m"], p["n"], dev, dt)
+    spec = _setup_spectrum(W)
+    X = torch.randn(p["B"], 1, p["n"], device=dev, dtype=dt)
+    D = torch.randn(p["B"], 1, p["m"], device=dev, dtype=dt) * 1e-2
+    args = (X, D, spec.U, spec.S, spec.V, float(spec.sigma_next))
+    expected = reference.persample_linear(*args, sums=True)
+    X2, D2, u1, v1 = X[:, 0], D[:, 0], spec.U[:, 0], spec.V[:, 0]
+
+    def op_then_gemvs():  # the tracker before the .sums overload
+        return (*ops.persample_linear(*args), torch.mv(D2.mT, torch.mv(X2, v1)), torch.mv(X2.mT, torch.mv(D2, u1)))
+
+    case = _Case(config, opts)
+    case.add("lipfast op", lambda: ops.persample_linear(*args, sums=True),
+             check=_parity(config, "lipfast op")(expected))
+    case.add("op + 4 GEMVs", op_then_gemvs, "the plain op, then the sums as torch.mv",
+             check=_parity(config, "op + 4 GEMVs")(expected))
+    case.add("reference", lambda: reference.persample_linear(*args, sums=True))
+    return case.run()
+
+
+_COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+def run_conv(config, opts):
+    p, dev, dt = config.params, config.device, config.dtype
+    B, C, Co, hw = p["B"], p["C"], p["Co"], p["hw"]
+    x = torch.randn(B, C, hw, hw, device=dev, dtype=dt)
+    g = torch.randn(B, Co, hw, hw, device=dev, dtype=dt) * 1e-2
+    W = _linear_weight(Co, C * 9, dev, dt)
+    U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    args = (x, g, U[:, 0].to(dt), Vh[0].to(dt), [3, 3], [1, 1], [1, 1], [1, 1])
+    expected = reference.conv2d_projections(*args)
+    op = torch.ops.lipfast.conv2d_projections.default
+    case = _Case(config, opts)
+    case.add("lipfast op", lambda: ops.conv2d_projections(*args), check=_parity(config, "lipfast op")(expected))
+    case.add("composite kernel", lambda: op.redispatch(_COMPOSITE, *args), "ATen convolutions (other backends)",
+             check=_parity(config, "composite kernel")(expected))
+    case.add("reference", lambda: reference.conv2d_projections(*args))
     return case.run()
 
 
@@ -204,8 +256,8 @@ def run_hessian_form(config, opts):
     return case.run()
 
 
-RUNNERS = {"persample": run_persample, "spectrum": run_spectrum, "contract": run_contract,
-           "hessian_form": run_hessian_form}
+RUNNERS = {"persample": run_persample, "persample_sums": run_persample_sums, "conv": run_conv,
+           "spectrum": run_spectrum, "contract": run_contract, "hessian_form": run_hessian_form}
 
 
 class _Opts:
