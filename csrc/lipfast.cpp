@@ -60,6 +60,12 @@ TORCH_LIBRARY(lipfast, m) {
   //   Gtu1 [B, C_in·kh·kw] = G_iᵀ u1, float64.
   m.def("conv2d_projections(Tensor x, Tensor grad_out, Tensor u1, Tensor v1, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation) -> (Tensor Gv1, Tensor Gtu1)");
+  // persample_conv2d: conv2d_projections contracted with the spectrum U [m, k], S [k], V [n, k], sigma_next, as
+  //   persample_linear.sums does for a Linear layer: proj, hess, hess_lo, hess_hi [B] and Gv1 [m] = Σ_i G_i v1,
+  //   Gtu1 [n] = Σ_i G_iᵀ u1, all float64 (m = C_out, n = C_in·kh·kw).
+  m.def("persample_conv2d(Tensor x, Tensor grad_out, Tensor U, Tensor S, Tensor V, float sigma_next, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor proj, Tensor hess, "
+        "Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)");
 }
 
 namespace {
@@ -76,7 +82,8 @@ void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 
 TORCH_LIBRARY_IMPL(lipfast, Autograd, m) {
   for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "persample_linear.sums",
-                           "gradient_statistics", "update_statistics", "track_update", "conv2d_projections"}) {
+                           "gradient_statistics", "update_statistics", "track_update", "conv2d_projections",
+                           "persample_conv2d"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_below_autograd>());
   }
 }

@@ -416,8 +416,10 @@ def persample_conv2d(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size, s
     if check_finite:
         check.finite(fn, "x", x)
         check.finite(fn, "grad_out", grad_out)
-    xvec, yvec = conv2d_projections(spec, x, grad_out, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-    return contract_projections(spec, xvec, yvec)
+    proj, *hess, _, _ = ops.persample_conv2d(x, grad_out, spec.U.to(x.dtype), spec.S, spec.V.to(x.dtype),
+                                             float(spec.sigma_next), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    hess = _nan_if(spec.degenerate, *hess)
+    return PerSample(proj, *hess, degenerate=spec.degenerate)
 
 
 def conv2d_projections(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size: tuple[int, int],

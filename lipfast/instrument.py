@@ -192,6 +192,11 @@ class LayerCapture:
         B = calls[0].x.shape[0]
         if any(c.x.shape[0] != B or c.x.dim() != 4 for c in calls[1:]):
             return _cat_stats([self._conv_stats(spec, [c], dtype) for c in calls])
+        if len(calls) == 1 and calls[0].x.dim() == 4:  # the usual case: projections and contraction in one op
+            x, d = calls[0].x, calls[0].d
+            return self.owner.impl.persample_conv2d(_as(x, dtype), _as(d, dtype), _as(spec.U, dtype), spec.S,
+                                                    _as(spec.V, dtype), spec.host[2], *self.geometry)
+        # A layer called several times on the same samples: the projections add up before the contraction.
         xvec = yvec = None
         for c in calls:
             x = c.x if c.x.dim() == 4 else c.x.unsqueeze(0)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics", "update_statistics",
-           "track_update", "conv2d_projections"]
+           "track_update", "conv2d_projections", "persample_conv2d"]
 
 
 def _d(t: Tensor) -> Tensor:
@@ -159,6 +159,33 @@ def conv2d_projections(x: Tensor, grad_out: Tensor, u1: Tensor, v1: Tensor, kern
     """
     return torch.ops.lipfast.conv2d_projections.default(
         _d(x), _d(grad_out), _d(u1), _d(v1), list(kernel_size), list(stride), list(padding), list(dilation))
+
+
+def persample_conv2d(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, kernel_size,
+                     stride, padding, dilation):
+    """Per-sample statistics of a Conv2d (groups=1, zero padding), as :func:`persample_linear` with
+    ``sums=True`` gives them for a Linear layer: :func:`conv2d_projections` contracted with the spectrum.
+
+    Args:
+        x, grad_out, kernel_size, stride, padding, dilation: as for :func:`conv2d_projections`.
+        U: ``[C_out, k]``, S: ``[k]``, V: ``[C_in·kh·kw, k]``, sigma_next: the weight matrix's top-k triplets.
+
+    Returns:
+        ``(proj, hess, hess_lo, hess_hi)`` ``[B]`` and ``Gv1 [C_out]``, ``Gtu1 [C_in·kh·kw]`` (sums over the
+        samples), float64.
+    """
+    return torch.ops.lipfast.persample_conv2d.default(
+        _d(x), _d(grad_out), _d(U), _d(S), _d(V), float(sigma_next), list(kernel_size), list(stride), list(padding),
+        list(dilation))
+
+
+@torch.library.register_fake("lipfast::persample_conv2d")
+def _persample_conv2d_fake(x, grad_out, U, S, V, sigma_next, kernel_size, stride, padding, dilation):
+    torch._check(x.dim() == 4, lambda: f"x must have shape [B, C_in, H, W], got {tuple(x.shape)}")
+    f64 = dict(dtype=torch.float64, device=x.device)
+    B = x.shape[0]
+    return (*(torch.empty((B,), **f64) for _ in range(4)), torch.empty((U.shape[0],), **f64),
+            torch.empty((V.shape[0],), **f64))
 
 
 @torch.library.register_fake("lipfast::conv2d_projections")

@@ -132,6 +132,15 @@ def conv2d_projections(x: Tensor, grad_out: Tensor, u1: Tensor, v1: Tensor, kern
     return Gv1.to(torch.float64), yc.permute(1, 0, 2, 3).reshape(B, C * kh * kw).to(torch.float64)
 
 
+def persample_conv2d(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, kernel_size,
+                     stride, padding, dilation):
+    """Twin of ``lipfast::persample_conv2d``: the projections' twin, contracted by the contraction's twin."""
+    xv, yv = conv2d_projections(x, grad_out, U[:, 0], V[:, 0], kernel_size, stride, padding, dilation)
+    a, b = xv @ U.to(torch.float64), yv @ V.to(torch.float64)
+    hess = hessian_contract(a, b, (xv * xv).sum(-1), (yv * yv).sum(-1), S, sigma_next)
+    return (a[:, 0], *hess, xv.sum(0), yv.sum(0))
+
+
 def _hessian_of_direction(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float) -> Tensor:
     U64, V64 = U.to(torch.float64), V.to(torch.float64)
     value, lo, hi = hessian_contract((x @ U64)[None], (y @ V64)[None], (x @ x)[None], (y @ y)[None], S, sigma_next)

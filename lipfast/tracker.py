@@ -286,8 +286,11 @@ class Tracker:
             if cached.fingerprint is not None and cached.fingerprint == _fingerprint(W):
                 cached.version, cached.fingerprint = cap.weight._version, None
                 return cached.spec
-        basis = cached.spec.basis if cached is not None else None
-        spec = self._spectrum(W, basis)
+        if cached is not None and cached.spec.k == min(self.rank, *cached.spec.shape) and cached.spec.shape == tuple(W.shape):
+            # Stale after untracked steps (every > 1): the same warm sweep as after a tracked step, one op call.
+            spec, _ = self._advance(cap, cached.spec)
+        else:
+            spec = self._spectrum(W, cached.spec.basis if cached is not None else None)
         if spec is not None:
             self._cache[cap.name] = _Cached(spec, cap.weight._version)
         return spec
@@ -332,7 +335,8 @@ class Tracker:
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
         if not self.capturing:
             for cap in self.captures.values():
-                cap.reset()
+                if cap.groups or cap.stats:  # left over from a tracked step whose optimizer step never came
+                    cap.reset()
             return
         with torch.no_grad():
             for name, cap in self.captures.items():

@@ -40,6 +40,11 @@ EXPECTED_SCHEMAS = {
         "lipfast::conv2d_projections(Tensor x, Tensor grad_out, Tensor u1, Tensor v1, int[2] kernel_size, "
         "int[2] stride, int[2] padding, int[2] dilation) -> (Tensor Gv1, Tensor Gtu1)"
     ),
+    "persample_conv2d": (
+        "lipfast::persample_conv2d(Tensor x, Tensor grad_out, Tensor U, Tensor S, Tensor V, float sigma_next, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor proj, Tensor hess, "
+        "Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)"
+    ),
 }
 
 

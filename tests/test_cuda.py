@@ -325,6 +325,14 @@ def test_composite_ops_match_cpu(dtype):
         for got, want in zip(c_cuda, c_cpu):
             assert got.device.type == "cuda" and got.dtype == F64
             assert_close(got.cpu(), want, TOL["parity"][dtype])
+        Uc, Sc, Vc, snc = spectrum_of(gapped_matrix(Co, C * kh * kw), 2)
+        spec_args = (Uc.to(dtype), Sc, Vc.to(dtype), snc)
+        p_cpu = ops.persample_conv2d(args[0], args[1], *spec_args, *geometry)
+        p_cuda = ops.persample_conv2d(args[0].cuda(), args[1].cuda(), *(t.cuda() for t in spec_args[:3]), snc,
+                                      *geometry)
+        for got, want in zip(p_cuda, p_cpu):
+            assert got.device.type == "cuda" and got.dtype == F64
+            assert_close(got.cpu(), want, TOL["parity"][dtype])
 
 
 # ----------------------------------------------------------------------------------------------------

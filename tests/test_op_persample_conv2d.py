@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import lipfast
-from lipfast import reference
+from lipfast import ops, reference
 
 from conftest import DEVICES, DTYPES, TOL, assert_close, gapped_matrix, spectrum_of
 
@@ -299,5 +299,63 @@ def test_op_bad_input_messages(change, match):
                 kernel_size=[3, 3], stride=[1, 1], padding=[1, 1], dilation=[1, 1])
     args.update(change)
     for run in (_OP, lambda *a: _OP.redispatch(_COMPOSITE, *a)):
+        with pytest.raises(RuntimeError, match=match):
+            run(*args.values())
+
+
+_PERSAMPLE = torch.ops.lipfast.persample_conv2d.default
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if min(c[2], c[1] * _prod(c[4])) > 2]
+                         + [(4, 3, 6, (9, 7), 3, 1, 1, 1)], ids=_case_id)
+def test_persample_conv2d_op_matches_unfold_and_the_gradient(dtype, case):
+    """lipfast::persample_conv2d (CPU kernel, composite kernel, twin) against the materialised unfold route
+    with the same spectrum, its bracket around the exact H[G_i, G_i], and its sums against G v1, Gᵀ u1."""
+    W, x, g, G = _conv_case(*case, dtype=dtype)
+    spec = lipfast.spectrum(W.to(F64), k=2)
+    U, S, V, sn = spec.U, spec.S, spec.V, float(spec.sigma_next)
+    geometry = _pairs(case)
+    want = reference.persample_conv2d_unfold(x, g, U, S, V, sn, **_conv_kwargs(case))
+    sums = (G.to(F64).sum(0) @ V[:, 0], G.to(F64).sum(0).mT @ U[:, 0])
+    _, exact = reference.persample_dense(W.to(F64), G.to(F64))
+    args = (x, g, U.to(dtype), S, V.to(dtype), sn, *geometry)
+    runs = {"kernel": ops.persample_conv2d(*args), "composite": _PERSAMPLE.redispatch(_COMPOSITE, *args),
+            "reference": reference.persample_conv2d(*args)}
+    for name, out in runs.items():
+        assert len(out) == 6 and all(t.dtype == F64 for t in out), name
+        for got, ref in zip(out[:4], want):
+            assert_close(got, ref, TOL["parity"][dtype], msg=lambda m, name=name: f"{name}: {m}")
+        for got, ref in zip(out[4:], sums):
+            assert_close(got, ref, TOL["parity"][dtype], msg=lambda m, name=name: f"{name}: {m}")
+        slack = (1e-10 if dtype == F64 else 1e-4) * float(exact.abs().max())
+        assert bool((out[2] <= exact + slack).all()) and bool((exact <= out[3] + slack).all()), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_persample_conv2d_opcheck(device):
+    for dtype in DTYPES:
+        _, x, g, _ = _conv_case(2, 3, 4, (6, 5), 3, 1, 1, 1, dtype=dtype, device=device)
+        U, S, V, sn = spectrum_of(gapped_matrix(4, 27), 2)
+        args = (x, g, U.to(device=device, dtype=dtype), S.to(device), V.to(device=device, dtype=dtype), sn,
+                [3, 3], [1, 1], [1, 1], [1, 1])
+        torch.library.opcheck(_PERSAMPLE, args)
+        empty = _PERSAMPLE(x[:0], g[:0], *args[2:])
+        assert [tuple(t.shape) for t in empty] == [(0,), (0,), (0,), (0,), (4,), (27,)]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(U=torch.randn(4)), r"lipfast::persample_conv2d: U must have shape \[C_out, k\] \(2 dims\)"),
+    (dict(V=torch.randn(27, 3)), r"lipfast::persample_conv2d: V.size\(1\) must equal U.size\(1\) = k \(2\), got 3"),
+    (dict(S=torch.randn(3, dtype=F64)), r"S.size\(0\) must equal U.size\(1\) = k \(2\), got 3"),
+    (dict(U=torch.randn(5, 2)), r"lipfast::conv2d_projections: u1.size\(0\) must equal grad_out.size\(1\) = C_out \(4\)"),
+    (dict(V=torch.randn(26, 2)), r"v1 must have C_in·kh·kw = 3·3·3 = 27 entries, got 26"),
+])
+def test_persample_conv2d_bad_input_messages(change, match):
+    args = dict(x=torch.randn(2, 3, 5, 5), grad_out=torch.randn(2, 4, 5, 5), U=torch.randn(4, 2),
+                S=torch.tensor([2.0, 1.0], dtype=F64), V=torch.randn(27, 2), sigma_next=0.5, kernel_size=[3, 3],
+                stride=[1, 1], padding=[1, 1], dilation=[1, 1])
+    args.update(change)
+    for run in (_PERSAMPLE, lambda *a: _PERSAMPLE.redispatch(_COMPOSITE, *a)):
         with pytest.raises(RuntimeError, match=match):
             run(*args.values())

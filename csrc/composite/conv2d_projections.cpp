@@ -6,6 +6,7 @@
 //                             does for every sample at once (samples as the groups, channels as the batch,
 //                             so stride and dilation swap roles). Nothing is unfolded.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -54,6 +55,24 @@ void check_conv2d_projections_inputs(const at::Tensor& x, const at::Tensor& grad
               stride, ", padding ", padding, ", dilation ", dilation, "; got ", grad_out.sizes());
 }
 
+// Shared with the CPU kernel: conv2d_projections' rules with u1, v1 the first columns of U, V.
+void check_persample_conv2d_inputs(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& U,
+                                   const at::Tensor& S, const at::Tensor& V, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "lipfast::persample_conv2d";
+  LIPFAST_CHECK_DIM("lipfast::persample_conv2d", U, "U", 2, "[C_out, k]");
+  LIPFAST_CHECK_DIM("lipfast::persample_conv2d", V, "V", 2, "[C_in·kh·kw, k]");
+  LIPFAST_CHECK_DIM("lipfast::persample_conv2d", S, "S", 1, "[k]");
+  LIPFAST_CHECK_FLOAT("lipfast::persample_conv2d", S, "S");
+  const int64_t k = U.size(1);
+  TORCH_CHECK(k >= 1, op, ": U must have at least one column (k >= 1), got shape ", U.sizes());
+  LIPFAST_CHECK_SIZE("lipfast::persample_conv2d", V, "V", 1, k, "U.size(1) = k");
+  LIPFAST_CHECK_SIZE("lipfast::persample_conv2d", S, "S", 0, k, "U.size(1) = k");
+  LIPFAST_CHECK_SAME_DEVICE("lipfast::persample_conv2d", S, "S", x);
+  check_conv2d_projections_inputs(x, grad_out, U.select(1, 0), V.select(1, 0), kernel_size, stride, padding,
+                                  dilation);
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> conv2d_projections(const at::Tensor& x, const at::Tensor& grad_out,
@@ -79,10 +98,34 @@ std::tuple<at::Tensor, at::Tensor> conv2d_projections(const at::Tensor& x, const
   return {Gv1.to(at::kDouble), yc.permute({1, 0, 2, 3}).reshape({B, C * kh * kw}).to(at::kDouble)};
 }
 
+using Stats6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Stats6 persample_conv2d(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& U, const at::Tensor& S,
+                        const at::Tensor& V, double sigma_next, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_persample_conv2d_inputs(x, grad_out, U, S, V, kernel_size, stride, padding, dilation);
+  static auto project = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("lipfast::conv2d_projections", "")
+                            .typed<std::tuple<at::Tensor, at::Tensor>(
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
+  static auto contract = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lipfast::hessian_contract", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, double)>();
+  const auto [xv, yv] =
+      project.call(x, grad_out, U.select(1, 0), V.select(1, 0), kernel_size, stride, padding, dilation);
+  const auto a = xv.mm(U.to(at::kDouble)), b = yv.mm(V.to(at::kDouble));  // [B, k]
+  auto [value, lo, hi] = contract.call(a, b, xv.square().sum(1), yv.square().sum(1), S, sigma_next);
+  return {a.select(1, 0).contiguous(), value, lo, hi, xv.sum(0), yv.sum(0)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) {
   m.impl("conv2d_projections", &conv2d_projections);
+  m.impl("persample_conv2d", &persample_conv2d);
 }
 
 }  // namespace lipfast
