@@ -371,9 +371,9 @@ def persample_conv2d(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size, s
                      dilation=1, *, check_finite: bool = True) -> PerSample:
     """Per-sample statistics of a Conv2d (groups=1) without per-sample gradients (MATH.md §4).
 
-    ``X V`` is a convolution of the input with the k columns of ``V`` as filters, and ``Xᵢᵀ (DU)ᵢ``
-    a correlation of the input with one output-gradient map per sample, taken one kernel offset at a
-    time: the unfolded ``[B, C_in·kh·kw, H'·W']`` patches never exist.
+    ``G_i v1`` needs the input convolved with ``v1`` as the filter, and ``G_iᵀ u1`` a correlation of the
+    input with the sample's own map ``D_iᵀ u1``; ``lipfast::persample_conv2d`` forms both one sample at a
+    time and contracts them with the spectrum: the unfolded ``[B, C_in·kh·kw, H'·W']`` patches never exist.
 
     Args:
         spec: Spectrum of ``weight.reshape(C_out, C_in·kh·kw)``.
