@@ -284,7 +284,8 @@ def test_composite_kernels_match_cpu_kernels(dtype):
 @pytest.mark.parametrize("case", TRACK_CASES)
 def test_track_update_cpu_kernel_matches_composite(dtype, case):
     """The CPU kernel of track_update calls the same CPU kernels as the composite kernel (what other
-    backends run) and does their glue in loops: the results agree to rounding, layouts included."""
+    backends run) and does their glue in loops (and the exact spectrum of a small matrix directly): the
+    results agree to rounding, layouts included."""
     m, n, k, exact = case
     W = gapped_matrix(m, n, dtype)
     spec = _spectrum(W, k) if not exact else functional.compute_spectrum(W, k, small="gram")
@@ -293,5 +294,32 @@ def test_track_update_cpu_kernel_matches_composite(dtype, case):
     comp = torch.ops.lipfast.track_update.default.redispatch(_COMPOSITE, *args)
     for i, (a, b) in enumerate(zip(cpu, comp)):
         assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride(), i
+        if exact and i in (4, 7):
+            # An exact spectrum of a small matrix is computed without the sweep's GEMMs on the CPU: the same
+            # vectors bit for bit, but its residuals come from another GEMM's rounding (~eps of W's dtype).
+            a, b = (a, b) if i == 4 else (a[10:11], b[10:11])
+            bound = 50 * torch.finfo(dtype).eps * float(cpu[1][0])
+            assert float(a.max()) <= bound and float(b.max()) <= bound, (i, a, b)
+            continue
         scale = max(float(b.abs().max()), 1e-30) if b.numel() else 1.0
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * scale, msg=lambda s, i=i: f"output {i}: {s}")
+    if exact:
+        assert torch.equal(cpu[7][7:10], comp[7][7:10])  # σ1, σ2, σ_{k+1}: the same arithmetic
+        # ΔW v1 and ΔWᵀu1 through probes summed in float64 (the sweep's GEMM sums in W's dtype): the first
+        # order, a difference of nearly equal numbers, is at least as close to the float64 truth.
+        U64, V64, S64 = spec.U.double(), spec.V.double(), spec.S.double()
+        x = args[0].double() @ V64[:, 0] - S64[0] * U64[:, 0]
+        first = float(U64[:, 0] @ x)
+        assert abs(float(cpu[7][0]) - first) <= abs(float(comp[7][0]) - first) + 4 * torch.finfo(dtype).eps * float(S64[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5), (5, 2), (2, 2), (7, 7), (10, 64), (64, 10), (32, 40), (40, 33)])
+def test_track_update_exact_of_unchanged_weight_is_bitwise_the_first_spectrum(dtype, shape):
+    """A step that leaves W unchanged must read delta_obs = 0 exactly: track_update's exact spectrum (direct
+    on the CPU up to a short side of 32, the identity sweep above) equals the tracker's first spectrum."""
+    W = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    spec = functional.compute_spectrum(W, 8, small="gram")
+    out = ops.track_update(W, spec.basis, spec.U, spec.S, spec.V, float(spec.sigma_next), spec.Wt_u1, 1, 0.0, True)
+    assert torch.equal(out[1], spec.S) and torch.equal(out[0], spec.U) and torch.equal(out[2], spec.V)
+    assert float(out[7][7]) == float(spec.S[0])

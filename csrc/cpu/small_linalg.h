@@ -15,6 +15,9 @@ namespace small {
 
 using Mat = std::vector<double>;  // p×p, row-major
 
+// Above this size a cyclic Jacobi sweep (~3p³) costs more than LAPACK's dispatch overhead.
+constexpr int64_t kJacobiMaxSize = 32;
+
 // Lower Cholesky factor of a symmetric matrix, in place (upper part left as is). False when the matrix
 // is not numerically positive definite: a pivot not above `min_pivot` (NaN included).
 inline bool cholesky(Mat& A, int64_t p, double min_pivot) {

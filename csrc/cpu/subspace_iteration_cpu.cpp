@@ -28,8 +28,6 @@ void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, 
 namespace {
 
 constexpr const char* kOp = "lipfast::subspace_iteration";
-// Above this block size a p×p Jacobi sweep (~3p³) costs more than LAPACK's dispatch overhead.
-constexpr int64_t kJacobiMaxBlock = 32;
 // Smallest squared pivot of the equilibrated Gram matrix's Cholesky factor that keeps the block's basis
 // orthonormal to float64 rounding times 1e6: a block closer to rank-deficient is re-orthonormalised by
 // Householder QR instead.
@@ -68,7 +66,7 @@ small::Mat orthonormalizer(small::Mat M, int64_t p) {
 
 // Eigenpairs of a symmetric p×p matrix, eigenvalues descending.
 void eigh_desc(small::Mat& C, int64_t p, std::vector<double>& w, small::Mat& Q) {
-  if (p <= kJacobiMaxBlock) {
+  if (p <= small::kJacobiMaxSize) {
     small::jacobi_eigh(C, p, w, Q);
     return;
   }

@@ -8,6 +8,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
+
+#include "row_kernels.h"
+#include "small_linalg.h"
 
 namespace lipfast {
 
@@ -28,6 +32,80 @@ std::vector<double> first_column(const at::Tensor& t) {
   return std::vector<double>(p, p + c.numel());
 }
 
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          at::Tensor>;
+
+// The exact spectrum of a matrix whose short side r is at most small::kJacobiMaxSize (a classifier head),
+// without the sweep's two GEMMs and their copies. It is the arithmetic of the identity-block sweep that
+// lipfast::subspace_iteration runs for it (and Tracker's first spectrum takes), step for step: that sweep's
+// block is the identity, so its Gram matrix is R Rᵀ of the short side's rows R [r, L] exactly, its
+// orthonormaliser the identity, and its Ritz pairs the eigenpairs of R Rᵀ (the same Jacobi), the long-side
+// vectors (1/σ_j) Rᵀ q_j (the same row combination). So a step that leaves W unchanged reads the same σ1.
+struct SmallExact {
+  at::Tensor short_rows, long_rows;  // [r, r] and [r, L]: the singular vectors as rows, in W's dtype
+  std::vector<double> sigma, residual;  // [r] each; residual_j = ‖R·long_j − σ_j short_j‖
+};
+
+SmallExact small_exact(const at::Tensor& R) {  // [r, L] contiguous
+  const int64_t r = R.size(0), L = R.size(1);
+  small::Mat M(r * r), Q;
+  std::vector<double> lambda;
+  SmallExact out{at::empty({r, r}, R.options()), at::empty({r, L}, R.options()), std::vector<double>(r),
+                 std::vector<double>(r)};
+  AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "track_update_small_exact", [&] {
+    const scalar_t* pr = R.data_ptr<scalar_t>();
+    rows::gram(pr, r, L, M.data());
+    TORCH_CHECK(std::all_of(M.begin(), M.end(), [](double x) { return std::isfinite(x); }),
+                "lipfast::track_update: W must be finite, got a matrix with NaN or Inf entries");
+    small::Mat A = M;
+    small::jacobi_eigh(A, r, lambda, Q);
+    small::Mat Qt(r * r), Qt_inv(r * r);
+    for (int64_t j = 0; j < r; ++j) {
+      const double s = std::sqrt(std::max(lambda[j], 0.0));
+      const double inv = s > 0.0 ? 1.0 / s : 0.0;  // σ_j = 0: a zero long-side vector, as the sweep gives it
+      out.sigma[j] = s;
+      for (int64_t i = 0; i < r; ++i) {
+        Qt[j * r + i] = Q[i * r + j];
+        Qt_inv[j * r + i] = Q[i * r + j] * inv;
+      }
+    }
+    scalar_t* ps = out.short_rows.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < r * r; ++i) ps[i] = static_cast<scalar_t>(Qt[i]);
+    rows::combine(Qt_inv.data(), r, pr, r, L, out.long_rows.data_ptr<scalar_t>());
+    // Residuals of the vectors as returned (rounded to W's dtype), as the sweep measures them: one small GEMM.
+    const auto RL = out.long_rows.mm(R.t()).contiguous();  // [r, r]: row j = R·long_j
+    const scalar_t* prl = RL.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < r; ++j) {
+      double res2 = 0.0;
+      for (int64_t i = 0; i < r; ++i) {
+        const double d = static_cast<double>(prl[j * r + i]) - out.sigma[j] * static_cast<double>(ps[j * r + i]);
+        res2 += d * d;
+      }
+      out.residual[j] = std::sqrt(res2);
+    }
+  });
+  return out;
+}
+
+// W v [m] and Wᵀ u [n] in float64, one pass over the rows of W [m, n] (contiguous).
+std::pair<at::Tensor, at::Tensor> probes(const at::Tensor& W, const std::vector<double>& v,
+                                         const std::vector<double>& u) {
+  const int64_t m = W.size(0), n = W.size(1);
+  auto Wv = at::empty({m, 1}, W.options().dtype(at::kDouble)), Wtu = at::zeros({n, 1}, Wv.options());
+  double *pwv = Wv.data_ptr<double>(), *pwtu = Wtu.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "track_update_probes", [&] {
+    const scalar_t* pw = W.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < m; ++i) {
+      const scalar_t* row = pw + i * n;
+      double dot = 0.0;
+      for (int64_t c = 0; c < n; ++c) dot += static_cast<double>(row[c]) * v[c];
+      pwv[i] = dot;
+      rows::add_scaled(pwtu, u[i], row, n);
+    }
+  });
+  return {Wv, Wtu};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -43,7 +121,26 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
   at::Tensor Un, Sn, Vn, res, basis_new, Wt_u1_new, W_v1, Wt_u1_probe;
   double sigma_next_new, iters;
   int64_t kk = k;
-  if (exact) {
+  if (exact && r <= small::kJacobiMaxSize) {
+    const bool wide = m < n;  // R = the short side's rows: W itself, or Wᵀ (as the sweep orients a square W)
+    const auto Wc = W.contiguous();
+    const auto exact_svd = small_exact(wide ? Wc : Wc.t().contiguous());
+    const auto& Urows = wide ? exact_svd.short_rows : exact_svd.long_rows;  // [r, m]
+    const auto& Vrows = wide ? exact_svd.long_rows : exact_svd.short_rows;  // [r, n]
+    kk = std::min(k, r);
+    const auto& sig = exact_svd.sigma;
+    Un = Urows.slice(0, 0, kk).t();
+    Vn = Vrows.slice(0, 0, kk).t();
+    Sn = at::empty({kk}, f64);
+    res = at::empty({kk}, f64);
+    std::copy(sig.begin(), sig.begin() + kk, Sn.data_ptr<double>());
+    std::copy(exact_svd.residual.begin(), exact_svd.residual.begin() + kk, res.data_ptr<double>());
+    iters = 1.0;
+    sigma_next_new = k >= r ? 0.0 : sig[kk];
+    basis_new = Vrows.slice(0, 0, std::min(r, kk + 1 + std::max<int64_t>(4, kk / 2))).clone().t();
+    Wt_u1_new = Vrows.select(0, 0).to(at::kDouble).mul(sig[0]);
+    std::tie(W_v1, Wt_u1_probe) = probes(Wc, first_column(V), first_column(U));
+  } else if (exact) {
     // As the composite kernel: one sweep with the identity block on the tall orientation is the exact SVD.
     const bool tall = m >= n;
     const auto A = tall ? W : W.t();
