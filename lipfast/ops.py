@@ -273,4 +273,3 @@ def _persample_linear_sums_fake(X, D, U, S, V, sigma_next):
     f64 = dict(dtype=torch.float64, device=X.device)
     return (*_persample_linear_fake(X, D, U, S, V, sigma_next), torch.empty((D.shape[2],), **f64),
             torch.empty((X.shape[2],), **f64))
-
