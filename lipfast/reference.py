@@ -122,9 +122,11 @@ def conv2d_projections(x: Tensor, grad_out: Tensor, u1: Tensor, v1: Tensor, kern
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     B, C = x.shape[:2]
     m, (Ho, Wo) = grad_out.shape[1], grad_out.shape[2:]
+    if B == 0:  # no groups to convolve
+        return x.new_zeros((0, m), dtype=torch.float64), x.new_zeros((0, C * kh * kw), dtype=torch.float64)
     g = grad_out.reshape(B, m, Ho * Wo)
     xv = F.conv2d(x, v1.to(x.dtype).reshape(1, C, kh, kw), stride=(sh, sw), padding=(ph, pw),
-                  dilation=(dh, dw)).reshape(B, -1)
+                  dilation=(dh, dw)).reshape(B, Ho * Wo)
     du = (u1.to(x.dtype) @ g).reshape(B, 1, Ho, Wo)
     Gv1 = (g @ xv.unsqueeze(2)).squeeze(2)
     xp = F.pad(x.transpose(0, 1), (pw, pw, ph, ph))

@@ -268,6 +268,35 @@ def test_op_non_contiguous_inputs_and_empty_batch():
     assert [tuple(t.shape) for t in empty] == [(0, 5), (0, 36)]
     empty = _OP.redispatch(_COMPOSITE, x[:0], grad_out[:0], u1, v1, *geometry)
     assert [tuple(t.shape) for t in empty] == [(0, 5), (0, 36)]
+    empty = reference.conv2d_projections(x[:0], grad_out[:0], u1, v1, *geometry)
+    assert [tuple(t.shape) for t in empty] == [(0, 5), (0, 36)]
+
+
+def test_op_random_geometries_all_kernels_agree():
+    """80 random geometries (stride 1 and strided, padding up to 3, dilation up to 3, kernels up to 4×4,
+    inputs down to 1×1, batches down to 0): the CPU kernel's two paths, the composite kernel and the twin of
+    persample_conv2d agree to float64 rounding."""
+    import random
+    rng = random.Random(7)
+    done = 0
+    while done < 80:
+        B, C, Co = rng.randint(0, 3), rng.randint(1, 4), rng.randint(1, 5)
+        kh, kw, ph, pw, dh, dw = (rng.randint(1, 4), rng.randint(1, 4), rng.randint(0, 3), rng.randint(0, 3),
+                                  rng.randint(1, 3), rng.randint(1, 3))
+        sh, sw = (1, 1) if rng.random() < 0.5 else (rng.randint(1, 3), rng.randint(1, 3))
+        H, Wd = rng.randint(1, 9), rng.randint(1, 9)
+        if dh * (kh - 1) + 1 > H + 2 * ph or dw * (kw - 1) + 1 > Wd + 2 * pw:
+            continue
+        Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (Wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        x, g = torch.randn(B, C, H, Wd, dtype=F64), torch.randn(B, Co, Ho, Wo, dtype=F64)
+        k = min(3, Co, C * kh * kw)
+        U, S, V = spectrum_of(torch.randn(Co, C * kh * kw, dtype=F64), k)[:3]
+        args = (x, g, U, S, V, 0.1, [kh, kw], [sh, sw], [ph, pw], [dh, dw])
+        want = reference.persample_conv2d(*args)
+        for got in (_PERSAMPLE(*args), _PERSAMPLE.redispatch(_COMPOSITE, *args)):
+            for a, b in zip(got, want):
+                assert_close(a, b, TOL["parity"][F64], msg=f"geometry {(B, C, Co, H, Wd, kh, kw, sh, sw, ph, pw, dh, dw)}")
+        done += 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
