@@ -1,7 +1,8 @@
-// CPU kernel of lipfast::conv2d_projections: G_i v1 and G_iᵀ u1 of a Conv2d, one sample at a time, in one
-// pass over each sample's input and output-gradient while they sit in the core's cache (the composite
-// kernel's five ATen convolutions and batched products each stream the whole batch, which costs ~10× more
-// on the small CNNs of the runs). Accumulation is in float64. Per sample i, with T output positions:
+// CPU kernels of lipfast::conv2d_projections and lipfast::persample_conv2d: G_i v1 and G_iᵀ u1 of a Conv2d,
+// one sample at a time, while its input and output-gradient sit in the core's cache (the composite kernel's
+// five ATen convolutions and batched products each stream the whole batch: 3.3–3.5× slower on the runs'
+// small CNN, bench/RESULTS.md). Sums in float64 on the general path; the stride-1 path (below) sums in the
+// input's precision, as the training step's own convolutions do. Per sample i, with T output positions:
 //   du[t] = Σ_c u1[c] d_i[c, t]                       (D_iᵀ u1)
 //   xv[t] = Σ_{c,a,b} v1[c,a,b] x_i[c, r(t,a), s(t,b)] (X_iᵀ v1, a convolution with v1 as the filter)
 //   (G_iᵀ u1)[c,a,b] = Σ_t x_i[c, r(t,a), s(t,b)] du[t]   — the same positions, read in the same loop
