@@ -105,6 +105,16 @@ def data_lines(path: Path) -> int:
         return 0
 
 
+def last_line(path: Path) -> str:
+    """lipfast's one message line, which ends stderr; before it at most the run's own progress lines (a fault
+    that lands after the last step's progress line, while the run writes its report, follows that line)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert lines and "Traceback" not in text, f"expected lipfast's message on stderr, got {text!r}"
+    assert all(ln.startswith("lipfast: step ") for ln in lines[:-1]), f"expected one message line, got {text!r}"
+    return lines[-1]
+
+
 def one_line(path: Path) -> str:
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -256,7 +266,7 @@ def check_signal_exit(rc: int, sig: int, err: Path, out: Path, label: str, resum
     text = err.read_text(encoding="utf-8", errors="replace")
     if "lipfast: interrupted" in text:
         assert rc in (130, -signal.SIGINT), f"{label}: exit {rc}: {text}"
-        assert "--resume" in one_line(err), label
+        assert "--resume" in last_line(err), f"{label}: {text!r}"
     else:
         # No line: either the interrupt came while Python still imported lipfast and torch (no run folder
         # yet), or after lipfast had finished its work, at interpreter shutdown (it had printed its last
@@ -293,7 +303,7 @@ def disk_full_trial(tmp: Path, ref, capsys, name: str, limit: int, inprocess_res
     err = tmp / f"{name}.err"
     rc = run_cli(*RUN_ARGS, "--out", str(out), fsize_limit=limit, stderr=err).returncode
     if rc != 0:
-        line = one_line(err)
+        line = last_line(err)
         assert rc == 2 and re.search(r"cannot (write|open|create).*File too large", line), (label, line)
         assert "[Errno" not in line, line
     outcome = check_partial(out, ref, label, rc)
@@ -648,3 +658,17 @@ def test_config_file_is_only_parsed_as_toml(tmp_path, capsys, case):
         assert rc == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
         assert not out.exists()
     assert not marker.exists(), "content of the config file was executed"
+
+
+def test_signal_exit_check_accepts_progress_lines_before_the_message(tmp_path):
+    """The checker of the random loop: an interrupt that lands after the last step's progress line (while the
+    run writes its report) leaves that line before lipfast's message; anything else on stderr is a failure."""
+    err = tmp_path / "err"
+    message = ("lipfast: interrupted; every completed step's records are in the run folder (resume with lipfast "
+               "train --resume --out DIR)\n")
+    err.write_text("lipfast: step 24/24 loss 1.5102 log_bound 0.6689\n" + message, encoding="utf-8")
+    check_signal_exit(130, signal.SIGINT, err, tmp_path / "run", "progress then message")
+    for bad in ("Traceback (most recent call last):\n" + message, "lipfast: something else\n" + message):
+        err.write_text(bad, encoding="utf-8")
+        with pytest.raises(AssertionError):
+            check_signal_exit(130, signal.SIGINT, err, tmp_path / "run", "bad")
