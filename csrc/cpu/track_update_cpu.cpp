@@ -2,7 +2,8 @@
 // other backends run) with the CPU kernels called as C++ functions rather than through the dispatcher, and
 // the glue between them (ΔW v1, ΔWᵀu1, σ_{k+1}, the stats vector) in plain loops instead of some twenty
 // small ATen calls: on the tracked step each of those pays the cold caches the training step's GEMMs left
-// (~40 µs per layer). Same kernels, same arithmetic, so the results equal the composite kernel's.
+// (~40 µs per layer). Same kernels, same arithmetic, so the results equal the composite kernel's; only for a
+// small exact layer (below) are the residuals and the ΔW probes taken another way, to rounding.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -31,9 +32,6 @@ std::vector<double> first_column(const at::Tensor& t) {
   const double* p = c.data_ptr<double>();
   return std::vector<double>(p, p + c.numel());
 }
-
-using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                          at::Tensor>;
 
 // The exact spectrum of a matrix whose short side r is at most small::kJacobiMaxSize (a classifier head),
 // without the sweep's two GEMMs and their copies. It is the arithmetic of the identity-block sweep that
