@@ -16,7 +16,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "math.h"
+#include "direction.h"
 #include "target_clones.h"
 
 namespace lipfast {
@@ -236,8 +236,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_projections_cpu(const at::Tensor& x_, 
   return {Gv1, Gtu1};
 }
 
-// persample_conv2d: the projections above, then per sample a = Uᵀ(G_i v1), b = Vᵀ(G_iᵀ u1), the squared norms
-// and H[G_i, G_i] (math.h), and the batch sums, in one loop over the [B, m] and [B, n] projections.
+// persample_conv2d: the projections above, then per sample its direction's contraction with the spectrum
+// (direction.h: a = Uᵀ(G_i v1), b = Vᵀ(G_iᵀ u1), the squared norms, H[G_i, G_i]), and the batch sums.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> persample_conv2d_cpu(
     const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& U, const at::Tensor& S_, const at::Tensor& V,
     double sigma_next, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -246,35 +246,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto [xv, yv] =
       conv2d_projections_cpu(x, grad_out, U.select(1, 0), V.select(1, 0), kernel_size, stride, padding, dilation);
   const int64_t B = xv.size(0), m = xv.size(1), n = yv.size(1), k = U.size(1);
-  const auto U64 = U.to(at::kDouble).contiguous(), V64 = V.to(at::kDouble).contiguous();
   const auto S = S_.to(at::kDouble).contiguous();
   const auto f64 = xv.options();
   auto proj = at::empty({B}, f64), hess = at::empty({B}, f64), lo = at::empty({B}, f64), hi = at::empty({B}, f64);
-  const double *pxv = xv.data_ptr<double>(), *pyv = yv.data_ptr<double>(), *pu = U64.data_ptr<double>(),
-               *pv = V64.data_ptr<double>(), *ps = S.data_ptr<double>();
+  const double *pxv = xv.data_ptr<double>(), *pyv = yv.data_ptr<double>(), *ps = S.data_ptr<double>();
   double *pp = proj.data_ptr<double>(), *ph = hess.data_ptr<double>(), *pl = lo.data_ptr<double>(),
          *pq = hi.data_ptr<double>();
   at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, (m + n) * k)), [&](int64_t b0, int64_t b1) {
-    std::vector<double> a(k), b(k);
     for (int64_t i = b0; i < b1; ++i) {
-      const double* x_i = pxv + i * m;
-      const double* y_i = pyv + i * n;
-      std::fill(a.begin(), a.end(), 0.0);
-      std::fill(b.begin(), b.end(), 0.0);
-      double xx = 0.0, yy = 0.0;
-      for (int64_t r = 0; r < m; ++r) {
-        xx += x_i[r] * x_i[r];
-        for (int64_t j = 0; j < k; ++j) a[j] += x_i[r] * pu[r * k + j];
-      }
-      for (int64_t c = 0; c < n; ++c) {
-        yy += y_i[c] * y_i[c];
-        for (int64_t j = 0; j < k; ++j) b[j] += y_i[c] * pv[c * k + j];
-      }
-      const auto h = hessian_terms(a.data(), b.data(), 1, ps, k, sigma_next, xx, yy);
-      pp[i] = a[0];
-      ph[i] = h.value;
-      pl[i] = h.lo;
-      pq[i] = h.hi;
+      const Direction d = project_direction(pxv + i * m, m, pyv + i * n, n, U, V, ps, k, sigma_next);
+      pp[i] = d.first;
+      ph[i] = d.h.value;
+      pl[i] = d.h.lo;
+      pq[i] = d.h.hi;
     }
   });
   return {proj, hess, lo, hi, xv.sum(0), yv.sum(0)};

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "direction.h"
 #include "math.h"
 
 namespace lipfast {
@@ -24,32 +25,37 @@ void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, co
 
 namespace {
 
-// The projections of one direction (x = E v1 [m], y = Eᵀ u1 [n], float64) onto the top-k triplets, and
-// H[E,E] from them (MATH.md §1). U [m, k] and V [n, k] are read in their own dtype through their strides
-// (a float64 copy of them cost ~25 µs a call on the tracked step), summed in float64 in the same order.
-struct Direction {
-  double first;  // u1ᵀ x = ⟨J, E⟩
-  HessianTerms h;
-  double xnorm2, ynorm2;
-  bool finite;
-};
-
-// out[j] = Σ_r M[r, j] x[r] for the k columns of M [len, k].
+// out[j] = Σ_r M[r, j] x[r] for the k columns of M [len, k]. Read in M's dtype through its strides (a float64
+// copy of U and V cost ~25 µs a call on the tracked step).
 void project_columns(const at::Tensor& M, const double* x, int64_t len, int64_t k, double* out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, M.scalar_type(), "project_columns", [&] {
     const scalar_t* p = M.data_ptr<scalar_t>();
     const int64_t s0 = M.stride(0), s1 = M.stride(1);
-    for (int64_t j = 0; j < k; ++j) {
-      const scalar_t* col = p + j * s1;
-      double acc = 0.0;
-      for (int64_t r = 0; r < len; ++r) acc += static_cast<double>(col[r * s0]) * x[r];
-      out[j] = acc;
+    // Four columns per pass: four independent sums (one alone waits on each add's latency), each summed
+    // over r in order. Columns past k are clamped to the last one, computed and dropped.
+    for (int64_t j = 0; j < k; j += 4) {
+      const scalar_t* c0 = p + j * s1;
+      const scalar_t* c1 = p + std::min(j + 1, k - 1) * s1;
+      const scalar_t* c2 = p + std::min(j + 2, k - 1) * s1;
+      const scalar_t* c3 = p + std::min(j + 3, k - 1) * s1;
+      double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+      for (int64_t r = 0; r < len; ++r) {
+        const double xr = x[r];
+        a0 += static_cast<double>(c0[r * s0]) * xr;
+        a1 += static_cast<double>(c1[r * s0]) * xr;
+        a2 += static_cast<double>(c2[r * s0]) * xr;
+        a3 += static_cast<double>(c3[r * s0]) * xr;
+      }
+      const double a[4] = {a0, a1, a2, a3};
+      for (int64_t q = 0; q < 4 && j + q < k; ++q) out[j + q] = a[q];
     }
   });
 }
 
-Direction project(const double* x, int64_t m, const double* y, int64_t n, const at::Tensor& U, const at::Tensor& V,
-                  const double* S, int64_t k, double sigma_next) {
+}  // namespace
+
+Direction project_direction(const double* x, int64_t m, const double* y, int64_t n, const at::Tensor& U,
+                            const at::Tensor& V, const double* S, int64_t k, double sigma_next) {
   std::vector<double> a(k), b(k);
   project_columns(U, x, m, k, a.data());
   project_columns(V, y, n, k, b.data());
@@ -64,6 +70,8 @@ Direction project(const double* x, int64_t m, const double* y, int64_t n, const 
   d.finite = std::isfinite(xx) && std::isfinite(yy);  // NaN/Inf anywhere in x or y shows in its norm
   return d;
 }
+
+namespace {
 
 at::Tensor vector_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
@@ -83,7 +91,7 @@ at::Tensor gradient_statistics_cpu(const at::Tensor& proj, const at::Tensor& hes
   const auto x = vector_f64(Gv1.has_value() ? *Gv1 : at::mv(G, V.select(1, 0).to(dt).contiguous())).div(loss_factor);
   const auto y =
       vector_f64(Gtu1.has_value() ? *Gtu1 : at::mv(G.t(), U.select(1, 0).to(dt).contiguous())).div(loss_factor);
-  const Direction g = project(x.data_ptr<double>(), m, y.data_ptr<double>(), n, U, V, S.data_ptr<double>(), k,
+  const Direction g = project_direction(x.data_ptr<double>(), m, y.data_ptr<double>(), n, U, V, S.data_ptr<double>(), k,
                               sigma_next);
   const double K = g.first;
   const auto p = vector_f64(proj), h = vector_f64(hess), lo = vector_f64(hess_lo), hi = vector_f64(hess_hi);
@@ -122,7 +130,7 @@ at::Tensor update_statistics_cpu(const at::Tensor& x_, const at::Tensor& y_, con
   check_update_statistics_inputs(x_, y_, U, S_, V);
   const int64_t m = x_.size(0), n = y_.size(0), k = U.size(1);
   const auto x = vector_f64(x_), y = vector_f64(y_), S = vector_f64(S_);
-  const Direction d = project(x.data_ptr<double>(), m, y.data_ptr<double>(), n, U, V, S.data_ptr<double>(), k,
+  const Direction d = project_direction(x.data_ptr<double>(), m, y.data_ptr<double>(), n, U, V, S.data_ptr<double>(), k,
                               sigma_next);
   auto out = at::empty({7}, x_.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
