@@ -198,12 +198,13 @@ def _conv2d_projections_fake(x, grad_out, u1, v1, kernel_size, stride, padding, 
 
 @torch.library.register_fake("lipfast::track_update")
 def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exact):
+    from .functional import block_size  # functional imports this module
     torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
     m, n = W.shape
     k = U.shape[1]
     r = min(m, n)
     kk = min(k, r)
-    p = min(r, kk + 1 + max(4, kk // 2)) if exact else basis.shape[1]
+    p = block_size(kk, r) if exact else basis.shape[1]
     f64 = dict(dtype=torch.float64, device=W.device)
     # U, V and basis are column blocks of row-major buffers (the kernels keep blocks as rows).
     return (

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .functional import block_size
+
 
 def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float, right: Tensor | None = None,
                        left: Tensor | None = None):
@@ -188,7 +190,7 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
         Uf, Vf = (Ua, Va) if tall else (Va, Ua)
         W_v1, Wt_u1_new_probe = (A_right, At_left) if tall else (At_left, A_right)
         sigma_next_new = Sa.new_zeros(()) if k >= r else Sa[kk].clone()
-        basis_new = Vf[:, : min(r, kk + 1 + max(4, kk // 2))].clone()
+        basis_new = Vf[:, : block_size(kk, r)].clone()
         Wt_u1_new = Sa[0] * Vf[:, 0].to(torch.float64)
         Un, Sn, Vn, res = Uf[:, :kk], Sa[:kk], Vf[:, :kk], res[:kk]
     else:

@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "block_size.h"
 
 namespace lipfast {
 
@@ -90,7 +91,7 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
     // Fresh tensors where a view would alias another output.
     sigma_next_new = k >= r ? at::zeros({}, Sa.options()) : Sa.select(0, kk).clone();
     const auto Vfull = tall ? Va : Ua;
-    basis_new = Vfull.slice(1, 0, std::min(r, kk + 1 + std::max<int64_t>(4, kk / 2))).clone();
+    basis_new = Vfull.slice(1, 0, block_size(kk, r)).clone();
     Wt_u1_new = Vfull.select(1, 0).to(at::kDouble).mul(Sa.select(0, 0));
   } else {
     auto [Ui, Si, Vi, resi, iti, nexti, Wv, Wtu] =

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "block_size.h"
 #include "row_kernels.h"
 #include "small_linalg.h"
 
@@ -135,7 +136,7 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
     std::copy(exact_svd.residual.begin(), exact_svd.residual.begin() + kk, res.data_ptr<double>());
     iters = 1.0;
     sigma_next_new = k >= r ? 0.0 : sig[kk];
-    basis_new = Vrows.slice(0, 0, std::min(r, kk + 1 + std::max<int64_t>(4, kk / 2))).clone().t();
+    basis_new = Vrows.slice(0, 0, block_size(kk, r)).clone().t();
     Wt_u1_new = Vrows.select(0, 0).to(at::kDouble).mul(sig[0]);
     std::tie(W_v1, Wt_u1_probe) = probes(Wc, first_column(V), first_column(U));
   } else if (exact) {
@@ -155,7 +156,7 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
     W_v1 = tall ? A_right : At_left;
     Wt_u1_probe = tall ? At_left : A_right;
     sigma_next_new = k >= r ? 0.0 : Sa.data_ptr<double>()[kk];
-    basis_new = Vfull.slice(1, 0, std::min(r, kk + 1 + std::max<int64_t>(4, kk / 2))).clone();
+    basis_new = Vfull.slice(1, 0, block_size(kk, r)).clone();
     Wt_u1_new = Vfull.select(1, 0).to(at::kDouble).mul(Sa.data_ptr<double>()[0]);  // a float64 .to() is no copy
   } else {
     auto [Ui, Si, Vi, resi, iti, nexti, Wv, Wtu] =
