@@ -7,7 +7,7 @@
 #
 # Run it on the GPU machine only: it reinstalls lipfast (non-editable) into PYTHON's environment.
 # Env: PYTHON (default: python3), OUT (a folder for the logs: build.log, pytest_cuda.log,
-# bench_step_gpu.{log,md,json}, summary.txt; default: a fresh temporary folder),
+# bench_step_gpu.{log,md,json}, profile_step_gpu.{log,md}, summary.txt; default: a fresh temporary folder),
 # CMAKE_CUDA_ARCHITECTURES (default 90) and TORCH_CUDA_ARCH_LIST (default 9.0): the target GPU.
 # Needs on the machine: a CUDA build of torch, nvcc, CMake, ninja, scikit-build-core, pybind11,
 # pytest, numpy. No network: nothing is downloaded (--no-build-isolation --no-deps).
@@ -69,6 +69,10 @@ cd ..
 # 3. Step benchmark: tracked vs plain, MLP 784-512-512-10 and ResNet-18 on 3x32x32, batch 256.
 step "bench_step_gpu.py --device cuda" bench_step_gpu.log \
   env OUT="$LOG" "$PY" bench/bench_step_gpu.py --device cuda --out "$LOG"
+
+# 4. Where the tracked step's time goes: kernel time, launches and host syncs per step, top kernels.
+step "profile_step_gpu.py --device cuda" profile_step_gpu.log \
+  "$PY" bench/profile_step_gpu.py --device cuda --out "$LOG"
 
 {
   echo
