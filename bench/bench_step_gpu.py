@@ -20,6 +20,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -87,7 +88,24 @@ def sgd_step(model, opt, X, y):
 
 
 def check_correctness(model, X, y) -> int:
-    """The compiled tracker's step-0 records equal the reference tracker's; returns the layer count."""
+    """The compiled tracker's step-0 records equal the reference tracker's; returns the layer count. TF32 is
+    off meanwhile: a convolution or GEMM on TF32 tensor cores rounds to ~1e-3, which the reference's
+    convolutions would and a kernel summing in float64 would not."""
+    with _full_float32():
+        return _compare_implementations(model, X, y)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _compare_implementations(model, X, y) -> int:
     recs = {}
     for impl in ("compiled", "reference"):
         m = copy.deepcopy(model)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of lipfast (issue 7), for a GPU machine (e.g. one H100): rebuild in place with the CUDA
-# kernels, prove they are there, run every CUDA test, and time a tracked training step. About 3-5
-# minutes on one H100 (the build is most of it); must stay under 8.
+# kernels, prove they are there, run every CUDA test, and time and profile a tracked training step.
+# 2-3.5 minutes on one H200 (the build ~1 minute of it); must stay under 8.
 #
 #   bash bench/gpu_check.sh            # from the repository root, with the python that has torch
 #
@@ -57,7 +57,7 @@ step "CUDA kernels present" kernels.log "$PY" -c "
 import torch, lipfast
 assert lipfast._C.with_cuda, 'lipfast was built without CUDA kernels'
 assert torch.cuda.is_available(), 'no CUDA device'
-for op in ('persample_linear', 'hessian_contract'):
+for op in ('persample_linear', 'hessian_contract', 'subspace_iteration', 'gradient_statistics', 'update_statistics'):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f'lipfast::{op}', 'CUDA'), op
 print('lipfast', lipfast.__version__, 'from', lipfast.__file__, '| CUDA kernels registered on', torch.cuda.get_device_name())"
 

@@ -39,6 +39,10 @@ def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float
         ``(U [m, p], S [p] float64 descending, V [n, p], residual [p] float64, iters [] int64,
         next [n, p], W_right [m, a] float64, Wt_left [n, b] float64)``; ``next = WᵀU`` is one power step
         past ``V``, the warm start of the next call.
+
+    Raises RuntimeError when ``W`` holds NaN/Inf. On CUDA the kernel never waits for the GPU to find out: it
+    raises where it reads the convergence test anyway (``tol > 0`` with sweeps to go), and otherwise returns
+    NaN singular values (the tracker reads them as a non-finite step).
     """
     return torch.ops.lipfast.subspace_iteration.default(
         _d(W), _d(V0), int(k), int(max_iters), float(tol),

@@ -206,5 +206,5 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     upd = update_statistics(x, y, U, S64, V, sigma_next)
     s2 = Sn[1] if kk > 1 else sigma_next_new
     stats = torch.cat([upd, Sn[:1], s2.reshape(1), sigma_next_new.reshape(1), res.max().reshape(1),
-                       torch.as_tensor(it, dtype=torch.float64).reshape(1)])
+                       torch.as_tensor(it, dtype=torch.float64, device=Sn.device).reshape(1)])
     return Un, Sn, Vn, sigma_next_new, res, basis_new, Wt_u1_new, stats

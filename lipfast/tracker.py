@@ -65,6 +65,51 @@ class _Cached:
     fingerprint: tuple[float, float] | None = None
 
 
+_DEFER_ON_CPU = False  # tests switch the lazy read-back on for CPU runs, to check it without a GPU
+_N_TRACK_STATS = 12  # lipfast::track_update's statistics: update_statistics' seven, σ1, σ2, σ_{k+1}, residual, sweeps
+
+
+class _StepReadback:
+    """A tracked step's numbers on their way to the host: every layer's vector (:meth:`Tracker._measure`)
+    and the logged tensors in one tensor, copied by one asynchronous device-to-host copy into pinned
+    memory as soon as they are queued; :meth:`read` waits for that copy alone (on the CPU: no copy)."""
+
+    def __init__(self, step: int, logged: dict, entries: list[tuple]):
+        self.step = step
+        self.entries, vectors = [], []
+        for cap, p, spec, vector in entries:
+            self.entries.append((cap, p, spec, None if vector is None else len(vectors)))
+            if vector is not None:
+                vectors.append(vector)
+        self._logged = dict(logged)
+        self._tensor_keys = [k for k, v in logged.items() if isinstance(v, Tensor)]
+        parts = vectors + [logged[k].reshape(1) for k in self._tensor_keys]
+        device = parts[0].device if parts else torch.device("cpu")
+        flat = (torch.cat([t.to(device, torch.float64) for t in parts]) if parts
+                else torch.empty(0, dtype=torch.float64))
+        self._width = vectors[0].numel() if vectors else 0
+        self._layers = len(vectors)
+        self.deferred = flat.is_cuda or _DEFER_ON_CPU
+        self._event = None
+        if flat.is_cuda:
+            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self._host.copy_(flat, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flat
+
+    def read(self) -> tuple[list[list[float]], dict[str, float]]:
+        """(one list of floats per layer that has a vector, the logged values as floats)."""
+        if self._event is not None and not self._event.query():  # query(): no wait when it has landed
+            self._event.synchronize()
+        flat = self._host.tolist()
+        w, n = self._width, self._layers
+        logged = {k: (float(v) if not isinstance(v, Tensor) else NAN) for k, v in self._logged.items()}
+        logged.update(zip(self._tensor_keys, flat[n * w:]))
+        return [flat[i * w:(i + 1) * w] for i in range(n)], logged
+
+
 def _fingerprint(W: Tensor) -> tuple[float, float]:
     Wd = W.detach().to(torch.float64)
     return float(Wd.sum()), float(Wd.norm())
@@ -100,7 +145,11 @@ class Tracker:
             step to step while W moves); the first update is cold (up to 100 sweeps, until ``tol``).
         tol: relative residual that ends the sweeps early (0: always ``iters`` sweeps, no sync).
         on_nonfinite: ``"flag"`` (record the step as non-finite, keep training) or ``"raise"``.
-        on_record: optional callback ``(layer_records, network_record) -> None`` after each tracked step.
+        on_record: optional callback ``(layer_records, network_record) -> None`` for each tracked step. On the
+            CPU it runs inside that step's ``optimizer.step()``; on CUDA the step's numbers stay on the GPU
+            until the next ``optimizer.step()`` (or until ``records``, ``network``, ``state_dict()`` or
+            ``close()`` reads them), so that tracking never makes the host wait for the GPU; ``on_record``
+            runs then, with the step's own ``step`` index. ``on_nonfinite="raise"`` reads every step at once.
         keep_records: keep records in ``tracker.records``/``tracker.network`` (turn off for very
             long runs that stream records through ``on_record``).
         implementation: ``"compiled"`` (the C++ ops) or ``"reference"`` (their pure-PyTorch twins in
@@ -136,12 +185,14 @@ class Tracker:
         self.on_nonfinite = on_nonfinite
         self.on_record = on_record
         self.keep_records = keep_records
-        self.records: list[dict] = []
-        self.network: list[dict] = []
+        self._records: list[dict] = []
+        self._network: list[dict] = []
+        self._unread: _StepReadback | None = None
+        self._undelivered: list[tuple[list[dict], dict]] = []  # read back, not yet handed to on_record
         self.step = 0
         self.forward_id = 0
         self.skipped: dict[str, str] = {}
-        self._logged: dict[str, float] = {}
+        self._logged: dict[str, float | Tensor] = {}
         self._cache: dict[str, _Cached] = {}
         self._pending: dict[str, dict] = {}
         self._warned: set[str] = set()
@@ -260,6 +311,10 @@ class Tracker:
 
     def _on_root_forward(self, module, args) -> None:
         self.forward_id += 1
+        # The backward hooks pass σ_{k+1} of the last step's spectra to the ops as a host number: read the
+        # last step back now (on CUDA its copy is queued behind that step's work, so this waits for at most
+        # that tail), not once per layer in the middle of the backward pass.
+        self._read_back(deliver=False)
 
     def _sync_hooks(self) -> None:
         """Forward hooks only over steps that are tracked: with ``every=N`` the other steps run the model
@@ -288,7 +343,9 @@ class Tracker:
                 return cached.spec
         if cached is not None and cached.spec.k == min(self.rank, *cached.spec.shape) and cached.spec.shape == tuple(W.shape):
             # Stale after untracked steps (every > 1): the same warm sweep as after a tracked step, one op call.
-            spec, _ = self._advance(cap, cached.spec)
+            spec, stats = self._advance(cap, cached.spec)
+            if spec is not None:
+                self._fill_host(spec, stats.tolist())
         else:
             spec = self._spectrum(W, cached.spec.basis if cached is not None else None)
         if spec is not None:
@@ -307,10 +364,11 @@ class Tracker:
                 raise
             return None
 
-    def _advance(self, cap: LayerCapture, spec: Spectrum) -> tuple[Spectrum | None, list[float] | None]:
-        """The spectrum after the optimizer step, warm-started from ``spec``, and the step's update statistics
-        (``update_statistics``' seven values), in one op call; ``(None, None)`` when the step left NaN/Inf in
-        the weight. ΔW is read through the old top pair riding along in the new spectrum's GEMMs."""
+    def _advance(self, cap: LayerCapture, spec: Spectrum) -> tuple[Spectrum | None, Tensor | None]:
+        """The spectrum after the optimizer step, warm-started from ``spec``, and ``track_update``'s twelve
+        statistics (on the weight's device, unread: :func:`_fill_host` completes the spectrum from them), in
+        one op call; ``(None, None)`` when the step left NaN/Inf in the weight. ΔW is read through the old
+        top pair riding along in the new spectrum's GEMMs."""
         W = _matrix(cap.weight, cap.m)
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
         m, n = W.shape
@@ -327,12 +385,21 @@ class Tracker:
             if bool(torch.isfinite(W).all()):
                 raise
             return None, None
-        st = stats.tolist()
         new = Spectrum(U=U, S=S, V=V, sigma_next=sigma_next, residuals=res, exact=exact and self.rank >= min(m, n),
-                       shape=(m, n), basis=basis, iters=0 if exact else int(st[11]), Wt_u1=Wt_u1)
-        return with_host_values(new, st[7], st[8], st[9], st[10]), st[:7]
+                       shape=(m, n), basis=basis, iters=0, Wt_u1=Wt_u1)
+        return new, stats
+
+    def _fill_host(self, spec: Spectrum, stats: list[float]) -> None:
+        """Complete a spectrum from its ``track_update`` statistics, read back: σ1, σ2, σ_{k+1}, the
+        residual and (iterated spectra) the sweep count."""
+        with_host_values(spec, stats[7], stats[8], stats[9], stats[10])
+        if not needs_exact(*spec.shape, self.rank):
+            object.__setattr__(spec, "iters", int(stats[11]))  # a frozen dataclass, completed once here
 
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
+        # The last tracked step's numbers, long computed; its on_record waits for the post-step hook, where
+        # an exception it raises comes after this step's update, as on the CPU.
+        self._read_back(deliver=False)
         if not self.capturing:
             for cap in self.captures.values():
                 if cap.groups or cap.stats:  # left over from a tracked step whose optimizer step never came
@@ -389,16 +456,13 @@ class Tracker:
             if self._inflight is not None:
                 self._reduce_all()
             if self._pending:
+                self._read_back(deliver=False)  # (normally read already, by the pre-step hook)
                 with torch.no_grad():
-                    rows = [self._record(self.captures[name], p) for name, p in self._pending.items()]
-                self._pending.clear()
-                if self._records_here:
-                    net = self._network_record(rows)
-                    if self.keep_records:
-                        self.records.extend(rows)
-                        self.network.append(net)
-                    if self.on_record is not None:
-                        self.on_record(rows, net)
+                    entries = [self._measure(self.captures[name], p) for name, p in self._pending.items()]
+                self._unread = _StepReadback(self.step, self._logged, entries)
+                if not self._unread.deferred or self.on_nonfinite == "raise":
+                    self._read_back(deliver=False)
+            self._deliver()
         finally:
             # The optimizer step happened whatever an on_record callback (or on_nonfinite="raise") raised:
             # count it, so the next step is numbered on instead of repeating this one's step index.
@@ -407,24 +471,85 @@ class Tracker:
             self.step += 1
             self._sync_hooks()
 
+    def _read_back(self, deliver: bool = True) -> None:
+        """Turn the last tracked step's device results into its records (and, with ``deliver``, hand them
+        to ``on_record``). On CUDA that happens lazily, at the next optimizer step or when records are
+        read, so that a tracked step never waits for the GPU; on the CPU, at once."""
+        unread, self._unread = self._unread, None
+        if unread is not None:
+            vectors, logged = unread.read()
+            rows = [self._record(cap, p, spec_after, vectors[i] if i is not None else None, unread.step)
+                    for cap, p, spec_after, i in unread.entries]
+            if self._records_here:
+                net = self._network_record(rows, unread.step, logged)
+                if self.keep_records:
+                    self._records.extend(rows)
+                    self._network.append(net)
+                if self.on_record is not None:
+                    self._undelivered.append((rows, net))
+        if deliver:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """``on_record`` for every step read back since the last call, oldest first."""
+        while self._undelivered:
+            rows, net = self._undelivered.pop(0)
+            self.on_record(rows, net)
+
+    @property
+    def records(self) -> list[dict]:
+        """One dict per tracked (step, layer), API.md's schema."""
+        self._read_back()
+        return self._records
+
+    @property
+    def network(self) -> list[dict]:
+        """One dict per tracked step, API.md's schema."""
+        self._read_back()
+        return self._network
+
     # -- records ---------------------------------------------------------------------------------
-    def _record(self, cap: LayerCapture, p: dict) -> dict:
+    def _measure(self, cap: LayerCapture, p: dict) -> tuple:
+        """The device half of a layer's record: the spectrum after the step (cached for the next step) and
+        every number the record needs in one float64 vector (unread), ``(cap, p, spectrum, vector)``."""
         if p.get("nonfinite_weights"):
-            return self._nonfinite_row(cap, p["N"])
+            return cap, p, None, None
+        spec_after, stats = self._advance(cap, p["spec"])
+        if spec_after is not None:
+            self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
+        sums = self._reduce(p["sums"])
+        stats = stats if stats is not None else torch.full((_N_TRACK_STATS,), NAN, dtype=torch.float64, device=sums.device)
+        known = p["known"] if p["known"] is not None else torch.zeros((), dtype=torch.float64, device=sums.device)
+        return cap, p, spec_after, torch.cat([stats.to(torch.float64), sums.to(stats.device, torch.float64),
+                                             known.reshape(1).to(stats.device, torch.float64)])
+
+    def _record(self, cap: LayerCapture, p: dict, spec_after: Spectrum | None, values: list[float] | None,
+                step: int) -> dict:
+        """The host half: a layer's record from :meth:`_measure`'s vector, read back."""
+        if p.get("nonfinite_weights"):
+            return self._nonfinite_row(cap, p["N"], step)
         spec: Spectrum = p["spec"]
         coef: StepCoefficients = p["coef"]
         c = p["c"]
-        spec_after, update = self._advance(cap, spec)
+        update, sums, known = (values[:_N_TRACK_STATS], values[_N_TRACK_STATS:-1], values[-1])
+        if spec_after is not None and not update[7] > 0:
+            # σ1 after the step NaN: the step left NaN/Inf in W (the CUDA kernel says so with NaN, the CPU
+            # kernel raised: _advance gave None). σ1 = 0: W is zero, and so is the warm block it leaves. Either
+            # way the next step starts the spectrum afresh.
+            if self._cache.get(cap.name) is not None and self._cache[cap.name].spec is spec_after:
+                del self._cache[cap.name]
+            if not math.isfinite(update[7]):
+                spec_after = None
         if spec_after is not None:
-            self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
-            first, second, _, _, finite_after, x_norm, y_norm = update
+            self._fill_host(spec_after, update)
+            first, second, _, _, finite_after, x_norm, y_norm = update[:7]
             # How far the step rotates the top singular pair, against the gap (MATH.md §1 degenerate gap).
             dw_norm = max(x_norm, y_norm)
             sigma_next = spec_after.host[0]
         else:  # the step left NaN/Inf in W
             first = second = dw_norm = sigma_next = NAN
             finite_after = 0.0
-        N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = self._reduce(p["sums"]).tolist()
+        N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = sums
         N = int(N)
         sigma, sigma2, _ = spec.host
         flags = []
@@ -438,7 +563,6 @@ class Tracker:
         fpc = 1.0
         if self.dataset_size is not None:
             fpc = max(self.dataset_size - (N if w2 is None else 1.0 / w2), 0) / (self.dataset_size - 1)
-        known = 0.0 if p["known"] is None else float(p["known"])
         drift = -c * mean_s - coef.decay * sigma + known
         if N > 1:
             var_s = max(sum_ss - sum_s * sum_s / N, 0.0) / (N - 1)
@@ -456,7 +580,7 @@ class Tracker:
         step_ratio = dw_norm / (sigma - sigma2) if sigma > sigma2 else math.inf
         degenerate = gap < self.gap_tol or step_ratio > self.step_tol
         nonfinite = not (finite_after and finite_grad)
-        row = dict(step=self.step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N, lr=coef.lr,
+        row = dict(step=step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N, lr=coef.lr,
                    sigma=sigma, sigma2=sigma2, sigma_next=sigma_next, delta_obs=sigma_next - sigma,
                    first_order=first, second_order=second, delta_pred=first + second, drift=drift,
                    diffusion_var=diffusion, ito=ito, ito_lo=ito_lo, ito_hi=ito_hi, gap=gap, degenerate=degenerate,
@@ -467,7 +591,7 @@ class Tracker:
             flags.append("nonfinite")
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(f"lipfast: non-finite gradient or weights in layer '{cap.name}' at step "
-                                         f"{self.step} (on_nonfinite='raise')")
+                                         f"{step} (on_nonfinite='raise')")
         if degenerate or nonfinite:
             row.update({f: NAN for f in _FORCE_FIELDS})
         if not coef.exact:
@@ -475,13 +599,13 @@ class Tracker:
         row["flags"] = ";".join(flags)
         return row
 
-    def _nonfinite_row(self, cap: LayerCapture, N: int) -> dict:
+    def _nonfinite_row(self, cap: LayerCapture, N: int, step: int) -> dict:
         """A step taken from weights that already hold NaN/Inf: nothing is measurable."""
         if self.on_nonfinite == "raise":
-            raise FloatingPointError(f"lipfast: non-finite weights in layer '{cap.name}' at step {self.step} "
+            raise FloatingPointError(f"lipfast: non-finite weights in layer '{cap.name}' at step {step} "
                                      "(on_nonfinite='raise')")
         row = {f: NAN for f in LAYER_FIELDS}
-        row.update(step=self.step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N,
+        row.update(step=step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N,
                    lr=step_coefficients(self.optimizer, cap.weight).lr, degenerate=False, nonfinite=True,
                    flags="nonfinite")
         return row
@@ -496,13 +620,13 @@ class Tracker:
         """The sums of every sample of the step (under DDP already all-reduced by :meth:`_reduce_all`)."""
         return sums
 
-    def _network_record(self, rows: list[dict]) -> dict:
+    @staticmethod
+    def _network_record(rows: list[dict], step: int, logged: dict[str, float]) -> dict:
         """Log-space aggregation over layers (MATH.md §3, Itô on log σ)."""
         def total(f):
             return sum((f(r) for r in rows), 0.0)
-        logged = self._logged
         return dict(
-            step=self.step,
+            step=step,
             log_bound=total(lambda r: _log(r["sigma"])),
             log_bound_next=total(lambda r: _log(r["sigma_next"])),
             drift=total(lambda r: r["drift"] / r["sigma"]),
@@ -521,10 +645,10 @@ class Tracker:
     def log(self, loss: float | Tensor | None = None, train_acc: float | Tensor | None = None) -> None:
         """Attach the current step's loss / training accuracy to its network record (call before
         ``optimizer.step()``). Optional: without it those fields are NaN."""
-        if loss is not None:
-            self._logged["loss"] = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-        if train_acc is not None:
-            self._logged["train_acc"] = float(train_acc.detach()) if isinstance(train_acc, Tensor) else float(train_acc)
+        # A tensor is kept (detached) and read back with the step's records: no wait for the GPU here.
+        for key, value in (("loss", loss), ("train_acc", train_acc)):
+            if value is not None:
+                self._logged[key] = value.detach().reshape(()) if isinstance(value, Tensor) else float(value)
 
     def to_pandas(self):
         """``(layer_frame, network_frame)`` as pandas DataFrames (pandas is optional)."""
@@ -537,6 +661,7 @@ class Tracker:
 
     def state_dict(self) -> dict:
         """Step counter and warm-start spectra; loads with ``torch.load(weights_only=True)``."""
+        self._read_back()
         layers = {}
         for name, cached in self._cache.items():
             s = cached.spec
@@ -556,6 +681,7 @@ class Tracker:
         if unknown:
             raise ValueError(f"Tracker.load_state_dict: the state has layers {sorted(unknown)} this tracker does not "
                              f"track ({sorted(self.captures)})")
+        self._read_back()
         self.step = int(state["step"])
         self._cache.clear()
         for name, s in state["layers"].items():
@@ -567,7 +693,13 @@ class Tracker:
         self._sync_hooks()
 
     def close(self) -> None:
-        """Remove every hook and drop buffered tensors. Idempotent."""
+        """Read back the last step's records, remove every hook and drop buffered tensors. Idempotent."""
+        try:
+            self._read_back()
+        finally:
+            self._detach()
+
+    def _detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -586,7 +718,7 @@ class Tracker:
 
     def __repr__(self) -> str:
         return (f"Tracker(layers={list(self.captures)}, rank={self.rank}, every={self.every}, step={self.step}, "
-                f"records={len(self.records)})")
+                f"records={len(self._records)})")
 
 
 def _has_weight(module: nn.Module) -> bool:

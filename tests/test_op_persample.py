@@ -178,9 +178,13 @@ def test_persample_linear_matches_reference(device, dtype, shape):
     out = ops.persample_linear(*args)
     ref = reference.persample_linear(*args)
     assert len(out) == 4
+    # One scale for the four outputs: an exact spectrum of a 1×1 W has a Hessian of exactly 0, which the
+    # kernels' rounding leaves at ~1e-16 (the unknown mass ‖x‖² + ‖y‖² − Σ(a² + b²) of MATH.md §1).
+    scale = max([float(r.abs().max()) for r in ref if r.numel()] + [1e-300])
+    tol = TOL["parity"][dtype]
     for o, r in zip(out, ref):
         assert o.shape == (B,) and o.dtype == F64 and o.device.type == device
-        assert_close(o, r, TOL["parity"][dtype])
+        torch.testing.assert_close(o, r.to(o.device), rtol=tol["rtol"], atol=tol["atol"] * scale, equal_nan=True)
     if k >= min(m, n):
         assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[3])
 

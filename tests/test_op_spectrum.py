@@ -82,6 +82,11 @@ def test_truncated_lapack_path_reports_the_next_singular_value():
 # ----------------------------------------------------------------------------------------------------
 # Iterative path: cold start, warm start
 # ----------------------------------------------------------------------------------------------------
+def _gram_rounding(S_ref, dtype):
+    """Rounding bound on Ritz values from Gram matrices: 10·eps·σ1²/σ_j (10·eps·σ1 for σ1 itself)."""
+    return 10 * torch.finfo(dtype).eps * S_ref[0] * (S_ref[0] / S_ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ITERATED_SHAPES)
@@ -98,9 +103,10 @@ def test_cold_start_decaying_spectrum_matches_lapack(device, dtype, shape):
     _assert_descending(spec.S)
     _assert_orthonormal(spec.U, dtype)
     _assert_orthonormal(spec.V, dtype)
-    # Every Ritz value lies within its residual of a true singular value (here: the matching one).
+    # Every Ritz value lies within its residual of a true singular value (here: the matching one), up to the
+    # rounding of the Gram matrices the Rayleigh–Ritz step forms: eps·σ1² on σ_j², i.e. eps·σ1²/σ_j on σ_j.
     err = (spec.S - S_ref[:k]).abs()
-    assert bool((err <= spec.residuals + 10 * torch.finfo(dtype).eps * S_ref[0]).all()), err
+    assert bool((err <= spec.residuals + _gram_rounding(S_ref[:k], dtype)).all()), err
     # The geometric decay keeps gaps at 20% of the values: the vectors are determined to ~tol/gap.
     vec_tol = dict(rtol=0.0, atol=50 * SPECTRUM_TOL[dtype])
     _assert_vectors_match(spec, U_ref, V_ref, k, vec_tol)
@@ -148,7 +154,8 @@ def test_warm_start_converges_in_fewer_sweeps(device, dtype, shape):
     m, n = shape
     k = 6
     W0 = decaying_matrix(m, n, dtype, device)
-    W1 = W0 + 1e-4 * torch.randn_like(W0)          # one small "SGD step" later
+    # One small "SGD step" later, drawn on the CPU: the same W1 on every device (sweep counts depend on it).
+    W1 = W0 + 1e-4 * torch.randn(W0.shape, dtype=torch.float64).to(W0)
     prev = lipfast.spectrum(W0, k=k)
     warm = lipfast.spectrum(W1, k=k, state=prev)
     cold = lipfast.spectrum(W1, k=k)
@@ -157,7 +164,7 @@ def test_warm_start_converges_in_fewer_sweeps(device, dtype, shape):
     assert warm.residual <= SPECTRUM_TOL[dtype] * float(warm.sigma)
     U_ref, S_ref, V_ref = _svd64(W1)
     err = (warm.S - S_ref[:k]).abs()
-    assert bool((err <= warm.residuals + 10 * torch.finfo(dtype).eps * S_ref[0]).all()), err
+    assert bool((err <= warm.residuals + _gram_rounding(S_ref[:k], dtype)).all()), err
     _assert_vectors_match(warm, U_ref, V_ref, k, dict(rtol=0.0, atol=50 * SPECTRUM_TOL[dtype]))
 
 

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lipfast import LipfastWarning, Tracker, reference
 from lipfast.tracker import LAYER_FIELDS, NETWORK_FIELDS
+from lipfast import tracker as tracker_module
 
 # Tiny float64 layers, exact spectra (rank >= every min(m, n) below), and tolerances so loose that a
 # random tiny layer is never flagged degenerate: each comparison asserts ``degenerate is False`` and
@@ -1180,3 +1181,90 @@ def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Tracker(model, opt, **kwargs)
     assert _hook_counts(model, opt) == (0, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lazy read-back (what a CUDA run does, switched on for the CPU here): a tracked step queues its numbers
+# and reads them at the next optimizer step, or when records are read; the records are the same.
+# ----------------------------------------------------------------------------------------------------
+def _momentum_run(steps, deferred, monkeypatch, **tracker_kw):
+    monkeypatch.setattr(tracker_module, "_DEFER_ON_CPU", deferred)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    calls = []
+    tr = Tracker(model, opt, rank=2, on_record=lambda rows, net: calls.append(net["step"]), **tracker_kw)
+    seen = []
+    for _ in range(steps):
+        x, y = batch(model, 16)
+        train_step(model, opt, x, y, tracker=tr)
+        seen.append(list(calls))  # what on_record had delivered after each step
+    return tr, seen
+
+
+def test_lazy_read_back_gives_the_same_records(monkeypatch):
+    eager, eager_seen = _momentum_run(4, False, monkeypatch)
+    lazy, lazy_seen = _momentum_run(4, True, monkeypatch)
+    assert eager_seen == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert lazy_seen == [[], [0], [0, 1], [0, 1, 2]]  # each step's records arrive with the next step
+    assert len(lazy._records) == 6  # three steps read back, the last one still queued
+    assert lazy.records == eager.records and lazy.network == eager.network  # reading them reads the queue
+    assert [n["loss"] for n in lazy.network] == [n["loss"] for n in eager.network]
+    assert all(math.isfinite(n["loss"]) for n in lazy.network)  # tracker.log(loss=tensor): read back too
+    lazy.close()
+    eager.close()
+
+
+def test_lazy_read_back_is_flushed_by_close_and_state_dict(monkeypatch):
+    lazy, seen = _momentum_run(3, True, monkeypatch)
+    assert seen[-1] == [0, 1]
+    lazy.state_dict()  # a checkpoint holds every step's records first
+    assert [n["step"] for n in lazy._network] == [0, 1, 2]
+    lazy2, seen2 = _momentum_run(2, True, monkeypatch, every=1)
+    lazy2.close()  # closing delivers the last step to on_record too
+    assert [n["step"] for n in lazy2._network] == [0, 1]
+    assert lazy2.records == lazy.records[:4]
+
+
+def test_lazy_read_back_raises_at_the_step_with_on_nonfinite_raise(monkeypatch):
+    monkeypatch.setattr(tracker_module, "_DEFER_ON_CPU", True)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker(model, opt, rank=2, on_nonfinite="raise")
+    x, y = batch(model, 8)
+    train_step(model, opt, x, y, tracker=tr)
+    assert len(tr._records) == 1  # read at once: the error, if any, belongs to this step
+    x[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        train_step(model, opt, x, y, tracker=tr)
+    tr.close()
+
+
+def test_lazy_read_back_callback_error_comes_after_the_next_update(monkeypatch):
+    """An on_record error for step t surfaces from step t+1's optimizer.step() after that step's update,
+    with nothing lost: the records of every step and the step numbering are those of a run without it."""
+    monkeypatch.setattr(tracker_module, "_DEFER_ON_CPU", True)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    delivered = []
+
+    def on_record(rows, net):
+        delivered.append(net["step"])
+        if net["step"] == 1:
+            raise KeyError("user callback")
+
+    tr = Tracker(model, opt, rank=2, on_record=on_record)
+    weights = []
+    for step in range(4):
+        x, y = batch(model, 16)
+        before = model[0].weight.detach().clone()
+        if step == 2:
+            with pytest.raises(KeyError, match="user callback"):
+                train_step(model, opt, x, y, tracker=tr)
+        else:
+            train_step(model, opt, x, y, tracker=tr)
+        weights.append(not torch.equal(before, model[0].weight))
+    assert weights == [True] * 4  # the failing callback did not stop step 2's update
+    tr.close()
+    assert delivered == [0, 1, 2, 3] and [n["step"] for n in tr.network] == [0, 1, 2, 3]

@@ -3,8 +3,8 @@
 // copied: ΔW is seen only through W·v1 and Wᵀ·u1 before the step (free from the spectrum) and after it
 // (probes riding along in the next spectrum's GEMMs, lipfast::subspace_iteration). Built from ATen calls and
 // lipfast::hessian_contract, so one registration serves every backend without a kernel of its own (the CPU
-// has one: csrc/cpu/step_statistics_cpu.cpp); the results stay on the device (no host synchronisation)
-// until the caller reads them.
+// and CUDA have one each: csrc/cpu/step_statistics_cpu.cpp, csrc/cuda/step_statistics_cuda.cu); the
+// results stay on the device (no host synchronisation) until the caller reads them.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -30,12 +30,12 @@ at::Tensor hessian_of_direction(const at::Tensor& x, const at::Tensor& y, const 
 
 void check_spectrum_inputs(const char* op, int64_t m, int64_t n, const at::Tensor& U, const at::Tensor& S,
                            const at::Tensor& V) {
-  TORCH_CHECK(U.dim() == 2 && U.size(0) == m, op, ": U must have shape [m=", m, ", k], got ", U.sizes());
-  TORCH_CHECK(V.dim() == 2 && V.size(0) == n && V.size(1) == U.size(1), op, ": V must have shape [n=", n,
+  LIPFAST_CHECK(U.dim() == 2 && U.size(0) == m, op, ": U must have shape [m=", m, ", k], got ", U.sizes());
+  LIPFAST_CHECK(V.dim() == 2 && V.size(0) == n && V.size(1) == U.size(1), op, ": V must have shape [n=", n,
               ", k=", U.size(1), "], got ", V.sizes());
-  TORCH_CHECK(S.dim() == 1 && S.size(0) == U.size(1), op, ": S must have shape [k=", U.size(1), "], got ",
+  LIPFAST_CHECK(S.dim() == 1 && S.size(0) == U.size(1), op, ": S must have shape [k=", U.size(1), "], got ",
               S.sizes());
-  TORCH_CHECK(U.size(1) >= 1, op, ": U must have at least one column (k >= 1), got shape ", U.sizes());
+  LIPFAST_CHECK(U.size(1) >= 1, op, ": U must have at least one column (k >= 1), got shape ", U.sizes());
 }
 
 }  // namespace
@@ -48,15 +48,15 @@ void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& 
   constexpr const char* op = "lipfast::gradient_statistics";
   LIPFAST_CHECK_DIM("lipfast::gradient_statistics", G, "G", 2, "[m, n]");
   check_spectrum_inputs(op, G.size(0), G.size(1), U, S, V);
-  TORCH_CHECK(proj.dim() == 1 && hess.sizes() == proj.sizes() && hess_lo.sizes() == proj.sizes() &&
+  LIPFAST_CHECK(proj.dim() == 1 && hess.sizes() == proj.sizes() && hess_lo.sizes() == proj.sizes() &&
                   hess_hi.sizes() == proj.sizes(),
               op, ": proj, hess, hess_lo, hess_hi must all have shape [N], got ", proj.sizes(), ", ",
               hess.sizes(), ", ", hess_lo.sizes(), ", ", hess_hi.sizes());
-  TORCH_CHECK(Gv1.has_value() == Gtu1.has_value(), op, ": Gv1 and Gtu1 must be given together (or neither)");
+  LIPFAST_CHECK(Gv1.has_value() == Gtu1.has_value(), op, ": Gv1 and Gtu1 must be given together (or neither)");
   if (Gv1.has_value()) {
-    TORCH_CHECK(Gv1->dim() == 1 && Gv1->size(0) == G.size(0), op, ": Gv1 must have shape [m=", G.size(0),
+    LIPFAST_CHECK(Gv1->dim() == 1 && Gv1->size(0) == G.size(0), op, ": Gv1 must have shape [m=", G.size(0),
                 "], got ", Gv1->sizes());
-    TORCH_CHECK(Gtu1->dim() == 1 && Gtu1->size(0) == G.size(1), op, ": Gtu1 must have shape [n=", G.size(1),
+    LIPFAST_CHECK(Gtu1->dim() == 1 && Gtu1->size(0) == G.size(1), op, ": Gtu1 must have shape [n=", G.size(1),
                 "], got ", Gtu1->sizes());
     LIPFAST_CHECK_SAME_DEVICE("lipfast::gradient_statistics", *Gv1, "Gv1", G);
     LIPFAST_CHECK_SAME_DEVICE("lipfast::gradient_statistics", *Gtu1, "Gtu1", G);
@@ -125,6 +125,20 @@ at::Tensor update_statistics(const at::Tensor& x,  // [m] float64
 }
 
 }  // namespace
+
+// For the CUDA kernels' cases they leave to ATen (csrc/cuda/step_statistics_cuda.cu).
+at::Tensor gradient_statistics_composite(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
+                                         const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
+                                         const at::Tensor& S, const at::Tensor& V, double sigma_next, double scale,
+                                         double loss_factor, const c10::optional<at::Tensor>& Gv1,
+                                         const c10::optional<at::Tensor>& Gtu1) {
+  return gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next, scale, loss_factor, Gv1, Gtu1);
+}
+
+at::Tensor update_statistics_composite(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
+                                       const at::Tensor& S, const at::Tensor& V, double sigma_next) {
+  return update_statistics(x, y, U, S, V, sigma_next);
+}
 
 TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) {
   m.impl("gradient_statistics", &gradient_statistics);

@@ -1,8 +1,7 @@
 // Warm-started block subspace iteration with Rayleigh–Ritz (MATH.md §5). Built from ATen calls only
-// (GEMM, Cholesky, a p×p eigh), so one registration serves every backend.
-// On CUDA it synchronises with the host a few times per sweep, by design: the Cholesky QR's info flag,
-// the finiteness check of σ1 and (tol > 0 only) the convergence test are each read with .item(), which
-// costs microseconds next to the sweep's two GEMMs with W (the tracker runs one sweep per step).
+// (GEMM, Cholesky, a p×p eigh), so one registration serves every backend without a kernel of its own
+// (the CPU and CUDA have one each). It synchronises with the host a few times per sweep: the Cholesky
+// QR's info flag, the finiteness check of σ1 and (tol > 0 only) the convergence test are read with .item().
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -18,23 +17,23 @@ void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, 
   LIPFAST_CHECK_DIM("lipfast::subspace_iteration", W, "W", 2, "[m, n]");
   LIPFAST_CHECK_DIM("lipfast::subspace_iteration", V0, "V0", 2, "[n, p]");
   LIPFAST_CHECK_FLOAT("lipfast::subspace_iteration", W, "W");
-  TORCH_CHECK(V0.scalar_type() == W.scalar_type(), op, ": V0 must have W's dtype ", W.scalar_type(),
+  LIPFAST_CHECK(V0.scalar_type() == W.scalar_type(), op, ": V0 must have W's dtype ", W.scalar_type(),
               ", got ", V0.scalar_type());
   LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", V0, "V0", W);
   const int64_t m = W.size(0), n = W.size(1), p = V0.size(1);
   LIPFAST_CHECK_SIZE("lipfast::subspace_iteration", V0, "V0", 0, n, "W.size(1)");
-  TORCH_CHECK(p >= 1 && p <= std::min(m, n), op, ": V0 must have between 1 and min(m, n) = ",
+  LIPFAST_CHECK(p >= 1 && p <= std::min(m, n), op, ": V0 must have between 1 and min(m, n) = ",
               std::min(m, n), " columns, got ", p);
-  TORCH_CHECK(k >= 1 && k <= p, op, ": k must be in [1, V0.size(1) = ", p, "], got ", k);
-  TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
-  TORCH_CHECK(tol >= 0.0, op, ": tol must be >= 0, got ", tol);
+  LIPFAST_CHECK(k >= 1 && k <= p, op, ": k must be in [1, V0.size(1) = ", p, "], got ", k);
+  LIPFAST_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
+  LIPFAST_CHECK(tol >= 0.0, op, ": tol must be >= 0, got ", tol);
   if (right.has_value()) {
-    TORCH_CHECK(right->dim() == 2 && right->size(0) == n, op, ": right must have shape [n=", n, ", a], got ",
+    LIPFAST_CHECK(right->dim() == 2 && right->size(0) == n, op, ": right must have shape [n=", n, ", a], got ",
                 right->sizes());
     LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", *right, "right", W);
   }
   if (left.has_value()) {
-    TORCH_CHECK(left->dim() == 2 && left->size(0) == m, op, ": left must have shape [m=", m, ", b], got ",
+    LIPFAST_CHECK(left->dim() == 2 && left->size(0) == m, op, ": left must have shape [m=", m, ", b], got ",
                 left->sizes());
     LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", *left, "left", W);
   }
@@ -88,7 +87,7 @@ subspace_iteration(const at::Tensor& W,                     // [m, n]
     theta = theta.flip({0}).clamp_min(0.0);
     Q = Q.flip({1});
     S = theta.sqrt();                             // [p] float64, descending
-    TORCH_CHECK(std::isfinite(S[0].item<double>()), op,
+    LIPFAST_CHECK(std::isfinite(S[0].item<double>()), op,
                 ": W must be finite, got a matrix with NaN or Inf entries (shape ", W.sizes(), ")");
     // Columns with σ_j == 0 (rank-deficient W) get u_j = 0: their Hessian weight is then carried,
     // exactly, by the unknown-mass term (MATH.md §1).
@@ -117,6 +116,13 @@ subspace_iteration(const at::Tensor& W,                     // [m, n]
 }
 
 }  // namespace
+
+// For the CUDA kernel's blocks wider than its in-kernel Jacobi takes (csrc/cuda/subspace_iteration_cuda.cu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+subspace_iteration_composite(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters, double tol,
+                             const c10::optional<at::Tensor>& right, const c10::optional<at::Tensor>& left) {
+  return subspace_iteration(W, V0, k, max_iters, tol, right, left);
+}
 
 TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) {
   m.impl("subspace_iteration", &subspace_iteration);

@@ -18,14 +18,14 @@ void check_hessian_contract_inputs(const at::Tensor& a, const at::Tensor& b, con
   LIPFAST_CHECK_DIM("lipfast::hessian_contract", S, "S", 1, "[k]");
   for (const auto& [t, name] : {std::pair{&a, "a"}, std::pair{&b, "b"}, std::pair{&xnorm2, "xnorm2"},
                                  std::pair{&ynorm2, "ynorm2"}, std::pair{&S, "S"}}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
+    LIPFAST_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
                 " must be float32 or float64, got ", t->scalar_type());
-    TORCH_CHECK(t->device() == a.device(), op, ": ", name, " must be on ", a.device(), " (a's device), got ",
+    LIPFAST_CHECK(t->device() == a.device(), op, ": ", name, " must be on ", a.device(), " (a's device), got ",
                 t->device());
   }
   const int64_t N = a.size(0), k = a.size(1);
-  TORCH_CHECK(k >= 1, op, ": a must have at least one column (k >= 1), got shape ", a.sizes());
-  TORCH_CHECK(b.sizes() == a.sizes(), op, ": b must have a's shape ", a.sizes(), ", got ", b.sizes());
+  LIPFAST_CHECK(k >= 1, op, ": a must have at least one column (k >= 1), got shape ", a.sizes());
+  LIPFAST_CHECK(b.sizes() == a.sizes(), op, ": b must have a's shape ", a.sizes(), ", got ", b.sizes());
   LIPFAST_CHECK_SIZE("lipfast::hessian_contract", xnorm2, "xnorm2", 0, N, "a.size(0)");
   LIPFAST_CHECK_SIZE("lipfast::hessian_contract", ynorm2, "ynorm2", 0, N, "a.size(0)");
   LIPFAST_CHECK_SIZE("lipfast::hessian_contract", S, "S", 0, k, "a.size(1)");

@@ -15,25 +15,31 @@
 namespace lipfast {
 
 void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, const at::Tensor& U,
-                                   const at::Tensor& S, const at::Tensor& V) {
+                                   const at::Tensor& S, const at::Tensor& V, bool half_ok) {
   constexpr const char* op = "lipfast::persample_linear";
   LIPFAST_CHECK_DIM("lipfast::persample_linear", X, "X", 3, "[B, T, n]");
   LIPFAST_CHECK_DIM("lipfast::persample_linear", D, "D", 3, "[B, T, m]");
   LIPFAST_CHECK_DIM("lipfast::persample_linear", U, "U", 2, "[m, k]");
   LIPFAST_CHECK_DIM("lipfast::persample_linear", S, "S", 1, "[k]");
   LIPFAST_CHECK_DIM("lipfast::persample_linear", V, "V", 2, "[n, k]");
-  LIPFAST_CHECK_FLOAT("lipfast::persample_linear", X, "X");
+  if (half_ok) {
+    const auto dtype = X.scalar_type();
+    LIPFAST_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                ": X must be float32, float64, float16 or bfloat16 on ", X.device(), ", got ", dtype);
+  } else {
+    LIPFAST_CHECK_FLOAT("lipfast::persample_linear", X, "X");
+  }
   LIPFAST_CHECK_FLOAT("lipfast::persample_linear", S, "S");
   for (const auto& [t, name] : {std::pair{&D, "D"}, std::pair{&U, "U"}, std::pair{&V, "V"}}) {
-    TORCH_CHECK(t->scalar_type() == X.scalar_type(), op, ": ", name, " must have X's dtype ",
+    LIPFAST_CHECK(t->scalar_type() == X.scalar_type(), op, ": ", name, " must have X's dtype ",
                 X.scalar_type(), ", got ", t->scalar_type());
   }
   for (const auto& [t, name] : {std::pair{&D, "D"}, std::pair{&U, "U"}, std::pair{&V, "V"}, std::pair{&S, "S"}}) {
-    TORCH_CHECK(t->device() == X.device(), op, ": ", name, " must be on ", X.device(), ", got ", t->device());
+    LIPFAST_CHECK(t->device() == X.device(), op, ": ", name, " must be on ", X.device(), ", got ", t->device());
   }
   const int64_t B = X.size(0), T = X.size(1), n = X.size(2), m = D.size(2), k = U.size(1);
-  TORCH_CHECK(k >= 1, op, ": U must have at least one column (k >= 1), got shape ", U.sizes());
-  TORCH_CHECK(D.size(0) == B && D.size(1) == T, op, ": D must have shape [B, T, m] = [", B, ", ", T,
+  LIPFAST_CHECK(k >= 1, op, ": U must have at least one column (k >= 1), got shape ", U.sizes());
+  LIPFAST_CHECK(D.size(0) == B && D.size(1) == T, op, ": D must have shape [B, T, m] = [", B, ", ", T,
               ", m] to match X ", X.sizes(), ", got ", D.sizes());
   LIPFAST_CHECK_SIZE("lipfast::persample_linear", U, "U", 0, m, "D.size(2) = m");
   LIPFAST_CHECK_SIZE("lipfast::persample_linear", V, "V", 0, n, "X.size(2) = n");
@@ -115,7 +121,7 @@ void samples(const scalar_t* px, const scalar_t* pd, const scalar_t* pxv, const 
 
 Stats6 persample_linear_impl(const at::Tensor& X_, const at::Tensor& D_, const at::Tensor& U, const at::Tensor& S_,
                              const at::Tensor& V, double sigma_next, bool sums) {
-  check_persample_linear_inputs(X_, D_, U, S_, V);
+  check_persample_linear_inputs(X_, D_, U, S_, V, /*half_ok=*/false);
   const int64_t B = X_.size(0), T = X_.size(1), n = X_.size(2), m = D_.size(2), k = U.size(1);
   const auto dtype = X_.scalar_type();
   auto X = X_.contiguous();

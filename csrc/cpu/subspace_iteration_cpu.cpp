@@ -17,7 +17,7 @@
 
 #include "checks.h"
 #include "row_kernels.h"
-#include "small_linalg.h"
+#include "../small_linalg.h"
 
 namespace lipfast {
 
@@ -28,10 +28,6 @@ void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, 
 namespace {
 
 constexpr const char* kOp = "lipfast::subspace_iteration";
-// Smallest squared pivot of the equilibrated Gram matrix's Cholesky factor that keeps the block's basis
-// orthonormal to float64 rounding times 1e6: a block closer to rank-deficient is re-orthonormalised by
-// Householder QR instead.
-constexpr double kMinPivot = 1e-12;
 
 small::Mat to_small(const at::Tensor& t, int64_t p) {
   auto c = t.contiguous();
@@ -45,31 +41,16 @@ at::Tensor from_small(const small::Mat& A, int64_t rows, int64_t cols) {
   return t;
 }
 
-// T = D L⁻ᵀ with M = D⁻¹(LLᵀ)D⁻¹, D the column equilibration, so that Z·T is orthonormal. Empty when the
-// block is (numerically) rank-deficient.
+// small::orthonormalizer's T, or empty when the block is (numerically) rank-deficient.
 small::Mat orthonormalizer(small::Mat M, int64_t p) {
   std::vector<double> d(p);
-  for (int64_t i = 0; i < p; ++i) {
-    const double mii = M[i * p + i];
-    if (!(mii > 0.0) || !std::isfinite(mii)) return {};
-    d[i] = 1.0 / std::sqrt(mii);
-  }
-  for (int64_t i = 0; i < p; ++i)
-    for (int64_t j = 0; j < p; ++j) M[i * p + j] *= d[i] * d[j];
-  if (!small::cholesky(M, p, kMinPivot)) return {};
-  const small::Mat Linv = small::lower_inverse(M, p);
-  small::Mat T(p * p);
-  for (int64_t i = 0; i < p; ++i)
-    for (int64_t j = 0; j < p; ++j) T[i * p + j] = d[i] * Linv[j * p + i];
+  small::Mat Linv(p * p), T(p * p);
+  if (!small::orthonormalizer(small::SerialTeam{}, M.data(), p, d.data(), Linv.data(), T.data())) return {};
   return T;
 }
 
-// Eigenpairs of a symmetric p×p matrix, eigenvalues descending.
-void eigh_desc(small::Mat& C, int64_t p, std::vector<double>& w, small::Mat& Q) {
-  if (p <= small::kJacobiMaxSize) {
-    small::jacobi_eigh(C, p, w, Q);
-    return;
-  }
+// Eigenpairs of a symmetric p×p matrix, eigenvalues descending, by LAPACK (blocks wider than Jacobi suits).
+void lapack_eigh_desc(small::Mat& C, int64_t p, std::vector<double>& w, small::Mat& Q) {
   auto [theta, vecs] = at::linalg_eigh(from_small(C, p, p));  // ascending
   theta = theta.flip({0}).contiguous();
   vecs = vecs.flip({1}).contiguous();
@@ -100,8 +81,9 @@ subspace_iteration_cpu(const at::Tensor& W_,                    // [m, n]
   auto S = at::empty({p}, f64), residual = at::empty({p}, f64);
   double* ps = S.data_ptr<double>();
   double* pr = residual.data_ptr<double>();
-  std::vector<double> theta;
-  small::Mat M(p * p), Gy(p * p), Q, TQt(p * p), TQt_inv(p * p);
+  std::vector<double> theta(p);
+  std::vector<int64_t> order(p);
+  small::Mat M(p * p), Gy(p * p), Q(p * p), TQt(p * p), TQt_inv(p * p), BA(p * p), C(p * p), TQ(p * p);
   auto Yt = at::empty({p, m}, W.options());  // Y's columns as rows
   int64_t it = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "subspace_iteration", [&] {
@@ -122,21 +104,29 @@ subspace_iteration_cpu(const at::Tensor& W_,                    // [m, n]
       rows::transpose(Y.data_ptr<scalar_t>(), m, cols_y, p, Yt.data_ptr<scalar_t>());
       const scalar_t* py = Yt.data_ptr<scalar_t>();
       rows::gram(py, p, m, Gy.data());
-      small::Mat C = small::congruence(T, Gy, p);  // Tᵀ (YᵀY) T
-      TORCH_CHECK(std::all_of(C.begin(), C.end(), [](double x) { return std::isfinite(x); }), kOp,
-                  ": W must be finite, got a matrix with NaN or Inf entries (shape ", W.sizes(), ")");
-      eigh_desc(C, p, theta, Q);
-      small::Mat TQ = small::matmul(T, Q, p);  // Ritz vectors: V = Z·TQ, U = Y·TQ / S
-      for (int64_t j = 0; j < p; ++j) {
-        ps[j] = std::sqrt(std::max(theta[j], 0.0));
-        // Columns with σ_j == 0 (rank-deficient W) get u_j = 0: their Hessian weight is then carried,
-        // exactly, by the unknown-mass term (MATH.md §1).
-        const double inv = ps[j] > 0.0 ? 1.0 / ps[j] : 0.0;
-        for (int64_t i = 0; i < p; ++i) {
-          TQt[j * p + i] = TQ[i * p + j];
-          TQt_inv[j * p + i] = TQ[i * p + j] * inv;
+      bool finite;
+      if (p <= small::kJacobiMaxSize) {  // the same code the CUDA kernel runs (small_linalg.h)
+        finite = small::rayleigh_ritz(small::SerialTeam{}, T.data(), Gy.data(), p, ps, TQt.data(), TQt_inv.data(), theta.data(),
+                                      order.data(), BA.data(), C.data(), Q.data(), TQ.data());
+      } else {
+        C = small::congruence(T, Gy, p);  // Tᵀ (YᵀY) T
+        finite = std::all_of(C.begin(), C.end(), [](double x) { return std::isfinite(x); });
+        if (finite) {
+          lapack_eigh_desc(C, p, theta, Q);
+          TQ = small::matmul(T, Q, p);  // Ritz vectors: V = Z·TQ, U = Y·TQ / S
+          for (int64_t j = 0; j < p; ++j) {
+            ps[j] = std::sqrt(std::max(theta[j], 0.0));
+            // Columns with σ_j == 0 (rank-deficient W) get u_j = 0: their Hessian weight is then carried,
+            // exactly, by the unknown-mass term (MATH.md §1).
+            const double inv = ps[j] > 0.0 ? 1.0 / ps[j] : 0.0;
+            for (int64_t i = 0; i < p; ++i) {
+              TQt[j * p + i] = TQ[i * p + j];
+              TQt_inv[j * p + i] = TQ[i * p + j] * inv;
+            }
+          }
         }
       }
+      LIPFAST_CHECK(finite, kOp, ": W must be finite, got a matrix with NaN or Inf entries (shape ", W.sizes(), ")");
       Vt = at::empty({p, n}, W.options());
       rows::combine(TQt.data(), p, Zt.data_ptr<scalar_t>(), p, n, Vt.data_ptr<scalar_t>());
       // Uᵀ and the left probes stacked in one buffer: Z = Wᵀ U (rows: Uᵀ W) is the next block, ≈ σ_j v_j.

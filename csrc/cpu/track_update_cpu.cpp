@@ -12,8 +12,9 @@
 #include <vector>
 
 #include "block_size.h"
+#include "checks.h"
 #include "row_kernels.h"
-#include "small_linalg.h"
+#include "../small_linalg.h"
 
 namespace lipfast {
 
@@ -54,7 +55,7 @@ SmallExact small_exact(const at::Tensor& R) {  // [r, L] contiguous
   AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "track_update_small_exact", [&] {
     const scalar_t* pr = R.data_ptr<scalar_t>();
     rows::gram(pr, r, L, M.data());
-    TORCH_CHECK(std::all_of(M.begin(), M.end(), [](double x) { return std::isfinite(x); }),
+    LIPFAST_CHECK(std::all_of(M.begin(), M.end(), [](double x) { return std::isfinite(x); }),
                 "lipfast::track_update: W must be finite, got a matrix with NaN or Inf entries");
     small::Mat A = M;
     small::jacobi_eigh(A, r, lambda, Q);

@@ -21,38 +21,13 @@
 namespace lipfast {
 
 // Defined with the CPU kernel (csrc/cpu/persample_linear_cpu.cpp): the shape rules and messages.
+// half_ok: the CUDA kernel also takes float16/bfloat16 X, D, U, V (the CPU kernel float32/float64 only).
 void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, const at::Tensor& U,
-                                   const at::Tensor& S, const at::Tensor& V);
+                                   const at::Tensor& S, const at::Tensor& V, bool half_ok);
 
 namespace {
 
 constexpr const char* kOp = "lipfast::persample_linear";
-
-// The CPU kernel takes float32/float64; the CUDA kernel also float16/bfloat16 (X, D, U, V alike).
-void check_persample_linear_cuda_inputs(const at::Tensor& X, const at::Tensor& D, const at::Tensor& U,
-                                        const at::Tensor& S, const at::Tensor& V) {
-  const auto dtype = X.scalar_type();
-  if (dtype == at::kFloat || dtype == at::kDouble) {
-    check_persample_linear_inputs(X, D, U, S, V);
-    return;
-  }
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, kOp,
-              ": X must be float32, float64, float16 or bfloat16 on CUDA, got ", dtype);
-  LIPFAST_CHECK_FLOAT("lipfast::persample_linear", S, "S");
-  for (const auto& [t, name] : {std::pair{&D, "D"}, std::pair{&U, "U"}, std::pair{&V, "V"}}) {
-    TORCH_CHECK(t->scalar_type() == dtype, kOp, ": ", name, " must have X's dtype ", dtype, ", got ",
-                t->scalar_type());
-  }
-  for (const auto& [t, name] : {std::pair{&D, "D"}, std::pair{&U, "U"}, std::pair{&V, "V"}, std::pair{&S, "S"}}) {
-    TORCH_CHECK(t->device() == X.device(), kOp, ": ", name, " must be on ", X.device(), ", got ", t->device());
-  }
-  // Shapes: the shared check on storage-free meta stand-ins, so every backend has one set of messages.
-  auto meta = [](const at::Tensor& t, at::ScalarType st) {
-    return at::empty(t.sizes(), t.options().device(at::kMeta).dtype(st));
-  };
-  check_persample_linear_inputs(meta(X, at::kFloat), meta(D, at::kFloat), meta(U, at::kFloat),
-                                meta(S, at::kDouble), meta(V, at::kFloat));
-}
 
 // T == 1: G_i = D_i X_iᵀ is rank one, so x_i = (X_i·v1) D_i and y_i = (D_i·u1) X_i, and their norms are
 // products of row norms. One block per sample reduces ‖D_i‖² and ‖X_i‖²; O(m + n + k) per sample.
@@ -221,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> persample_linear_cuda
     const at::Tensor& S_,  // [k]
     const at::Tensor& V,   // [n, k]
     double sigma_next) {
-  check_persample_linear_cuda_inputs(X_, D_, U, S_, V);
+  check_persample_linear_inputs(X_, D_, U, S_, V, /*half_ok=*/true);
   TORCH_INTERNAL_ASSERT(X_.is_cuda(), kOp, ": CUDA kernel called with a ", X_.device(), " tensor");
   const c10::cuda::CUDAGuard device_guard(X_.device());
   const int64_t B = X_.size(0), k = U.size(1);
