@@ -1,5 +1,5 @@
 // Dense linear algebra on tiny p×p float64 matrices (p = a subspace block, ~13 columns), shared by the CPU
-// kernels and the CUDA kernels (a thread block runs it there, on device memory). At this size LAPACK through
+// kernels and the CUDA kernels (a thread block runs it there, in shared memory). At this size LAPACK through
 // ATen costs more in dispatch, allocation and info checks than the arithmetic (a 13×13 eigh is ~20 µs
 // through at::linalg_eigh on a CPU and a few µs here; on a GPU, cuSOLVER's eigh also waits for the host).
 // Row-major storage; the pointer functions take caller-owned scratch, the Mat overloads are for the CPU.

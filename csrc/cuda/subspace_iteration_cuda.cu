@@ -3,7 +3,7 @@
 // is never orthonormalised on its own: the GEMMs with W and the float64 Gram matrices run on cuBLAS, and
 // all p×p work (the equilibrated Cholesky of ZᵀZ, the Rayleigh–Ritz eigenproblem by Jacobi rotations) runs
 // in two one-warp kernels executing small_linalg.h, the code the CPU kernel runs for the same step (a row
-// per thread, each entry computed as on the CPU: the p×p results agree to the bit). The
+// per thread, each entry computed as on the CPU: from the same Gram matrices, the same bits). The
 // composite kernel it replaces here waited for the GPU three times per sweep (Cholesky's info flag,
 // cuSOLVER's eigh, the finiteness check), which stalled every tracked step.
 // Where it differs from the CPU kernel, for want of a host read:
