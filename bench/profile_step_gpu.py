@@ -78,15 +78,15 @@ def summarise(prof, steps: int) -> dict:
                     if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / steps
     events = prof.key_averages()
     counts = {name: 0 for name in SYNC_EVENTS}
-    d2h = launches = 0
+    copies = launches = 0
     for e in events:
         if e.key in counts:
             counts[e.key] += e.count
         if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"):
             launches += e.count
         if e.key == "cudaMemcpyAsync":
-            d2h += e.count  # every copy the host issues; the device-to-host ones block
-    return {"kernel_us": kernel_us, "launches": launches / steps, "memcpy": d2h / steps,
+            copies += e.count  # every copy the host issues (a device-to-host one into pageable memory blocks)
+    return {"kernel_us": kernel_us, "launches": launches / steps, "memcpy": copies / steps,
             **{k: v / steps for k, v in counts.items()}}
 
 

@@ -53,16 +53,16 @@ std::string text(const Args&... args) {
 
 #define LIPFAST_CHECK_DIM(op, t, name, d, shape)                                                     \
   LIPFAST_CHECK((t).dim() == (d), op ": " name " must have shape " shape " (", d, " dims), got ",      \
-              (t).sizes())
+                (t).sizes())
 
 #define LIPFAST_CHECK_FLOAT(op, t, name)                                                             \
   LIPFAST_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble,                   \
-              op ": " name " must be float32 or float64, got ", (t).scalar_type())
+                op ": " name " must be float32 or float64, got ", (t).scalar_type())
 
 #define LIPFAST_CHECK_SAME_DEVICE(op, t, name, ref)                                                  \
   LIPFAST_CHECK((t).device() == (ref).device(), op ": " name " must be on ", (ref).device(), ", got ", \
-              (t).device())
+                (t).device())
 
 #define LIPFAST_CHECK_SIZE(op, t, name, dim, expected, what)                                         \
   LIPFAST_CHECK((t).size(dim) == (expected), op ": " name ".size(", dim, ") must equal ", what, " (",  \
-              expected, "), got ", (t).size(dim), " (", name " has shape ", (t).sizes(), ")")
+                expected, "), got ", (t).size(dim), " (", name " has shape ", (t).sizes(), ")")

@@ -286,14 +286,6 @@ LIPFAST_SMALL_HD bool rayleigh_ritz(const Team& team, const double* T, const dou
 }
 
 // --- CPU conveniences over std::vector ---------------------------------------------------------------
-inline bool cholesky(Mat& A, int64_t p, double min_pivot) { return cholesky(SerialTeam{}, A.data(), p, min_pivot); }
-
-inline Mat lower_inverse(const Mat& L, int64_t p) {
-  Mat X(p * p);
-  lower_inverse(SerialTeam{}, L.data(), p, X.data());
-  return X;
-}
-
 inline Mat congruence(const Mat& A, const Mat& B, int64_t p) {
   Mat BA(p * p), C(p * p);
   congruence(SerialTeam{}, A.data(), B.data(), p, BA.data(), C.data());

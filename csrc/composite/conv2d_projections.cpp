@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
 
@@ -26,33 +27,33 @@ void check_conv2d_projections_inputs(const at::Tensor& x, const at::Tensor& grad
   LIPFAST_CHECK_FLOAT("lipfast::conv2d_projections", u1, "u1");
   LIPFAST_CHECK_FLOAT("lipfast::conv2d_projections", v1, "v1");
   LIPFAST_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have x's dtype ", x.scalar_type(),
-              ", got ", grad_out.scalar_type());
+                ", got ", grad_out.scalar_type());
   for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&u1, "u1"}, std::pair{&v1, "v1"}}) {
     LIPFAST_CHECK(t->device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", t->device());
   }
   for (const auto& [a, name, least] : {std::tuple{kernel_size, "kernel_size", 1}, std::tuple{stride, "stride", 1},
                                        std::tuple{padding, "padding", 0}, std::tuple{dilation, "dilation", 1}}) {
     LIPFAST_CHECK(a.size() == 2 && a[0] >= least && a[1] >= least, op, ": ", name, " must be two ints >= ", least,
-                ", got ", a);
+                  ", got ", a);
   }
   const int64_t B = x.size(0), C = x.size(1), m = grad_out.size(1);
   const int64_t n = C * kernel_size[0] * kernel_size[1];
   LIPFAST_CHECK(grad_out.size(0) == B, op, ": grad_out must have x's batch size B = ", B, ", got shape ",
-              grad_out.sizes());
+                grad_out.sizes());
   LIPFAST_CHECK_SIZE("lipfast::conv2d_projections", u1, "u1", 0, m, "grad_out.size(1) = C_out");
   LIPFAST_CHECK(v1.size(0) == n, op, ": v1 must have C_in·kh·kw = ", C, "·", kernel_size[0], "·", kernel_size[1],
-              " = ", n, " entries, got ", v1.size(0));
+                " = ", n, " entries, got ", v1.size(0));
   int64_t out[2];
   for (int d = 0; d < 2; ++d) {
     const int64_t span = dilation[d] * (kernel_size[d] - 1) + 1, padded = x.size(2 + d) + 2 * padding[d];
     LIPFAST_CHECK(span <= padded, op, ": the kernel spans ", span, " pixels along dim ", 2 + d,
-                " (kernel_size ", kernel_size, ", dilation ", dilation, ") but x is only ", padded,
-                " pixels wide there with padding ", padding);
+                  " (kernel_size ", kernel_size, ", dilation ", dilation, ") but x is only ", padded,
+                  " pixels wide there with padding ", padding);
     out[d] = (padded - span) / stride[d] + 1;
   }
   LIPFAST_CHECK(grad_out.size(2) == out[0] && grad_out.size(3) == out[1], op, ": grad_out must have spatial size [",
-              out[0], ", ", out[1], "] for x of shape ", x.sizes(), " with kernel_size ", kernel_size, ", stride ",
-              stride, ", padding ", padding, ", dilation ", dilation, "; got ", grad_out.sizes());
+                out[0], ", ", out[1], "] for x of shape ", x.sizes(), " with kernel_size ", kernel_size, ", stride ",
+                stride, ", padding ", padding, ", dilation ", dilation, "; got ", grad_out.sizes());
 }
 
 // Shared with the CPU kernel: conv2d_projections' rules with u1, v1 the first columns of U, V.

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
 namespace {
@@ -32,9 +33,9 @@ void check_spectrum_inputs(const char* op, int64_t m, int64_t n, const at::Tenso
                            const at::Tensor& V) {
   LIPFAST_CHECK(U.dim() == 2 && U.size(0) == m, op, ": U must have shape [m=", m, ", k], got ", U.sizes());
   LIPFAST_CHECK(V.dim() == 2 && V.size(0) == n && V.size(1) == U.size(1), op, ": V must have shape [n=", n,
-              ", k=", U.size(1), "], got ", V.sizes());
+                ", k=", U.size(1), "], got ", V.sizes());
   LIPFAST_CHECK(S.dim() == 1 && S.size(0) == U.size(1), op, ": S must have shape [k=", U.size(1), "], got ",
-              S.sizes());
+                S.sizes());
   LIPFAST_CHECK(U.size(1) >= 1, op, ": U must have at least one column (k >= 1), got shape ", U.sizes());
 }
 
@@ -49,15 +50,15 @@ void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& 
   LIPFAST_CHECK_DIM("lipfast::gradient_statistics", G, "G", 2, "[m, n]");
   check_spectrum_inputs(op, G.size(0), G.size(1), U, S, V);
   LIPFAST_CHECK(proj.dim() == 1 && hess.sizes() == proj.sizes() && hess_lo.sizes() == proj.sizes() &&
-                  hess_hi.sizes() == proj.sizes(),
-              op, ": proj, hess, hess_lo, hess_hi must all have shape [N], got ", proj.sizes(), ", ",
-              hess.sizes(), ", ", hess_lo.sizes(), ", ", hess_hi.sizes());
+                    hess_hi.sizes() == proj.sizes(),
+                op, ": proj, hess, hess_lo, hess_hi must all have shape [N], got ", proj.sizes(), ", ",
+                hess.sizes(), ", ", hess_lo.sizes(), ", ", hess_hi.sizes());
   LIPFAST_CHECK(Gv1.has_value() == Gtu1.has_value(), op, ": Gv1 and Gtu1 must be given together (or neither)");
   if (Gv1.has_value()) {
     LIPFAST_CHECK(Gv1->dim() == 1 && Gv1->size(0) == G.size(0), op, ": Gv1 must have shape [m=", G.size(0),
-                "], got ", Gv1->sizes());
+                  "], got ", Gv1->sizes());
     LIPFAST_CHECK(Gtu1->dim() == 1 && Gtu1->size(0) == G.size(1), op, ": Gtu1 must have shape [n=", G.size(1),
-                "], got ", Gtu1->sizes());
+                  "], got ", Gtu1->sizes());
     LIPFAST_CHECK_SAME_DEVICE("lipfast::gradient_statistics", *Gv1, "Gv1", G);
     LIPFAST_CHECK_SAME_DEVICE("lipfast::gradient_statistics", *Gtu1, "Gtu1", G);
     LIPFAST_CHECK_FLOAT("lipfast::gradient_statistics", *Gv1, "Gv1");

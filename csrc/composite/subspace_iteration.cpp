@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
 
@@ -18,23 +19,23 @@ void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, 
   LIPFAST_CHECK_DIM("lipfast::subspace_iteration", V0, "V0", 2, "[n, p]");
   LIPFAST_CHECK_FLOAT("lipfast::subspace_iteration", W, "W");
   LIPFAST_CHECK(V0.scalar_type() == W.scalar_type(), op, ": V0 must have W's dtype ", W.scalar_type(),
-              ", got ", V0.scalar_type());
+                ", got ", V0.scalar_type());
   LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", V0, "V0", W);
   const int64_t m = W.size(0), n = W.size(1), p = V0.size(1);
   LIPFAST_CHECK_SIZE("lipfast::subspace_iteration", V0, "V0", 0, n, "W.size(1)");
   LIPFAST_CHECK(p >= 1 && p <= std::min(m, n), op, ": V0 must have between 1 and min(m, n) = ",
-              std::min(m, n), " columns, got ", p);
+                std::min(m, n), " columns, got ", p);
   LIPFAST_CHECK(k >= 1 && k <= p, op, ": k must be in [1, V0.size(1) = ", p, "], got ", k);
   LIPFAST_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
   LIPFAST_CHECK(tol >= 0.0, op, ": tol must be >= 0, got ", tol);
   if (right.has_value()) {
     LIPFAST_CHECK(right->dim() == 2 && right->size(0) == n, op, ": right must have shape [n=", n, ", a], got ",
-                right->sizes());
+                  right->sizes());
     LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", *right, "right", W);
   }
   if (left.has_value()) {
     LIPFAST_CHECK(left->dim() == 2 && left->size(0) == m, op, ": left must have shape [m=", m, ", b], got ",
-                left->sizes());
+                  left->sizes());
     LIPFAST_CHECK_SAME_DEVICE("lipfast::subspace_iteration", *left, "left", W);
   }
 }
@@ -88,7 +89,7 @@ subspace_iteration(const at::Tensor& W,                     // [m, n]
     Q = Q.flip({1});
     S = theta.sqrt();                             // [p] float64, descending
     LIPFAST_CHECK(std::isfinite(S[0].item<double>()), op,
-                ": W must be finite, got a matrix with NaN or Inf entries (shape ", W.sizes(), ")");
+                  ": W must be finite, got a matrix with NaN or Inf entries (shape ", W.sizes(), ")");
     // Columns with σ_j == 0 (rank-deficient W) get u_j = 0: their Hessian weight is then carried,
     // exactly, by the unknown-mass term (MATH.md §1).
     auto inv = at::where(S > 0.0, S.reciprocal(), at::zeros_like(S));

@@ -13,6 +13,7 @@
 
 #include "checks.h"
 #include "block_size.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
 
@@ -24,12 +25,12 @@ void check_track_update_inputs(const at::Tensor& W, const at::Tensor& U, const a
   LIPFAST_CHECK_FLOAT("lipfast::track_update", W, "W");
   const int64_t m = W.size(0), n = W.size(1), k = U.dim() == 2 ? U.size(1) : 0, r = std::min(m, n);
   LIPFAST_CHECK(U.dim() == 2 && U.size(0) == m && k >= 1, op, ": U must have shape [m=", m, ", k >= 1], got ",
-              U.sizes());
+                U.sizes());
   LIPFAST_CHECK(V.dim() == 2 && V.size(0) == n && V.size(1) == k, op, ": V must have shape [n=", n, ", k=", k,
-              "], got ", V.sizes());
+                "], got ", V.sizes());
   LIPFAST_CHECK(S.dim() == 1 && S.size(0) == k, op, ": S must have shape [k=", k, "], got ", S.sizes());
   LIPFAST_CHECK(Wt_u1.dim() == 1 && Wt_u1.size(0) == n, op, ": Wt_u1 must have shape [n=", n, "], got ",
-              Wt_u1.sizes());
+                Wt_u1.sizes());
   LIPFAST_CHECK(exact || k < r, op, ": an iterated spectrum needs k < min(m, n) = ", r, ", got k = ", k);
 }
 

@@ -18,15 +18,9 @@
 
 #include "direction.h"
 #include "target_clones.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
-
-void check_persample_conv2d_inputs(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& U,
-                                   const at::Tensor& S, const at::Tensor& V, at::IntArrayRef kernel_size,
-                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
-void check_conv2d_projections_inputs(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& u1,
-                                     const at::Tensor& v1, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                     at::IntArrayRef padding, at::IntArrayRef dilation);
 
 namespace {
 

@@ -5,6 +5,7 @@
 
 #include "checks.h"
 #include "math.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
 
@@ -19,9 +20,9 @@ void check_hessian_contract_inputs(const at::Tensor& a, const at::Tensor& b, con
   for (const auto& [t, name] : {std::pair{&a, "a"}, std::pair{&b, "b"}, std::pair{&xnorm2, "xnorm2"},
                                  std::pair{&ynorm2, "ynorm2"}, std::pair{&S, "S"}}) {
     LIPFAST_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
-                " must be float32 or float64, got ", t->scalar_type());
+                  " must be float32 or float64, got ", t->scalar_type());
     LIPFAST_CHECK(t->device() == a.device(), op, ": ", name, " must be on ", a.device(), " (a's device), got ",
-                t->device());
+                  t->device());
   }
   const int64_t N = a.size(0), k = a.size(1);
   LIPFAST_CHECK(k >= 1, op, ": a must have at least one column (k >= 1), got shape ", a.sizes());

@@ -11,6 +11,7 @@
 #include "checks.h"
 #include "math.h"
 #include "row_kernels.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
 
@@ -25,14 +26,14 @@ void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, con
   if (half_ok) {
     const auto dtype = X.scalar_type();
     LIPFAST_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                ": X must be float32, float64, float16 or bfloat16 on ", X.device(), ", got ", dtype);
+                  ": X must be float32, float64, float16 or bfloat16 on ", X.device(), ", got ", dtype);
   } else {
     LIPFAST_CHECK_FLOAT("lipfast::persample_linear", X, "X");
   }
   LIPFAST_CHECK_FLOAT("lipfast::persample_linear", S, "S");
   for (const auto& [t, name] : {std::pair{&D, "D"}, std::pair{&U, "U"}, std::pair{&V, "V"}}) {
     LIPFAST_CHECK(t->scalar_type() == X.scalar_type(), op, ": ", name, " must have X's dtype ",
-                X.scalar_type(), ", got ", t->scalar_type());
+                  X.scalar_type(), ", got ", t->scalar_type());
   }
   for (const auto& [t, name] : {std::pair{&D, "D"}, std::pair{&U, "U"}, std::pair{&V, "V"}, std::pair{&S, "S"}}) {
     LIPFAST_CHECK(t->device() == X.device(), op, ": ", name, " must be on ", X.device(), ", got ", t->device());
@@ -40,7 +41,7 @@ void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, con
   const int64_t B = X.size(0), T = X.size(1), n = X.size(2), m = D.size(2), k = U.size(1);
   LIPFAST_CHECK(k >= 1, op, ": U must have at least one column (k >= 1), got shape ", U.sizes());
   LIPFAST_CHECK(D.size(0) == B && D.size(1) == T, op, ": D must have shape [B, T, m] = [", B, ", ", T,
-              ", m] to match X ", X.sizes(), ", got ", D.sizes());
+                ", m] to match X ", X.sizes(), ", got ", D.sizes());
   LIPFAST_CHECK_SIZE("lipfast::persample_linear", U, "U", 0, m, "D.size(2) = m");
   LIPFAST_CHECK_SIZE("lipfast::persample_linear", V, "V", 0, n, "X.size(2) = n");
   LIPFAST_CHECK_SIZE("lipfast::persample_linear", V, "V", 1, k, "U.size(1) = k");

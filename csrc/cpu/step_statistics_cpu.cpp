@@ -13,15 +13,9 @@
 #include "checks.h"
 #include "direction.h"
 #include "math.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
-
-void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
-                                      const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
-                                      const at::Tensor& S, const at::Tensor& V, const c10::optional<at::Tensor>& Gv1,
-                                      const c10::optional<at::Tensor>& Gtu1);
-void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
-                                    const at::Tensor& S, const at::Tensor& V);
 
 namespace {
 

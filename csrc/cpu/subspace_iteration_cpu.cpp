@@ -18,12 +18,9 @@
 #include "checks.h"
 #include "row_kernels.h"
 #include "../small_linalg.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
-
-void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters,
-                                     double tol, const c10::optional<at::Tensor>& right,
-                                     const c10::optional<at::Tensor>& left);
 
 namespace {
 

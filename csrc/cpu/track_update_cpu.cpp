@@ -15,11 +15,10 @@
 #include "checks.h"
 #include "row_kernels.h"
 #include "../small_linalg.h"
+#include "op_interfaces.h"
 
 namespace lipfast {
 
-void check_track_update_inputs(const at::Tensor& W, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
-                               const at::Tensor& Wt_u1, bool exact);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 subspace_iteration_cpu(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters, double tol,
                        const c10::optional<at::Tensor>& right, const c10::optional<at::Tensor>& left);
@@ -56,7 +55,7 @@ SmallExact small_exact(const at::Tensor& R) {  // [r, L] contiguous
     const scalar_t* pr = R.data_ptr<scalar_t>();
     rows::gram(pr, r, L, M.data());
     LIPFAST_CHECK(std::all_of(M.begin(), M.end(), [](double x) { return std::isfinite(x); }),
-                "lipfast::track_update: W must be finite, got a matrix with NaN or Inf entries");
+                  "lipfast::track_update: W must be finite, got a matrix with NaN or Inf entries");
     small::Mat A = M;
     small::jacobi_eigh(A, r, lambda, Q);
     small::Mat Qt(r * r), Qt_inv(r * r);

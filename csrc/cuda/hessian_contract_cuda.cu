@@ -5,13 +5,9 @@
 
 #include "launch.cuh"
 #include "../math.h"
+#include "../op_interfaces.h"
 
 namespace lipfast {
-
-// Defined with the CPU kernel (csrc/cpu/hessian_contract_cpu.cpp): one set of checks and messages for
-// every backend.
-void check_hessian_contract_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& xnorm2,
-                                   const at::Tensor& ynorm2, const at::Tensor& S);
 
 namespace {
 

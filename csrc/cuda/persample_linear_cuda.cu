@@ -17,13 +17,9 @@
 #include "launch.cuh"
 #include "reduce.cuh"
 #include "../math.h"
+#include "../op_interfaces.h"
 
 namespace lipfast {
-
-// Defined with the CPU kernel (csrc/cpu/persample_linear_cpu.cpp): the shape rules and messages.
-// half_ok: the CUDA kernel also takes float16/bfloat16 X, D, U, V (the CPU kernel float32/float64 only).
-void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, const at::Tensor& U,
-                                   const at::Tensor& S, const at::Tensor& V, bool half_ok);
 
 namespace {
 

@@ -13,15 +13,9 @@
 #include "../math.h"
 #include "launch.cuh"
 #include "reduce.cuh"
+#include "../op_interfaces.h"
 
 namespace lipfast {
-
-void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
-                                      const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
-                                      const at::Tensor& S, const at::Tensor& V, const c10::optional<at::Tensor>& Gv1,
-                                      const c10::optional<at::Tensor>& Gtu1);
-void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
-                                    const at::Tensor& S, const at::Tensor& V);
 
 namespace {
 
@@ -137,14 +131,6 @@ at::Tensor vector_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous
 Matrix strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 
 }  // namespace
-
-at::Tensor gradient_statistics_composite(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
-                                         const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
-                                         const at::Tensor& S, const at::Tensor& V, double sigma_next, double scale,
-                                         double loss_factor, const c10::optional<at::Tensor>& Gv1,
-                                         const c10::optional<at::Tensor>& Gtu1);
-at::Tensor update_statistics_composite(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
-                                       const at::Tensor& S, const at::Tensor& V, double sigma_next);
 
 at::Tensor gradient_statistics_cuda(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
                                     const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,

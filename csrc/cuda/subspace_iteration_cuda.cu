@@ -22,15 +22,9 @@
 #include "../checks.h"
 #include "../small_linalg.h"
 #include "launch.cuh"
+#include "../op_interfaces.h"
 
 namespace lipfast {
-
-void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters,
-                                     double tol, const c10::optional<at::Tensor>& right,
-                                     const c10::optional<at::Tensor>& left);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-subspace_iteration_composite(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters, double tol,
-                             const c10::optional<at::Tensor>& right, const c10::optional<at::Tensor>& left);
 
 namespace {
 
@@ -160,7 +154,7 @@ subspace_iteration_cuda(const at::Tensor& W_,                    // [m, n]
       const auto probe = at::stack({S[0], residual.slice(0, 0, k).max()}).cpu();
       const double s1 = probe[0].item<double>(), worst = probe[1].item<double>();
       LIPFAST_CHECK(std::isfinite(s1), kOp, ": W must be finite, got a matrix with NaN or Inf entries (shape ",
-                  W.sizes(), ")");
+                    W.sizes(), ")");
       if (worst <= tol * s1) break;
     }
   }

@@ -1,0 +1,57 @@
+// Functions one kernel file defines and others call: the input checks every backend of an op shares
+// (defined beside the CPU or composite kernel; one set of rules and messages per op), and the composite
+// kernels the CUDA kernels hand the cases they do not take (csrc/composite).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace lipfast {
+
+// --- input checks ----------------------------------------------------------------------------------------
+// half_ok: the CUDA kernel also takes float16/bfloat16 X, D, U, V (the CPU kernel float32/float64 only).
+void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, const at::Tensor& U,
+                                   const at::Tensor& S, const at::Tensor& V, bool half_ok);
+
+void check_hessian_contract_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& xnorm2,
+                                   const at::Tensor& ynorm2, const at::Tensor& S);
+
+void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters,
+                                     double tol, const c10::optional<at::Tensor>& right,
+                                     const c10::optional<at::Tensor>& left);
+
+void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
+                                      const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
+                                      const at::Tensor& S, const at::Tensor& V, const c10::optional<at::Tensor>& Gv1,
+                                      const c10::optional<at::Tensor>& Gtu1);
+
+void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
+                                    const at::Tensor& S, const at::Tensor& V);
+
+void check_track_update_inputs(const at::Tensor& W, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
+                               const at::Tensor& Wt_u1, bool exact);
+
+void check_conv2d_projections_inputs(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& u1,
+                                     const at::Tensor& v1, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation);
+
+void check_persample_conv2d_inputs(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& U,
+                                   const at::Tensor& S, const at::Tensor& V, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// --- composite kernels, for the CUDA kernels' fallbacks ------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+subspace_iteration_composite(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters, double tol,
+                             const c10::optional<at::Tensor>& right, const c10::optional<at::Tensor>& left);
+
+at::Tensor gradient_statistics_composite(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
+                                         const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
+                                         const at::Tensor& S, const at::Tensor& V, double sigma_next, double scale,
+                                         double loss_factor, const c10::optional<at::Tensor>& Gv1,
+                                         const c10::optional<at::Tensor>& Gtu1);
+
+at::Tensor update_statistics_composite(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
+                                       const at::Tensor& S, const at::Tensor& V, double sigma_next);
+
+}  // namespace lipfast
