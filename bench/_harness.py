@@ -136,19 +136,22 @@ def time_fn(config: Config, impl: str, fn: Callable[[], Any], *, min_run_time: f
 
 
 def time_interleaved(config: Config, impls: Sequence[tuple[str, Callable[[], Any], str]], *,
-                     min_run_time: float, rounds: int = 7, warmup: int = 2) -> list[Result]:
+                     min_run_time: float, rounds: int = 7, warmup: int = 2, block_multiple: int = 1) -> list[Result]:
     """Times several implementations of one case *interleaved*: ``rounds`` rounds, each timing a
     block of every implementation in turn with ``torch.utils.benchmark.Timer.timeit``; the median
     and IQR are over the rounds. A drift in machine load then hits every implementation alike, so
     the ratios stay meaningful on a shared machine. ``impls`` holds ``(name, fn, note)``;
-    ``min_run_time`` is the timing budget per implementation (at least one call per round)."""
+    ``min_run_time`` is the timing budget per implementation (at least one call per round).
+    ``block_multiple``: calls per block are a multiple of it, so that a variant whose calls differ in a
+    cycle (a tracker with ``every=10``) has whole cycles in every block, not 0 or 1 costly calls."""
     timers, numbers = [], []
     for name, fn, _ in impls:
         for _ in range(warmup):
             fn()
         t = _timer(config, name, fn)
         one = t.timeit(1).median
-        numbers.append(max(1, int(min_run_time / rounds / max(one, 1e-9))))
+        number = max(1, int(min_run_time / rounds / max(one, 1e-9)))
+        numbers.append(-(-number // block_multiple) * block_multiple)
         timers.append(t)
     samples: list[list[float]] = [[] for _ in impls]
     for _ in range(rounds):

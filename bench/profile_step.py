@@ -5,6 +5,8 @@ trains (after warm-up steps), so the times are those of the real step: after the
 GEMMs, with the caches they left (the ops run 1.5–2.5× slower there than alone in a loop). The wrappers
 add a few µs per call; "python" is a hook's time minus the ops inside it.
 
+The floor under all of it, what any hook-based tracker of this algorithm costs, is bench/floor_step.py.
+
 Usage: python bench/profile_step.py [--case mlp|wide|cnn] [--steps 200] [--threads 2] [--quick]
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,33 +56,6 @@ def _wrap(owner, name: str, label: str, totals: dict) -> None:
     setattr(owner, name, timed)
 
 
-def _gemm_floor(model, plain, steps: int) -> tuple[float, float, int]:
-    """Median µs of a plain step and of a plain step followed by the two sweep GEMMs of every layer the
-    tracker iterates (rank 8: a block of block_size + 1 probe column), interleaved in rounds."""
-    from lipfast.functional import block_size, needs_exact
-    mats = [mod.weight.detach().reshape(mod.weight.shape[0], -1) for mod in model.modules()
-            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))]
-    mats = [W for W in mats if not needs_exact(*W.shape, 8)]
-    cols = block_size(8, min(mats[0].shape)) + 1 if mats else 0
-    blocks = [(torch.randn(cols, W.shape[1]), torch.randn(cols, W.shape[0])) for W in mats]
-
-    def with_gemms():
-        plain()
-        for W, (Z, U) in zip(mats, blocks):
-            W.mm(Z.t())
-            U.mm(W)
-
-    rounds = {"plain": [], "floor": []}
-    per_round = max(1, steps // 10)
-    for _ in range(10):
-        for label, fn in (("plain", plain), ("floor", with_gemms)):
-            t = time.perf_counter()
-            for _ in range(per_round):
-                fn()
-            rounds[label].append((time.perf_counter() - t) / per_round * 1e6)
-    return statistics.median(rounds["plain"]), statistics.median(rounds["floor"]), cols
-
-
 def main() -> int:
     p = H.make_parser(__doc__.splitlines()[0])
     p.add_argument("--case", default="mlp", choices=["mlp", "wide", "cnn"])
@@ -107,7 +81,6 @@ def main() -> int:
         _wrap(owner, name, label, totals)
     for name, _ in OPS:
         _wrap(ops, name, name, totals)
-    floor = _gemm_floor(plain_model, plain, steps)
     with lipfast.Tracker(model, opt, rank=8, keep_records=False):
         for _ in range(3 if args.quick else 20):   # warm-up: the cold spectra, the allocator
             tracked()
@@ -133,10 +106,8 @@ def main() -> int:
     hooks = sum(us.get(label, 0.0) for _, _, label, _ in HOOKS)
     plain_us, tracked_us = (wall[k] / steps * 1e6 for k in ("plain", "tracked"))
     print(f"\nplain step {plain_us:.0f} µs, tracked step {tracked_us:.0f} µs ({tracked_us / plain_us:.2f}×); "
-          f"the hooks account for {hooks:.0f} µs of the {tracked_us - plain_us:.0f} µs difference")
-    print(f"floor: a plain step followed by only the subspace sweep's two GEMMs per layer (W·Zᵀ and Uᵀ·W, "
-          f"{floor[2]} columns, the layers the tracker iterates) takes {floor[1]:.0f} µs against {floor[0]:.0f} µs "
-          f"({floor[1] / floor[0]:.2f}×): what one warm sweep per layer and step costs before anything else")
+          f"the hooks account for {hooks:.0f} µs of the {tracked_us - plain_us:.0f} µs difference "
+          "(bench/floor_step.py: how much of it any tracker of this algorithm must spend)")
     return 0
 
 
