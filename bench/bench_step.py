@@ -184,7 +184,7 @@ def run_case(name: str, args, min_run_time: float) -> list[H.Result]:
     impls += peer_routes(model, X, y)
     config = H.Config(name=f"{name} B={X.shape[0]}", params={"batch": X.shape[0]})
     rounds = 3 if args.quick else 9
-    # Blocks of whole every=10 cycles (warm-up 10 steps too, so each block starts at the same phase).
+    # Blocks of whole every=10 cycles: each holds the same number of tracked steps, whatever its phase.
     return H.time_interleaved(config, impls, min_run_time=min_run_time, rounds=rounds, warmup=10, block_multiple=10)
 
 
