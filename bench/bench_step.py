@@ -182,19 +182,26 @@ def run_case(name: str, args, min_run_time: float) -> list[H.Result]:
     if not args.quick and per_sample_bytes < 2**31:  # the wide MLP's would need ~12 GB
         impls.append(variant("naive", "vmap(grad) + full SVD", naive=True))
     impls += peer_routes(model, X, y)
+    return time_variants(name, X, impls, args, min_run_time)
+
+
+def time_variants(name: str, X, impls, args, min_run_time: float) -> list[H.Result]:
+    """The variants of one case interleaved, in blocks of whole every=10 cycles: each block holds the same
+    number of tracked steps, whatever its phase."""
     config = H.Config(name=f"{name} B={X.shape[0]}", params={"batch": X.shape[0]})
-    rounds = 3 if args.quick else 9
-    # Blocks of whole every=10 cycles: each holds the same number of tracked steps, whatever its phase.
-    return H.time_interleaved(config, impls, min_run_time=min_run_time, rounds=rounds, warmup=10, block_multiple=10)
+    return H.time_interleaved(config, impls, min_run_time=min_run_time, rounds=3 if args.quick else 9, warmup=10,
+                              block_multiple=10)
 
 
-def main() -> int:
-    p = H.make_parser(__doc__.splitlines()[0])
+def run_cases(description: str, run_case, script: str) -> list[H.Result]:
+    """The command line the whole-step scripts share (``--cases``, CPU float32 only): every case through
+    ``run_case(name, args, min_run_time)``, then the environment and the table printed; the results back."""
+    p = H.make_parser(description)
     p.add_argument("--cases", default="mlp,wide,cnn", help="comma-separated: mlp, wide, cnn")
     args = p.parse_args()
     device, dtype, min_run_time = H.setup(args)
     if device != "cpu" or dtype != torch.float32:
-        raise SystemExit("bench_step: the step benchmark runs on --device cpu --dtype float32 (GPU: bench/gpu_check.sh)")
+        raise SystemExit(f"{script}: the step benchmarks run on --device cpu --dtype float32 (GPU: bench/gpu_check.sh)")
     cases = ["mlp"] if args.quick else args.cases.split(",")
     results = []
     for name in cases:
@@ -203,6 +210,11 @@ def main() -> int:
     print()
     print(H.format_table(results, baseline="plain"))
     print()
+    return results
+
+
+def main() -> int:
+    results = run_cases(__doc__.splitlines()[0], run_case, "bench_step")
     for name in dict.fromkeys(r.config.name for r in results):
         t = {r.impl: r.median_s for r in results if r.config.name == name}
         line = [f"{name}: tracked/plain {t['tracked'] / t['plain']:.2f}×",

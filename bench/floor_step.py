@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
-from bench_step import LR, make_case, sgd_step  # noqa: E402
+from bench_step import LR, make_case, run_cases, sgd_step, time_variants  # noqa: E402
 
 import lipfast  # noqa: E402
 from lipfast.functional import block_size, needs_exact  # noqa: E402
@@ -121,26 +121,11 @@ def run_case(name: str, args, min_run_time: float) -> list[H.Result]:
                   variant(f"hooks + GEMMs{tag}", "the algorithm's products", every, skeleton=True),
                   variant(f"lipfast{tag}", "Tracker(rank=8)", every, tracker="compiled")]
     impls.append(variant("reference", "same algorithm, plain torch", tracker="reference"))
-    config = H.Config(name=f"{name} B={X.shape[0]}", params={"batch": X.shape[0]})
-    return H.time_interleaved(config, impls, min_run_time=min_run_time, rounds=3 if args.quick else 9,
-                              warmup=10, block_multiple=10)
+    return time_variants(name, X, impls, args, min_run_time)
 
 
 def main() -> int:
-    p = H.make_parser(__doc__.splitlines()[0])
-    p.add_argument("--cases", default="mlp,wide,cnn", help="comma-separated: mlp, wide, cnn")
-    args = p.parse_args()
-    device, dtype, min_run_time = H.setup(args)
-    if device != "cpu" or dtype != torch.float32:
-        raise SystemExit("floor_step: runs on --device cpu --dtype float32")
-    cases = ["mlp"] if args.quick else args.cases.split(",")
-    results = []
-    for name in cases:
-        results += run_case(name, args, min_run_time * (1 if args.quick else 4))
-    print("\n".join(H.environment_lines(device)))
-    print()
-    print(H.format_table(results, baseline="plain"))
-    print()
+    results = run_cases(__doc__.splitlines()[0], run_case, "floor_step")
     for name in dict.fromkeys(r.config.name for r in results):
         t = {r.impl: r.median_s for r in results if r.config.name == name}
         for tag in ("", " every=10"):
