@@ -51,10 +51,31 @@ class Result:
     iqr_s: float = float("nan")
     runs: int = 0
     note: str = ""
+    rounds: tuple[float, ...] = ()  # per-call time of each interleaved round (time_interleaved)
 
     @property
     def ok(self) -> bool:
         return self.median_s == self.median_s  # not NaN
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    q = torch.tensor(list(values), dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def paired_ratio(num: Result, den: Result) -> tuple[float, float, float]:
+    """Quartiles (q1, median, q3) of ``num``/``den`` taken round by round, for two implementations timed
+    by one :func:`time_interleaved` call: a round's blocks ran back to back, so a drift in machine load
+    cancels inside each ratio, and the quartiles show how far the ratio itself moved between rounds."""
+    if len(num.rounds) != len(den.rounds) or not num.rounds:
+        raise ValueError(f"paired_ratio: {num.impl!r} and {den.impl!r} were not timed in the same interleaved rounds")
+    return _quartiles([a / b for a, b in zip(num.rounds, den.rounds)])
+
+
+def format_ratio(num: Result, den: Result, digits: int = 2) -> str:
+    """``"1.24× (1.20–1.27)"``: the median per-round ratio and its quartiles (:func:`paired_ratio`)."""
+    q1, med, q3 = paired_ratio(num, den)
+    return f"{med:.{digits}f}× ({q1:.{digits}f}–{q3:.{digits}f})"
 
 
 def skipped(config: Config, impl: str, why: str) -> Result:
@@ -159,9 +180,9 @@ def time_interleaved(config: Config, impls: Sequence[tuple[str, Callable[[], Any
             samples[i].append(t.timeit(numbers[i]).median)
     out = []
     for (name, _, note), times, number in zip(impls, samples, numbers):
-        q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-        out.append(Result(config=config, impl=name, median_s=float(q[1]), iqr_s=float(q[2] - q[0]),
-                          runs=rounds * number, note=note))
+        q1, med, q3 = _quartiles(times)
+        out.append(Result(config=config, impl=name, median_s=med, iqr_s=q3 - q1, runs=rounds * number, note=note,
+                          rounds=tuple(times)))
     return out
 
 

@@ -3,12 +3,14 @@
 Cases (float32 by default, k = 8, the sizes of the MLP 784-512-512-10 of PERF.md):
 - persample_linear: Linear 784→512 and 512→512 at B=128 (T=1), and a sequence B=16, T=64, 256→256;
   the compiled op vs ``reference.persample_linear``, eager and under ``torch.compile``, and the public
-  ``lipfast.persample`` (argument checks and the NaN/Inf scan included).
+  ``lipfast.persample`` (argument checks and the NaN/Inf scan included); with T=1 also ATen's GEMMs for
+  the op's two products alone.
 - subspace_iteration: warm start of a 512×784 init-like matrix one small step later, two sweeps
   (fixed, so op and twin do the same work); plus ``lipfast.spectrum`` with its default stopping
   rule, ``torch.linalg.svd`` and ``torch.svd_lowrank`` for scale and accuracy.
 - persample_linear.sums: the same plus Σ G_i v1, Σ G_iᵀ u1 (what the tracker calls), Linear 2048→2048 at
-  B=256, vs the plain op followed by the four GEMVs the tracker used to run, and vs the twin.
+  B=256, vs the plain op followed by the four GEMVs the tracker used to run, ATen's two GEMMs alone, and
+  vs the twin.
 - conv2d_projections: G_i v1 and G_iᵀ u1 of the runs' small CNN (conv 1→32 at 28×28 and conv 32→64 at
   14×14, B=128, 3×3, padding 1), the CPU kernel vs the composite kernel (ATen convolutions, what other
   backends run) and the twin.
@@ -123,6 +125,8 @@ def run_persample(config, opts):
     case.add("lipfast op", lambda: ops.persample_linear(*args), check=_parity(config, "lipfast op")(expected))
     case.add("lipfast.persample", lambda: lipfast.persample(spec, X2, D2), "public: checks + NaN/Inf scan",
              check=lambda ps: _parity(config, "lipfast.persample")(expected)((ps.proj, ps.hess, ps.hess_lo, ps.hess_hi)))
+    if p["T"] == 1:
+        _add_gemms_alone(case, X2, D2, spec)
     case.add("reference", lambda: reference.persample_linear(*args))
     case.add_compiled("reference + compile", reference.persample_linear, args,
                       check=_parity(config, "reference + compile")(expected))
@@ -147,8 +151,16 @@ def run_persample_sums(config, opts):
              check=_parity(config, "lipfast op")(expected))
     case.add("op + 4 GEMVs", op_then_gemvs, "the plain op, then the sums as torch.mv",
              check=_parity(config, "op + 4 GEMVs")(expected))
+    _add_gemms_alone(case, X2, D2, spec)
     case.add("reference", lambda: reference.persample_linear(*args, sums=True))
     return case.run()
+
+
+def _add_gemms_alone(case, X2, D2, spec):
+    """The op's two products X·V and D·U alone, as ATen's GEMM (Vᵀ·Xᵀ, its fastest orientation here): what
+    an MLP layer's op computed before its single pass over the rows, without the norms, sums and terms."""
+    Vt, Ut = spec.V.mT.contiguous(), spec.U.mT.contiguous()
+    case.add("ATen's 2 GEMMs alone", lambda: (Vt.mm(X2.mT), Ut.mm(D2.mT)), "X·V, D·U only: no norms, sums, terms")
 
 
 _COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)

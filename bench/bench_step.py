@@ -215,13 +215,14 @@ def run_cases(description: str, run_case, script: str) -> list[H.Result]:
 
 def main() -> int:
     results = run_cases(__doc__.splitlines()[0], run_case, "bench_step")
+    print("Ratios: the median of the per-round ratios, in brackets their quartiles over the rounds.")
     for name in dict.fromkeys(r.config.name for r in results):
-        t = {r.impl: r.median_s for r in results if r.config.name == name}
-        line = [f"{name}: tracked/plain {t['tracked'] / t['plain']:.2f}×",
-                f"every=10 {t['tracked every=10'] / t['plain']:.2f}×",
-                f"reference/tracked {t['reference-tracked'] / t['tracked']:.2f}×"]
-        if "naive" in t:
-            line.append(f"naive/tracked {t['naive'] / t['tracked']:.1f}×")
+        r = {x.impl: x for x in results if x.config.name == name}
+        line = [f"{name}: tracked/plain {H.format_ratio(r['tracked'], r['plain'])}",
+                f"every=10 {H.format_ratio(r['tracked every=10'], r['plain'])}",
+                f"reference/tracked {H.format_ratio(r['reference-tracked'], r['tracked'])}"]
+        if "naive" in r:
+            line.append(f"naive/tracked {H.format_ratio(r['naive'], r['tracked'], 1)}")
         print("  ".join(line))
     return 0
 

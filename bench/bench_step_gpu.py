@@ -193,9 +193,10 @@ def main() -> int:
                   + (" (synchronises CUDA)" if device == "cuda" else "") + "; median and IQR over the rounds",
         "wall time": f"{time.perf_counter() - start:.0f} s"})
     lines = env + ["", H.format_table(results, baseline="plain"), ""]
+    lines.append("Ratios: the median of the per-round ratios, in brackets their quartiles over the rounds.")
     for name in dict.fromkeys(r.config.name for r in results):
-        t = {r.impl: r.median_s for r in results if r.config.name == name}
-        lines.append(f"{name}: tracked/plain {t['tracked'] / t['plain']:.2f}×")
+        r = {x.impl: x for x in results if x.config.name == name}
+        lines.append(f"{name}: tracked/plain {H.format_ratio(r['tracked'], r['plain'])}")
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -126,14 +126,15 @@ def run_case(name: str, args, min_run_time: float) -> list[H.Result]:
 
 def main() -> int:
     results = run_cases(__doc__.splitlines()[0], run_case, "floor_step")
+    print("Ratios: the median of the per-round ratios, in brackets their quartiles over the rounds.")
     for name in dict.fromkeys(r.config.name for r in results):
-        t = {r.impl: r.median_s for r in results if r.config.name == name}
+        r = {x.impl: x for x in results if x.config.name == name}
         for tag in ("", " every=10"):
-            steps = [t[f"{v}{tag}"] / t["plain"] for v in ("hooks only", "hooks + GEMMs", "lipfast")]
-            print(f"{name}{tag or ' every=1'}: hooks only {steps[0]:.3f}×, + the algorithm's GEMMs "
-                  f"{steps[1]:.3f}× (the floor), lipfast {steps[2]:.3f}×")
-        print(f"{name}: reference/lipfast {t['reference'] / t['lipfast']:.2f}×, reference/floor "
-              f"{t['reference'] / t['hooks + GEMMs']:.2f}× (the most any tracker of this algorithm could reach)")
+            steps = [H.format_ratio(r[f"{v}{tag}"], r["plain"], 3) for v in ("hooks only", "hooks + GEMMs", "lipfast")]
+            print(f"{name}{tag or ' every=1'}: hooks only {steps[0]}, + the algorithm's GEMMs {steps[1]} (the floor), "
+                  f"lipfast {steps[2]}")
+        print(f"{name}: reference/lipfast {H.format_ratio(r['reference'], r['lipfast'])}, reference/floor "
+              f"{H.format_ratio(r['reference'], r['hooks + GEMMs'])} (the most any tracker of this algorithm could reach)")
     return 0
 
 

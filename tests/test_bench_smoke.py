@@ -20,17 +20,42 @@ def test_bench_script_runs_quick(script):
     assert out.stdout.strip(), f"{script} printed nothing"
 
 
-def test_time_interleaved_blocks_whole_cycles():
-    """``block_multiple``: every timed block holds whole cycles, so an ``every=10`` tracker's tracked step
-    counts once per ten calls in every block (a block of 7 calls would hold 0 or 1 of them)."""
+def _harness():
     sys.path.insert(0, str(BENCH))
     try:
         import _harness as H
     finally:
         sys.path.remove(str(BENCH))
+    return H
+
+
+def test_time_interleaved_blocks_whole_cycles():
+    """``block_multiple``: every timed block holds whole cycles, so an ``every=10`` tracker's tracked step
+    counts once per ten calls in every block (a block of 7 calls would hold 0 or 1 of them)."""
+    H = _harness()
     calls = []
     config = H.Config(name="cycle")
     results = H.time_interleaved(config, [("a", lambda: calls.append(1), "")], min_run_time=1e-4, rounds=3,
                                  warmup=0, block_multiple=10)
     (r,) = results
     assert r.runs > 0 and r.runs % (3 * 10) == 0, r.runs
+
+
+def test_paired_ratio_is_taken_round_by_round():
+    """Ratios are taken within each round (whose blocks ran back to back), and their quartiles show how far
+    the ratio moved between rounds; implementations timed in different calls cannot be paired."""
+    H = _harness()
+    config = H.Config(name="drift")
+    load = (1.0, 1.0, 3.0, 3.0, 3.0, 1.0, 3.0)  # the machine's speed moves between rounds
+    base = H.Result(config, "base", median_s=3.0, rounds=load)
+    slow = H.Result(config, "slow", median_s=3.6, rounds=tuple(1.2 * x for x in load))
+    assert H.paired_ratio(slow, base) == pytest.approx((1.2, 1.2, 1.2))
+    assert H.format_ratio(slow, base) == "1.20× (1.20–1.20)"
+    burst = H.Result(config, "burst", median_s=3.6, rounds=(1.2, 1.2, 3.6, 3.6, 3.6, 6.0, 3.6))  # one round hit
+    q1, med, q3 = H.paired_ratio(burst, base)
+    assert med == pytest.approx(1.2) and q1 == pytest.approx(1.2) and q3 == pytest.approx(1.2)
+    noisy = H.Result(config, "noisy", median_s=3.6, rounds=(1.0, 1.4, 3.0, 3.6, 4.2, 1.2, 3.6))
+    q1, med, q3 = H.paired_ratio(noisy, base)
+    assert q1 < med < q3 and med == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="not timed in the same interleaved rounds"):
+        H.paired_ratio(H.Result(config, "other", median_s=1.0, rounds=(1.0,)), base)

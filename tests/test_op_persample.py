@@ -315,6 +315,18 @@ def test_non_finite(which, bad):
         lipfast.persample(_spec(), X, D)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_among_huge_entries(bad):
+    """The finiteness check clears a tensor by its sum: entries whose sum overflows are finite and pass,
+    and a NaN/Inf among them is still found and counted."""
+    X, D = _X(3, 2), _D(3, 2)
+    X[0, 0, :2] = torch.finfo(X.dtype).max
+    lipfast.persample(_spec(), X, D)  # finite: no error
+    X[2, 1, 1] = bad
+    with pytest.raises(ValueError, match=r"lipfast\.persample: X must be finite, got 1 NaN/Inf entries"):
+        lipfast.persample(_spec(), X, D)
+
+
 def test_spectrum_of_another_matrix_size():
     spec = lipfast.spectrum(torch.randn(4, 6, dtype=F64), k=2)  # transposed weight: m = 4, n = 6
     with pytest.raises(ValueError, match=r"X must have n = 6 features \(the weight is 4x6\), got shape \(3, 4\)"):

@@ -106,6 +106,32 @@ inline __attribute__((always_inline)) void add_scaled_impl(double* out, double w
 }
 
 template <typename T>
+inline __attribute__((always_inline)) void dots4_impl(const T* const x[4], const T* P, int64_t k, int64_t n, T* out) {
+  const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  for (int64_t j = 0; j < k; j += 4) {
+    // Rows j..j+3 of P (clamped at the last row; the duplicates are computed and dropped): 16 accumulators.
+    const T* p0 = P + j * n;
+    const T* p1 = P + std::min(j + 1, k - 1) * n;
+    const T* p2 = P + std::min(j + 2, k - 1) * n;
+    const T* p3 = P + std::min(j + 3, k - 1) * n;
+    T a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+    T c0 = 0, c1 = 0, c2 = 0, c3 = 0, d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3)
+    for (int64_t c = 0; c < n; ++c) {
+      const T q0 = p0[c], q1 = p1[c], q2 = p2[c], q3 = p3[c];
+      const T u = x0[c], v = x1[c], w = x2[c], z = x3[c];
+      a0 += u * q0, a1 += u * q1, a2 += u * q2, a3 += u * q3;
+      b0 += v * q0, b1 += v * q1, b2 += v * q2, b3 += v * q3;
+      c0 += w * q0, c1 += w * q1, c2 += w * q2, c3 += w * q3;
+      d0 += z * q0, d1 += z * q1, d2 += z * q2, d3 += z * q3;
+    }
+    const T s[4][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}, {c0, c1, c2, c3}, {d0, d1, d2, d3}};
+    for (int r = 0; r < 4; ++r)
+      for (int64_t q = 0; q < 4 && j + q < k; ++q) out[r * k + j + q] = s[r][q];
+  }
+}
+
+template <typename T>
 inline void transpose_impl(const T* Y, int64_t r, int64_t ld, int64_t q, T* out) {
   // Output rows written one at a time: interleaving q output rows a power-of-two stride apart maps
   // them onto the same cache sets.
@@ -124,6 +150,13 @@ LIPFAST_CPU_CLONES double sum_squares(const double* x, int64_t n) { return sum_s
 LIPFAST_CPU_CLONES void add_scaled(double* out, double w, const float* x, int64_t n) { add_scaled_impl(out, w, x, n); }
 LIPFAST_CPU_CLONES void add_scaled(double* out, double w, const double* x, int64_t n) {
   add_scaled_impl(out, w, x, n);
+}
+
+LIPFAST_CPU_CLONES void dots4(const float* const x[4], const float* P, int64_t k, int64_t n, float* out) {
+  dots4_impl(x, P, k, n, out);
+}
+LIPFAST_CPU_CLONES void dots4(const double* const x[4], const double* P, int64_t k, int64_t n, double* out) {
+  dots4_impl(x, P, k, n, out);
 }
 
 LIPFAST_CPU_CLONES void gram(const float* Z, int64_t p, int64_t n, double* M) { gram_impl(Z, p, n, M); }

@@ -29,6 +29,11 @@ double sum_squares(const double* x, int64_t n);
 void add_scaled(double* out, double w, const float* x, int64_t n);
 void add_scaled(double* out, double w, const double* x, int64_t n);
 
+// out[r * k + j] = x_r·P_j for the four rows x_0..x_3 and the k rows of P [k, n], summed in T. Four rows at
+// once, so that each row of P, which may sit in L2, is read once for all four; rows may repeat.
+void dots4(const float* const x[4], const float* P, int64_t k, int64_t n, float* out);
+void dots4(const double* const x[4], const double* P, int64_t k, int64_t n, double* out);
+
 // out [q, r] = the first q columns of Y [r, ld] (row-major, leading dimension ld), transposed.
 void transpose(const float* Y, int64_t r, int64_t ld, int64_t q, float* out);
 void transpose(const double* Y, int64_t r, int64_t ld, int64_t q, double* out);
