@@ -132,7 +132,10 @@ def _fingerprint(W: Tensor) -> tuple[float, float]:
 
 
 def _matrix(t: Tensor, m: int) -> Tensor:
-    return t.detach().reshape(m, -1)
+    """``t`` as the ``[m, n]`` matrix of its layer, cut from autograd (a Linear's is one already: no reshape
+    to dispatch, several times a layer and step)."""
+    t = t.detach()
+    return t if t.dim() == 2 else t.reshape(m, -1)
 
 
 class Tracker:
