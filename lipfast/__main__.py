@@ -1,7 +1,5 @@
 """``python -m lipfast``: the same as the ``lipfast`` command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import traceback
 from pathlib import Path
 
 __all__ = ["main"]
@@ -302,5 +303,28 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def run() -> None:
+    """The ``lipfast`` console command (and ``python -m lipfast``): :func:`main`, then exit with its status.
+
+    A rank of a ``torchrun`` launch leaves with ``os._exit`` once its output is flushed: a normal exit
+    finalises the process group's C++ objects in no fixed order and can abort (SIGABRT,
+    ``terminate called without an active exception``) after a run that succeeded or failed cleanly,
+    which torchrun would then report instead of this rank's own status and message."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(main())
+    from .distributed import flush_stdio
+
+    code = 1
+    try:
+        code = main()
+    except SystemExit as exc:  # --help, --version
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - printed here, then the rank leaves without finalising
+        traceback.print_exc()
+    finally:
+        flush_stdio()
+        os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -67,6 +67,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -470,39 +471,80 @@ def spawn(fn: Callable, nproc: int, *args, device: str | torch.device = "cpu", k
 
 
 def _entry(rank: int, nproc: int, tmp: str, device: str, pg_timeout, fn, args, kwargs) -> None:
+    """One spawned rank: run ``fn``, deliver its result (rank 0) or its formatted exception (any rank) to
+    the parent, and only then leave, with ``os._exit``.
+
+    Why ``os._exit``: once the process group exists, a normal interpreter exit finalises gloo's (or NCCL's)
+    C++ objects in no fixed order, and about one exit in fifty on two busy cores ended in
+    ``terminate called without an active exception`` (a joinable ``std::thread`` destroyed), a SIGABRT
+    that replaced the rank's own error or failed a rank that had finished. Leaving with ``os._exit`` after
+    the delivery runs no destructor at all, so nothing can abort. What the run wrote is safe by then: the
+    run folder's files are closed by ``fn`` itself (``train``'s ``finally`` blocks), the result and error
+    files are written whole and renamed into place, and standard output and error are flushed here.
+    The sockets of the process group are closed by the kernel as at any exit."""
     dist = _dist()
-    device = torch.device(device)
-    os.environ["LOCAL_RANK"] = str(rank)
-    os.environ["RANK"] = str(rank)
-    os.environ["WORLD_SIZE"] = str(nproc)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    code = 1
     try:
+        device = torch.device(device)
+        os.environ["LOCAL_RANK"] = str(rank)
+        os.environ["RANK"] = str(rank)
+        os.environ["WORLD_SIZE"] = str(nproc)
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
         if device.type == "cuda":
             torch.cuda.set_device(rank)
         dist.init_process_group(_backend(device), init_method=Path(tmp, "rendezvous").resolve().as_uri(),
                                 rank=rank, world_size=nproc, timeout=_pg_timeout(pg_timeout))
         result = fn(*args, **kwargs)
         if rank == 0:
-            Path(tmp, "result.pkl").write_bytes(pickle.dumps(result))
-    except BaseException as exc:
-        try:
-            blob = pickle.dumps(exc)
-        except Exception:  # noqa: BLE001
-            blob = None
-        info = dict(rank=rank, time=time.time(), type=type(exc).__name__, message=str(exc),
-                    traceback=traceback.format_exc(), exc=blob, secondary=_secondary(exc))
-        try:
-            Path(tmp, f"error-{rank}.pkl").write_bytes(pickle.dumps(info))
-        except OSError:
-            pass
-        raise
+            _write_whole(Path(tmp, "result.pkl"), pickle.dumps(result))
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - delivered to the parent, which raises it there
+        _deliver_error(Path(tmp), rank, exc)
     finally:
+        flush_stdio()
+        os._exit(code)
+
+
+def _deliver_error(tmp: Path, rank: int, exc: BaseException) -> None:
+    """Write ``error-<rank>.pkl`` (the rank's exception, formatted and pickled where it can be) whole."""
+    try:
+        blob = pickle.dumps(exc)
+    except Exception:  # noqa: BLE001 - an unpicklable exception still delivers its text
+        blob = None
+    info = dict(rank=rank, time=time.time(), type=type(exc).__name__, message=str(exc),
+                traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), exc=blob,
+                secondary=_secondary(exc))
+    try:
+        _write_whole(tmp / f"error-{rank}.pkl", pickle.dumps(info))
+    except OSError as err:  # the parent then reports the exit code; say here what was lost
+        print(f"lipfast: rank {rank} could not deliver its error ({err}): {info['traceback']}", file=sys.stderr)
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees all of it or no file (a rank may die any time)."""
+    part = path.with_name(path.name + f".{os.getpid()}.part")
+    with open(part, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+    os.replace(part, path)
+
+
+def flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
         try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or broken stream must not keep the rank from leaving
             pass
+
+
+def log_rank_failure(ctx: "RunContext", exc: BaseException) -> None:
+    """A rank of a ``torchrun`` launch that raises: write its exception to standard error (flushed) before
+    any teardown, which could abort in C++ destructors and lose it."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    print(f"lipfast: rank {ctx.rank} of {ctx.world} failed: {type(exc).__name__}: {exc}\n{text}", file=sys.stderr,
+          end="")
+    flush_stdio()
 
 
 def _secondary(exc: BaseException) -> bool:

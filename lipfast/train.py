@@ -211,6 +211,10 @@ def train(config: TrainConfig, out: str | os.PathLike, *, overwrite: bool = Fals
     try:
         return _train(config, Path(out), ctx, overwrite=overwrite, resume=resume, quiet=quiet, report=report,
                       max_steps=max_steps)
+    except BaseException as exc:
+        if ctx is not None and ctx.owns_group:  # torchrun: say what failed before the teardown, which may abort
+            distributed.log_rank_failure(ctx, exc)
+        raise
     finally:
         distributed.shutdown(ctx)
 

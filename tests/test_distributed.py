@@ -8,7 +8,12 @@
   attach) and a DDP model without a process group raise clear errors (never hang: every spawn has a
   deadline and the process groups a timeout);
 - ``lipfast train --nproc 2`` writes the layers.csv of ``--nproc 1``; a rank that fails at step 3
-  leaves a parseable run folder with every completed step, and the run resumes.
+  leaves a parseable run folder with every completed step, and the run resumes;
+- a failing rank's own exception reaches the parent whether it raises in the middle of the run or after
+  the last step, and even when its process dies of a signal after delivering it; a rank that dies
+  without delivering anything is reported with its signal;
+- under ``torchrun``, ``lipfast train`` exits 0 with the records of one process, and a rank that raises
+  writes its own exception to standard error.
 
 One spawn of two processes runs every tracker scenario (each rank saves what it saw), to keep the
 file within its time budget on two cores.
@@ -18,6 +23,11 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -390,3 +400,102 @@ def test_a_failing_rank_leaves_a_parseable_run_folder_that_resumes(tmp_path, sin
     run = runio.load_run(out)
     assert_records_close(run.layers, single_run.layers, CSV_FIELDS, "resumed --nproc 2 vs uninterrupted --nproc 1")
     assert run.summary["finished"]
+
+
+def _train_failing_on_rank1_after_the_last_step(config: TrainConfig, out: str):
+    result = train(config, out, quiet=True, report=False)
+    if dist.get_rank() == 1:
+        raise RuntimeError("injected failure after the last step")
+    return result
+
+
+def test_a_rank_failing_after_the_last_step_reports_its_own_error(tmp_path, single_run):
+    out = tmp_path / "run"
+    with pytest.raises(distributed.DistributedRunError,
+                       match="rank 1 of 2 failed: RuntimeError: injected failure after the last step"):
+        distributed.spawn(_train_failing_on_rank1_after_the_last_step, 2, TrainConfig(**TINY), str(out),
+                          timeout=SPAWN_TIMEOUT, pg_timeout=PG_TIMEOUT)
+    run = runio.load_run(out)  # rank 0 finished the run: the folder is whole
+    assert run.summary["finished"]
+    assert_records_close(run.layers, single_run.layers, CSV_FIELDS, "rank 0's records")
+
+
+class _AbortingStream:
+    """A standard error whose flush kills its process with SIGABRT, as a C++ teardown abort would."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        os.kill(os.getpid(), signal.SIGABRT)
+
+
+def _rank1_raises_then_aborts():
+    dist.barrier()
+    if dist.get_rank() == 1:
+        sys.stderr = _AbortingStream()  # the rank's exit flushes it: SIGABRT after the error is delivered
+        raise ValueError("the rank's own message")
+    return "rank 0 done"
+
+
+def _rank1_aborts_at_once():
+    dist.barrier()
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGABRT)
+    return "rank 0 done"
+
+
+def test_the_rank_s_own_error_wins_over_a_signal_that_kills_it_after_delivery():
+    with pytest.raises(distributed.DistributedRunError) as info:
+        distributed.spawn(_rank1_raises_then_aborts, 2, timeout=SPAWN_TIMEOUT, pg_timeout=PG_TIMEOUT)
+    assert "rank 1 of 2 failed: ValueError: the rank's own message" in str(info.value)
+    assert "ValueError: the rank's own message" in info.value.remote_traceback
+    assert "SIGABRT" not in str(info.value)
+
+
+def test_a_rank_that_dies_without_delivering_is_reported_with_its_signal():
+    with pytest.raises(distributed.DistributedRunError, match=r"rank 1 of 2 died \(process 1 terminated with "
+                                                              r"signal SIGABRT\)"):
+        distributed.spawn(_rank1_aborts_at_once, 2, timeout=SPAWN_TIMEOUT, pg_timeout=PG_TIMEOUT)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchrun
+# ----------------------------------------------------------------------------------------------------
+def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LIPFAST_PG_TIMEOUT=str(PG_TIMEOUT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "0", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=SPAWN_TIMEOUT)
+
+
+def test_torchrun_lipfast_train_exits_0_with_the_records_of_one_process(tmp_path, single_run):
+    out = tmp_path / "run"
+    done = _torchrun(tmp_path, "-m", "lipfast", "train", "--out", str(out), "--no-report", "--quiet", *TINY_ARGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr
+    run = runio.load_run(out)
+    assert run.summary["finished"]
+    assert_records_close(run.layers, single_run.layers, CSV_FIELDS, "layers.csv under torchrun vs --nproc 1")
+
+
+def test_torchrun_a_rank_that_raises_writes_its_own_error(tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch.distributed as dist
+        from lipfast import Tracker
+        from lipfast.train import TrainConfig, train
+
+        original = Tracker._on_step_pre
+
+        def failing(self, *args):
+            if self.step == 3 and dist.get_rank() == 1:
+                raise RuntimeError("injected failure at step 3")
+            return original(self, *args)
+
+        Tracker._on_step_pre = failing
+        train(TrainConfig(**{TINY!r}), {str(tmp_path / "run")!r}, quiet=True, report=False)
+    """))
+    done = _torchrun(tmp_path, str(script))
+    assert done.returncode != 0
+    assert "lipfast: rank 1 of 2 failed: RuntimeError: injected failure at step 3" in done.stderr, done.stderr[-3000:]
