@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import distributed, ops, reference
 from .functional import (Spectrum, block_size, compute_spectrum, default_tol, needs_exact, resize_block,
@@ -175,6 +176,16 @@ class Tracker:
             :mod:`lipfast.reference`: the same algorithm, for cross-checks and benchmarks).
         records_on: under DDP, ``"rank0"`` (records and ``on_record`` on rank 0 of the process group
             only) or ``"all"`` (every rank keeps the same global records). Every rank computes them.
+
+    Attributes:
+        captures: the tracked layers, ``{qualified name: LayerCapture}`` in module order.
+        skipped: every weight matrix of the model that is not tracked, ``{name: reason}`` in module order
+            (logged at attach, one line per reason). A module with a ``weight`` that is not tracked (excluded
+            by ``layers``, an unsupported type or Conv2d configuration, a frozen weight, a weight the optimizer
+            does not own) is listed under the module's name; any other parameter with 2+ dimensions (LSTM/GRU
+            weights, MultiheadAttention's packed q/k/v projection, a bare ``nn.Parameter`` used by the
+            module's own code) under the parameter's name. A Parameter shared under several names (tied
+            weights) counts once, at its first name; biases and other 1-D parameters are not listed.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
@@ -286,33 +297,37 @@ class Tracker:
             keep = layers or (lambda name, module: True)
         owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         chosen = []
+        # Every parameter counts once, at its first name in module order: one tied to another's (a shared
+        # embedding, a Parameter assigned to two modules) is already tracked or listed there.
+        seen: set[int] = set()
         for name, module in root.named_modules():
-            if not _has_weight(module):
-                continue
-            if not keep(name, module):
-                self.skipped[name] = "excluded by the layers argument"
-                continue
-            reason = unsupported_reason(module)
-            if reason is None and id(module.weight) not in owned:
-                reason = "its weight is not among the optimizer's parameters"
-            if reason is None and not module.weight.requires_grad:
-                reason = "its weight does not require grad (frozen)"
-            if reason is not None:
-                self.skipped[name] = reason
-            else:
-                chosen.append((name, module))
+            if _has_weight(module):
+                reason = _module_reason(name, module, keep, owned)
+                if reason is None:
+                    chosen.append((name, module))
+                elif id(module.weight) not in seen:
+                    self.skipped[name] = reason
+                seen.add(id(module.weight))
+            # The module's other matrices (LSTM, MultiheadAttention, a bare Parameter of custom code): no
+            # layer call lipfast can capture, so they are listed rather than left out silently. 1-D ones
+            # (biases, norm scales) are no operator norm.
+            for pname, param in module.named_parameters(prefix=name, recurse=False):
+                if id(param) not in seen and param.dim() >= 2:
+                    self.skipped[pname] = _parameter_reason(module, pname.rpartition(".")[2])
+                seen.add(id(param))
         if not chosen:
-            detail = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped.items()) or "it has no modules with weights"
+            detail = ("not tracked, by reason:\n  " + "\n  ".join(_by_reason(self.skipped)) if self.skipped
+                      else "it has no modules with weights and no parameters with 2+ dimensions")
             if any("not among the optimizer" in r for r in self.skipped.values()):
                 raise ValueError("Tracker: the optimizer does not own the weights of the model's layers; pass the "
-                                 f"optimizer that trains this model ({detail})")
+                                 f"optimizer that trains this model; {detail}")
             raise ValueError(f"Tracker: the model has no layer lipfast can track (Linear, Conv2d with groups=1); {detail}")
         return chosen
 
     def _announce(self, root: nn.Module, optimizer) -> None:
-        if self.skipped:
-            logger.warning("lipfast: not tracking %d module(s) with weights: %s", len(self.skipped),
-                           "; ".join(f"{n}: {r}" for n, r in self.skipped.items()))
+        if self.skipped:  # one line per reason: a ResNet's 20 BatchNorms make one short line
+            logger.warning("lipfast: not tracking %d module(s) or parameter(s) (see tracker.skipped), by reason:"
+                           "\n  %s", len(self.skipped), "\n  ".join(_by_reason(self.skipped)))
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in root.modules()):
             warnings.warn(
                 "lipfast: the model has BatchNorm layers; in training mode they couple the samples of a batch, "
@@ -743,6 +758,44 @@ class Tracker:
 
 def _has_weight(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), Tensor)
+
+
+def _module_reason(name: str, module: nn.Module, keep, owned: set[int]) -> str | None:
+    """Why a module with a ``weight`` is not tracked, or None when it is."""
+    if not keep(name, module):
+        return "excluded by the layers argument"
+    reason = unsupported_reason(module)
+    if reason is None and id(module.weight) not in owned:
+        reason = "its weight is not among the optimizer's parameters"
+    if reason is None and not module.weight.requires_grad:
+        reason = "its weight does not require grad (frozen)"
+    return reason
+
+
+def _parameter_reason(module: nn.Module, pname: str) -> str:
+    """Why a parameter with 2+ dimensions that is not a module's ``weight`` is not tracked."""
+    if isinstance(module, nn.RNNBase):
+        return f"a recurrent layer's weight ({type(module).__name__}): not supported"
+    if isinstance(module, nn.MultiheadAttention):
+        part = {"in_proj_weight": "packed q/k/v projection", "q_proj_weight": "separate q/k/v projections",
+                "k_proj_weight": "separate q/k/v projections", "v_proj_weight": "separate q/k/v projections"}
+        return f"MultiheadAttention's {part.get(pname, pname)}: not supported yet"
+    if isinstance(module, parametrize.ParametrizationList):
+        return "the original of a parametrized weight (torch.nn.utils.parametrize): not supported"
+    return "a bare Parameter used by the module's own code: lipfast sees no layer call to capture"
+
+
+def _by_reason(skipped: dict[str, str]) -> list[str]:
+    """One line per reason, in order of first appearance: the reason, the count and the names (the first 3
+    and how many more, when there are more than 4)."""
+    groups: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        groups.setdefault(reason, []).append(name or "<root>")
+    lines = []
+    for reason, names in groups.items():
+        shown = ", ".join(names) if len(names) <= 4 else ", ".join(names[:3]) + f" … and {len(names) - 3} more"
+        lines.append(f"{reason} — {len(names)}: {shown}")
+    return lines
 
 
 def _log(x: float) -> float:

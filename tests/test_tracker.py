@@ -621,6 +621,136 @@ def test_unsupported_modules_are_skipped_and_logged(caplog):
     tracker.close()
 
 
+LSTM = "a recurrent layer's weight (LSTM): not supported"
+BARE = "a bare Parameter used by the module's own code: lipfast sees no layer call to capture"
+LAYER_NORM = "LayerNorm is not a supported layer type (Linear, Conv2d)"
+
+
+class RecurrentNet(nn.Module):
+    """A two-layer LSTM (weights weight_ih_l0, weight_hh_l0, ... : no `weight`) and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5, num_layers=2, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+class BareProjection(nn.Module):
+    """Custom code that multiplies by its own 2-D Parameter (no layer call to capture)."""
+
+    def __init__(self, n=4, m=5):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(n, m, dtype=torch.float64))
+        self.scale = nn.Parameter(torch.ones(m, dtype=torch.float64))  # 1-D: not listed
+
+    def forward(self, x):
+        return (x @ self.proj) * self.scale
+
+
+def test_multihead_attention_projection_is_listed():
+    model = nn.Sequential()
+    model.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(6, 2, 8, batch_first=True), 1,
+                                          enable_nested_tensor=False)
+    model.cross = nn.MultiheadAttention(6, 2, kdim=4, vdim=4)  # separate q/k/v weights
+    model.head = nn.Linear(6, 3)
+    tracker = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), **EXACT)
+    # out_proj is a Linear subclass: kept as a tracked layer, as before.
+    assert list(tracker.captures) == ["encoder.layers.0.self_attn.out_proj", "encoder.layers.0.linear1",
+                                      "encoder.layers.0.linear2", "cross.out_proj", "head"]
+    separate = "MultiheadAttention's separate q/k/v projections: not supported yet"
+    assert tracker.skipped == {
+        "encoder.layers.0.self_attn.in_proj_weight": "MultiheadAttention's packed q/k/v projection: not supported yet",
+        "encoder.layers.0.norm1": LAYER_NORM,
+        "encoder.layers.0.norm2": LAYER_NORM,
+        "cross.q_proj_weight": separate,
+        "cross.k_proj_weight": separate,
+        "cross.v_proj_weight": separate,
+    }
+    tracker.close()
+
+
+def test_lstm_weights_are_listed_and_the_linear_tracked():
+    model = RecurrentNet().to(torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = Tracker(model, opt, **EXACT)
+    assert list(tracker.captures) == ["head"]
+    assert tracker.skipped == {"lstm.weight_ih_l0": LSTM, "lstm.weight_hh_l0": LSTM,
+                               "lstm.weight_ih_l1": LSTM, "lstm.weight_hh_l1": LSTM}
+    train_step(model, opt, torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    [record] = tracker.records
+    assert record["layer"] == "head" and record["batch"] == 6 and math.isfinite(record["drift"])
+    tracker.close()
+
+
+def test_lstm_only_model_names_the_lstm_weights():
+    model = nn.Sequential()
+    model.emb = nn.Embedding(10, 4)
+    model.gru = nn.GRU(4, 5)
+    model.lstm = nn.LSTM(5, 5)
+    with pytest.raises(ValueError, match=(
+            r"no layer lipfast can track \(Linear, Conv2d with groups=1\); not tracked, by reason:\n"
+            r"  Embedding is not a supported layer type \(Linear, Conv2d\) — 1: emb\n"
+            r"  a recurrent layer's weight \(GRU\): not supported — 2: gru.weight_ih_l0, gru.weight_hh_l0\n"
+            r"  a recurrent layer's weight \(LSTM\): not supported — 2: lstm.weight_ih_l0, lstm.weight_hh_l0$")):
+        Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_bare_parameters_are_listed_under_their_qualified_names():
+    model = nn.Sequential(nn.Linear(3, 4), BareProjection()).to(torch.float64)
+    model.register_parameter("mix", nn.Parameter(torch.eye(5, dtype=torch.float64)))  # the root's own
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = Tracker(model, opt, **EXACT)
+    assert list(tracker.captures) == ["0"]
+    assert tracker.skipped == {"mix": BARE, "1.proj": BARE}  # the root first (module order); no 1-D scale
+    train_step(model, opt, torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 5, (6,)))
+    assert [r["layer"] for r in tracker.records] == ["0"]
+    tracker.close()
+
+
+def test_tied_weights_are_listed_once():
+    model = nn.Module()
+    model.emb = nn.Embedding(10, 4)
+    model.out = nn.Embedding(10, 4)
+    model.out.weight = model.emb.weight  # two modules, one Parameter
+    model.a, model.b = BareProjection(), BareProjection()
+    model.b.proj = model.a.proj
+    model.fc = nn.Linear(4, 3)
+    tracker = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), **EXACT)
+    assert list(tracker.captures) == ["fc"]
+    assert tracker.skipped == {"emb": "Embedding is not a supported layer type (Linear, Conv2d)", "a.proj": BARE}
+    tracker.close()
+
+
+def test_the_original_of_a_parametrized_weight_is_listed():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    nn.utils.parametrizations.spectral_norm(model[0])
+    tracker = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), **EXACT)
+    assert list(tracker.captures) == ["2"]
+    assert tracker.skipped["0.parametrizations.weight.original"] == (
+        "the original of a parametrized weight (torch.nn.utils.parametrize): not supported")
+    tracker.close()
+
+
+def test_skipped_modules_are_logged_one_line_per_reason(caplog):
+    blocks = [m for _ in range(6) for m in (nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh())]
+    model = nn.Sequential(*blocks, nn.LayerNorm(4), nn.Linear(4, 3)).to(torch.float64)
+    model[3].weight.requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="lipfast"), pytest.warns(LipfastWarning, match="BatchNorm"):
+        tracker = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), **EXACT)
+    assert len(tracker.skipped) == 8
+    [logged] = [r for r in caplog.records if r.name == "lipfast"]
+    assert logged.getMessage().splitlines() == [
+        "lipfast: not tracking 8 module(s) or parameter(s) (see tracker.skipped), by reason:",
+        "  BatchNorm1d is not a supported layer type (Linear, Conv2d) — 6: 1, 4, 7 … and 3 more",
+        "  its weight does not require grad (frozen) — 1: 3",
+        "  LayerNorm is not a supported layer type (Linear, Conv2d) — 1: 18",
+    ]
+    tracker.close()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Network records
 # ----------------------------------------------------------------------------------------------------
@@ -1034,8 +1164,10 @@ def test_no_per_sample_gradient_is_ever_allocated(memory_profiles):
 def test_model_without_supported_layers():
     model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"no layer lipfast can track \(Linear, Conv2d with groups=1\); "
-                                         r"0: Embedding is not a supported layer type.*1: LayerNorm"):
+    with pytest.raises(ValueError, match=(
+            r"no layer lipfast can track \(Linear, Conv2d with groups=1\); not tracked, by reason:\n"
+            r"  Embedding is not a supported layer type \(Linear, Conv2d\) — 1: 0\n"
+            r"  LayerNorm is not a supported layer type \(Linear, Conv2d\) — 1: 1$")):
         Tracker(model, opt)
     bare = nn.Sequential(nn.Tanh())
     with pytest.raises(ValueError, match="it has no modules with weights"):
@@ -1045,8 +1177,9 @@ def test_model_without_supported_layers():
 def test_optimizer_must_own_the_model_parameters():
     model = mlp()
     other = mlp()
-    with pytest.raises(ValueError, match=r"the optimizer does not own the weights of the model's layers; pass "
-                                         r"the optimizer that trains this model \(0: its weight is not among"):
+    with pytest.raises(ValueError, match=r"the optimizer does not own the weights of the model's layers; pass the "
+                                         r"optimizer that trains this model; not tracked, by reason:\n  its weight is "
+                                         r"not among the optimizer's parameters — 3: 0, 2, 4$"):
         Tracker(model, torch.optim.SGD(other.parameters(), lr=0.1))
     # Partly owned (a frozen-by-omission head): that layer is skipped, the others are tracked.
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("4.")], lr=0.1)
