@@ -9,4 +9,10 @@ namespace lipfast {
 
 inline int64_t block_size(int64_t k, int64_t r) { return std::min(r, k + 1 + std::max<int64_t>(4, k / 2)); }
 
+// Singular pairs whose residuals end a tracker's warm sweeps (lipfast::track_update): σ1 and σ2, which the
+// records' σ1, its accuracy and the gap are read from. The lower pairs only enter the Hessian terms, whose
+// truncation bracket stays valid at any accuracy; waiting for them cost up to the whole sweep budget on flat
+// spectra. The rule of lipfast.functional.TRACKED_PAIRS.
+inline int64_t tracked_pairs(int64_t k) { return std::min<int64_t>(2, k + 1); }
+
 }  // namespace lipfast

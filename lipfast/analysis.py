@@ -7,8 +7,15 @@ For each tracked layer, and for the network's ``log_bound``:
   started from the observed value; a mean and a quantile band per step, and the *coverage*: the
   fraction of observed values (after the start) that lie inside the band. A step whose
   coefficients are NaN (degenerate spectral gap) advances by its observed increment instead.
+* **Unexplained steps.** A layer's step flagged ``crossing`` or ``closure`` (the top singular pair
+  changed identity, or the realised second-order expansion missed the observed change) is not explained
+  by the forces: the layer's band advances by its observed increment there (fallback), and the
+  network's log bound takes that layer's observed log increment in place of its forces (the other
+  layers' forces still drive the step). Every such step is counted.
 * **Pathwise check.** ``Σ_t delta_pred_t`` against ``Σ_t delta_obs_t`` (= ``σ_T − σ_0`` when every
-  step is tracked), the residual and relative residual, over the steps where both are finite.
+  step is tracked), the residual and relative residual, over the steps where both are finite, and the
+  residual split into the part on explained steps and the part on unexplained ones, with the
+  *unexplained share* ``Σ_unexplained |δ_obs − δ_pred| / Σ_all |δ_obs|``.
 * **Forces.** Cumulative drift (term i), cumulative Itô correction (term iii) and the noise scale
   ``sqrt(Σ_t diffusion_var_t)`` (term ii), their shares, and the fraction of degenerate steps.
 
@@ -57,6 +64,46 @@ METHOD_NOTE = (
 
 def _col(rows: list[dict], key: str) -> np.ndarray:
     return np.array([r[key] for r in rows], dtype=np.float64)
+
+
+# A layer step with one of these flags is not explained by the forces (the Tracker documents them).
+UNEXPLAINED_FLAGS = frozenset({"crossing", "closure"})
+
+
+def _is_unexplained(row: dict) -> bool:
+    return not UNEXPLAINED_FLAGS.isdisjoint(str(row.get("flags") or "").split(";"))
+
+
+def _unexplained(rows: list[dict]) -> np.ndarray:
+    return np.array([_is_unexplained(r) for r in rows], dtype=bool)
+
+
+def _explained_only(rows: list[dict], key: str) -> np.ndarray:
+    """Column ``key`` with NaN on unexplained steps (the simulation then uses the observed increment)."""
+    return np.where(_unexplained(rows), np.nan, _col(rows, key))
+
+
+def _network_coefficients(net_rows: list[dict], layer_rows: list[dict]) -> tuple:
+    """The network's (drift, ito, diffusion_var) per step with every unexplained layer step's log-space
+    forces replaced by its observed log increment (deterministic, in the drift), and the number of steps
+    so adjusted. A step whose adjustment is not finite falls back as a whole (NaN coefficients)."""
+    drift, ito, var = _col(net_rows, "drift"), _col(net_rows, "ito"), _col(net_rows, "diffusion_var")
+    index = {int(r["step"]): i for i, r in enumerate(net_rows)}
+    adjusted = set()
+    for r in layer_rows:
+        i = index.get(int(r["step"]))
+        if i is None or not _is_unexplained(r):
+            continue
+        adjusted.add(i)
+        s, s_next = float(r["sigma"]), float(r["sigma_next"])
+        d, it, v = float(r["drift"]), float(r["ito"]), float(r["diffusion_var"])
+        if s > 0 and s_next > 0 and all(map(math.isfinite, (d, it, v))):
+            drift[i] += math.log(s_next / s) - d / s
+            ito[i] -= it / s - 0.5 * v / s**2
+            var[i] = max(var[i] - v / s**2, 0.0)
+        else:
+            drift[i] = ito[i] = var[i] = math.nan
+    return drift, ito, var, len(adjusted)
 
 
 def _sorted_unique(rows: list[dict]) -> list[dict]:
@@ -239,7 +286,9 @@ def pathwise_layer(rows: list[dict]) -> dict[str, Any]:
         ``delta_pred`` and ``delta_obs`` are both finite: ``sum_delta_obs_valid``,
         ``sum_delta_pred``, ``residual`` (obs − pred), ``rel_residual`` (|residual| /
         |Σ obs|); ``step_residual_rms`` and ``step_residual_max_abs`` of the per-step
-        ``residual`` column; the forces ``cum_drift``, ``cum_ito``, ``cum_ito_lo``,
+        ``residual`` column; ``n_unexplained`` (steps flagged ``crossing`` or ``closure``),
+        ``residual_explained`` and ``residual_unexplained`` (Σ δ_obs − δ_pred over the other steps and
+        over those), ``unexplained_share`` (Σ_unexplained |δ_obs − δ_pred| / Σ |δ_obs|); the forces ``cum_drift``, ``cum_ito``, ``cum_ito_lo``,
         ``cum_ito_hi``, ``sum_diffusion_var``, ``noise_scale`` (its square root) and their
         shares ``share_drift``/``share_ito``/``share_noise`` of |drift| + |ito| + noise;
         ``degenerate_fraction`` and ``nonfinite_fraction``. NaN where undefined.
@@ -256,6 +305,9 @@ def pathwise_layer(rows: list[dict]) -> dict[str, Any]:
     rel = abs(residual) / abs(s_obs) if (valid.any() and s_obs != 0) else math.nan
     res = _col(rows, "residual")
     res = res[np.isfinite(res)]
+    unexplained = _unexplained(rows)
+    step_err = np.where(valid, obs - pred, 0.0)
+    total_moved = float(np.abs(obs[np.isfinite(obs)]).sum())
     sigma_start = float(rows[0]["sigma"])
     sigma_end = float(rows[-1]["sigma_next"])
     out = {
@@ -274,6 +326,11 @@ def pathwise_layer(rows: list[dict]) -> dict[str, Any]:
         "rel_residual": rel,
         "step_residual_rms": float(np.sqrt(np.mean(res**2))) if res.size else math.nan,
         "step_residual_max_abs": float(np.max(np.abs(res))) if res.size else math.nan,
+        "n_unexplained": int(unexplained.sum()),
+        "residual_explained": float(step_err[~unexplained].sum()),
+        "residual_unexplained": float(step_err[unexplained].sum()),
+        "unexplained_share": (float(np.abs(step_err[unexplained]).sum()) / total_moved if total_moved > 0
+                              else math.nan),
     }
     out.update(_forces(_col(rows, "drift"), _col(rows, "ito"), _col(rows, "diffusion_var")))
     out["cum_ito_lo"] = _finite_sum(_col(rows, "ito_lo"))
@@ -353,27 +410,23 @@ def simulate_run(
             steps,
             _col(rows, "sigma"),
             _col(rows, "sigma_next"),
-            _col(rows, "drift"),
-            _col(rows, "ito"),
-            _col(rows, "diffusion_var"),
+            _explained_only(rows, "drift"),
+            _explained_only(rows, "ito"),
+            _explained_only(rows, "diffusion_var"),
             _col(rows, "delta_obs"),
             **opts,
         )
+        layers[name]["n_unexplained"] = int(_unexplained(rows).sum())
         pathwise["layers"][name] = pathwise_layer(rows)
     network = None
     net_rows = _sorted_unique(run.network)
     if net_rows:
         lb, lbn = _col(net_rows, "log_bound"), _col(net_rows, "log_bound_next")
-        network = _simulate_series(
-            np.array([r["step"] for r in net_rows], dtype=np.int64),
-            lb,
-            lbn,
-            _col(net_rows, "drift"),
-            _col(net_rows, "ito"),
-            _col(net_rows, "diffusion_var"),
-            lbn - lb,
-            **opts,
-        )
+        layer_rows = [r for rows in _layer_rows(run).values() for r in rows]
+        drift, ito, var, n_adjusted = _network_coefficients(net_rows, layer_rows)
+        network = _simulate_series(np.array([r["step"] for r in net_rows], dtype=np.int64), lb, lbn, drift, ito,
+                                   var, lbn - lb, **opts)
+        network["n_unexplained"] = n_adjusted
         pathwise["network"] = pathwise_network(net_rows)
     return {
         "n_paths": int(n_paths),
@@ -397,6 +450,7 @@ def _series_summary(series: dict[str, Any]) -> dict[str, Any]:
         "coverage": series["coverage"],
         "n_points": series["n_points"],
         "n_fallback": series["n_fallback"],
+        "n_unexplained": series.get("n_unexplained", 0),
         "n_skipped": series["n_skipped"],
         "n_segments": series["n_segments"],
         "consecutive": series["consecutive"],

@@ -183,6 +183,12 @@ def default_tol(dtype: torch.dtype) -> float:
     return _DEFAULT_TOL[dtype]
 
 
+def tracked_pairs(k: int) -> int:
+    """Singular pairs whose residuals end a tracker's warm sweeps (``lipfast::track_update``): σ1 and σ2, that
+    the records' σ1, its accuracy and the gap come from (csrc/block_size.h says why not all k)."""
+    return min(2, k + 1)
+
+
 def block_size(k: int, r: int, oversample: int | None = None) -> int:
     """Columns of the iterated block for k triplets of a matrix of rank <= r (MATH.md §5)."""
     return min(r, k + 1 + (max(4, k // 2) if oversample is None else oversample))

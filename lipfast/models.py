@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "MLP", "SmallCNN", "SmallResNet", "BasicBlock", "build_model"]
+__all__ = ["MODELS", "MLP", "SmallCNN", "SmallResNet", "ResNet18", "BasicBlock", "build_model"]
 
 MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet")
 """Every name :func:`build_model` accepts."""
@@ -214,6 +214,32 @@ class SmallResNet(nn.Module):
             Logits, shape ``[B, n_classes]``.
         """
         return self.head(self.blocks(self.stem(x)))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 in torchvision's layout (He et al. 2016): a 7x7 stride-2 stem with BatchNorm and a 3x3
+    max-pool, four stages of two :class:`BasicBlock` each (64, 128, 256, 512 channels; stride 2 from the
+    second stage on, 1x1 projection shortcuts), global average pool and a ``Linear`` head. 11.2M parameters
+    for 10 classes; the benchmark and test model of a real convnet (without torchvision).
+
+    Shapes: input ``[B, C, H, W]`` (e.g. 3x32x32) -> output ``[B, n_classes]`` (logits).
+    """
+
+    def __init__(self, in_channels: int = 3, n_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
+                                  nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+        stages, channels = [], 64
+        for i, width in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(channels, width, stride, batchnorm=True),
+                                        BasicBlock(width, width, 1, batchnorm=True)))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
 
 
 def build_model(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import block_size
+from .functional import block_size, tracked_pairs
 
 
 def subspace_iteration(W: Tensor, V0: Tensor, k: int, max_iters: int, tol: float, right: Tensor | None = None,
@@ -195,7 +195,7 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
         Un, Sn, Vn, res = Uf[:, :kk], Sa[:kk], Vf[:, :kk], res[:kk]
     else:
         Ui, Si, Vi, resi, it, nexti, W_v1, Wt_u1_new_probe = subspace_iteration(
-            W, basis.to(W.dtype), k + 1, max_iters, tol, v1, u1)
+            W, basis.to(W.dtype), tracked_pairs(k), max_iters, tol, v1, u1)
         kk = k
         sigma_next_new = torch.minimum(Si[k] + resi[k], Si[k - 1])
         basis_new, Wt_u1_new = nexti, nexti[:, 0].to(torch.float64).clone()

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import analysis, runio
 
-__all__ = ["make_report", "make_figures", "summary_table", "FIGURES"]
+__all__ = ["make_report", "make_figures", "summary_table", "trust_warnings", "FIGURES"]
 
 # file name -> caption (HTML-safe: fixed text)
 FIGURES = {
@@ -77,19 +77,49 @@ def _mtext(s: str) -> str:
     return s.replace("$", r"\$")
 
 
-def _coverages(run: runio.Run, sim: dict | None) -> tuple[dict[str, float], float]:
-    """Per-layer and network band coverage from a simulate_run result or summary.json."""
-    if sim is not None:
-        layers = {k: v["coverage"] for k, v in sim.get("layers", {}).items()}
-        net = sim["network"]["coverage"] if sim.get("network") else math.nan
-        return layers, net
-    summary = run.summary or {}
-    if "sde" not in summary:  # the Run may predate `lipfast simulate`: look at the folder now
-        summary = runio.read_summary(run.path) or {}
-    sde = summary.get("sde") or {}
-    layers = {k: _as_float((v or {}).get("coverage")) for k, v in (sde.get("layers") or {}).items()}
-    net = _as_float((sde.get("network") or {}).get("coverage"))
-    return layers, net
+_SDE_KEYS = ("coverage", "n_fallback", "n_unexplained")
+# Thresholds of the warnings printed with the table and shown as banners in the report.
+UNEXPLAINED_WARN = 0.10
+COVERAGE_WARN = 0.50
+
+
+def _sde_info(run: runio.Run, sim: dict | None) -> tuple[dict[str, dict], dict]:
+    """Per-layer and network band coverage, fallback and unexplained step counts (NaN where unknown) from a
+    simulate_run result or summary.json."""
+    def pick(series) -> dict:
+        return {k: _as_float((series or {}).get(k)) for k in _SDE_KEYS}
+
+    if sim is None:
+        summary = run.summary or {}
+        if "sde" not in summary:  # the Run may predate `lipfast simulate`: look at the folder now
+            summary = runio.read_summary(run.path) or {}
+        sim = summary.get("sde") or {}
+    return {k: pick(v) for k, v in (sim.get("layers") or {}).items()}, pick(sim.get("network"))
+
+
+def trust_warnings(run: runio.Run | str | os.PathLike, sim: dict | None = None) -> list[str]:
+    """One sentence per layer whose movement the forces leave more than 10% unexplained, or whose observed
+    σ₁ lies less than half of the time inside its SDE band, with the likely cause."""
+    run = run if isinstance(run, runio.Run) else runio.load_run(run)
+    pw_layers, _ = _pathwise(run)
+    info, _ = _sde_info(run, sim)
+    cause = ("its steps are large against the spectral gap σ₁ − σ₂ (level crossings, or a failed second-order "
+             "expansion): a lower learning rate, or tracking from a later step, would explain more")
+    out = []
+    for name, pw in pw_layers.items():
+        share, cov = pw["unexplained_share"], info.get(name, {}).get("coverage", math.nan)
+        fallback = info.get(name, {}).get("n_fallback", math.nan)
+        if share > UNEXPLAINED_WARN:
+            out.append(f"layer '{name}': {_pct(share)} of its movement is not explained by the forces "
+                       f"({pw['n_unexplained']} of {pw['n_steps']} steps flagged crossing or closure); {cause}")
+        if cov < COVERAGE_WARN:
+            out.append(f"layer '{name}': only {_pct(cov)} of its observed σ₁ lies inside the SDE band "
+                       f"({_count(fallback)} step(s) advanced by the observed increment); {cause}")
+    return out
+
+
+def _count(x: float) -> str:
+    return str(int(x)) if math.isfinite(x) else "n/a"
 
 
 def _pathwise(run: runio.Run) -> tuple[dict[str, dict], dict | None]:
@@ -118,8 +148,9 @@ def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -
     """
     run = run if isinstance(run, runio.Run) else runio.load_run(run)
     pw_layers, pw_net = _pathwise(run)
-    cov_layers, cov_net = _coverages(run, sim)
-    header = ["layer", "sigma start -> end", "drift", "ito", "noise", "pathwise resid", "coverage"]
+    info, net_info = _sde_info(run, sim)
+    header = ["layer", "sigma start -> end", "drift", "ito", "noise", "pathwise resid", "unexplained (steps)",
+              "coverage", "fallback"]
     rows = []
     for name, pw in pw_layers.items():
         rows.append([
@@ -129,7 +160,9 @@ def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -
             _pct(pw["share_ito"]),
             _pct(pw["share_noise"]),
             _pct(pw["rel_residual"], 2),
-            _pct(cov_layers.get(name, math.nan)),
+            f"{_pct(pw['unexplained_share'], 1)} ({pw['n_unexplained']})",
+            _pct(info.get(name, {}).get("coverage", math.nan)),
+            _count(info.get(name, {}).get("n_fallback", math.nan)),
         ])  # fmt: skip
     if pw_net is not None:
         rows.append([
@@ -139,7 +172,9 @@ def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -
             _pct(pw_net["share_ito"]),
             _pct(pw_net["share_noise"]),
             "",
-            _pct(cov_net),
+            f"({_count(net_info['n_unexplained'])})",
+            _pct(net_info["coverage"]),
+            _count(net_info["n_fallback"]),
         ])  # fmt: skip
     if not rows:
         return f"{run.path}: no records"
@@ -153,7 +188,10 @@ def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -
     out = [line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     out.append("shares of |cum drift| + |cum ito| + sqrt(sum diffusion_var); pathwise resid = "
-               "|sum obs - sum pred| / |sum obs|; coverage = observed inside the SDE band")  # fmt: skip
+               "|sum obs - sum pred| / |sum obs| over every step; unexplained = sum |obs - pred| on steps flagged "
+               "crossing or closure / sum |obs| (their count; network: steps with such a layer); coverage = "
+               "observed inside the SDE band; fallback = steps advanced by the observed increment")  # fmt: skip
+    out += [f"warning: {w}" for w in trust_warnings(run, sim)]
     if run.dropped_lines:
         out.append(f"note: {run.dropped_lines} partial CSV line(s) from an interrupted write "
                    "were ignored")  # fmt: skip
@@ -428,7 +466,7 @@ def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
 
 def _html(run: runio.Run, figs: dict[str, bytes], summary: dict) -> str:
     pw_layers, pw_net = _pathwise(run)
-    cov_layers, cov_net = _coverages(run, None)
+    info, net_info = _sde_info(run, None)
     sde = summary.get("sde") or {}
     q = sde.get("quantiles") or [0.05, 0.95]
     steps = sorted({r["step"] for r in run.layers})
@@ -452,6 +490,7 @@ def _html(run: runio.Run, figs: dict[str, bytes], summary: dict) -> str:
             f'<p class="warn">{run.dropped_lines} partial CSV line(s) left by an interrupted '
             "write were ignored.</p>"
         )
+    parts += [f'<p class="warn">{_e(w)}</p>' for w in trust_warnings(run, None)]
 
     # per-layer table
     rows = []
@@ -464,19 +503,25 @@ def _html(run: runio.Run, figs: dict[str, bytes], summary: dict) -> str:
             f"{_num(pw['noise_scale'])} ({_pct(pw['share_noise'])})",
             f"{_num(pw['sum_delta_pred'])} / {_num(pw['sum_delta_obs_valid'])}",
             _pct(pw["rel_residual"], 2),
-            _pct(cov_layers.get(name, math.nan)),
+            f"{_pct(pw['unexplained_share'], 1)} ({pw['n_unexplained']})",
+            _pct(info.get(name, {}).get("coverage", math.nan)),
+            _count(info.get(name, {}).get("n_fallback", math.nan)),
             _pct(pw["degenerate_fraction"]),
         ])  # fmt: skip
     parts.append("<h2>Per layer</h2>")
     parts.append(_table(
         ["layer", "σ₁ start → end", "Σ drift (share)", "Σ Itô (share)",
-         "noise scale √Σvar (share)", "Σ δ_pred / Σ δ_obs", "pathwise residual",
-         f"band coverage ({_e(_pct(q[0], 0))}–{_e(_pct(q[1], 0))})", "degenerate steps"],
+         "noise scale √Σvar (share)", "Σ δ_pred / Σ δ_obs", "pathwise residual", "unexplained (steps)",
+         f"band coverage ({_e(_pct(q[0], 0))}–{_e(_pct(q[1], 0))})", "SDE fallback steps", "flagged steps"],
         rows,
     ))  # fmt: skip
     parts.append(
         '<p class="meta">Shares are of |Σ drift| + |Σ Itô| + √Σ diffusion_var. The pathwise '
-        "residual is |Σ δ_obs − Σ δ_pred| / |Σ δ_obs| over the steps where both are finite. "
+        "residual is |Σ δ_obs − Σ δ_pred| / |Σ δ_obs| over the steps where both are finite (every step "
+        "but those with σ₁ = σ₂ or non-finite values). Unexplained: Σ |δ_obs − δ_pred| over the steps "
+        "flagged <code>crossing</code> or <code>closure</code>, over Σ |δ_obs|, with their count; the "
+        "band advances by the observed increment there (SDE fallback steps). Flagged steps: any of "
+        "<code>small_gap</code>, <code>large_step</code>, <code>crossing</code>, <code>closure</code>. "
         "Band coverage is the fraction of observed values inside the simulated band (block "
         "starts excluded).</p>"
     )
@@ -484,13 +529,13 @@ def _html(run: runio.Run, figs: dict[str, bytes], summary: dict) -> str:
         parts.append("<h2>Network</h2>")
         parts.append(_table(
             ["quantity", "log bound start → end", "Σ drift (share)", "Σ Itô (share)",
-             "noise scale (share)", "band coverage"],
+             "noise scale (share)", "steps with an unexplained layer", "band coverage", "SDE fallback steps"],
             [["Σ<sub>ℓ</sub> log σ<sub>ℓ</sub>",
               f"{_num(pw_net['log_bound_start'])} → {_num(pw_net['log_bound_end'])}",
               f"{_num(pw_net['cum_drift'])} ({_pct(pw_net['share_drift'])})",
               f"{_num(pw_net['cum_ito'])} ({_pct(pw_net['share_ito'])})",
               f"{_num(pw_net['noise_scale'])} ({_pct(pw_net['share_noise'])})",
-              _pct(cov_net)]],
+              _count(net_info["n_unexplained"]), _pct(net_info["coverage"]), _count(net_info["n_fallback"])]],
         ))  # fmt: skip
 
     parts.append("<h2>Figures</h2>")

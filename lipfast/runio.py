@@ -56,8 +56,11 @@ SCHEMA_VERSION = 1
 LAYER_COLUMNS = [
     "step", "layer", "kind", "m", "n", "batch", "lr", "sigma", "sigma2", "sigma_next",
     "delta_obs", "first_order", "second_order", "delta_pred", "drift", "diffusion_var",
-    "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "nonfinite", "flags",
+    "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flags",
 ]  # fmt: skip
+# Columns later versions added: a run folder written before them still loads, with NaN in them (it cannot
+# be resumed: its rows would mix two layouts).
+_ADDED_COLUMNS = frozenset({"sigma_err"})
 NETWORK_COLUMNS = [
     "step", "log_bound", "log_bound_next", "drift", "diffusion_var", "ito", "loss", "train_acc",
 ]  # fmt: skip
@@ -399,11 +402,12 @@ def _read_csv(path: Path, columns: list[str]) -> tuple[list[dict], int]:
     lines = text.split("\n")[:-1]  # data ends with "\n"
     reader = csv.reader(lines)
     header = next(reader)
-    if header != columns:
+    if header != columns and header != [c for c in columns if c not in _ADDED_COLUMNS]:
         raise RunFolderError(
             f"{path}: unexpected CSV header {header!r}; this lipfast expects {columns!r}"
         )
-    ncol = len(columns)
+    missing = {c: math.nan for c in columns if c not in header}
+    ncol = len(header)
     rows = []
     for lineno, cells in enumerate(reader, start=2):
         if len(cells) != ncol:
@@ -411,7 +415,8 @@ def _read_csv(path: Path, columns: list[str]) -> tuple[list[dict], int]:
                 f"{path}, line {lineno}: expected {ncol} fields, found {len(cells)}"
             )
         try:
-            rows.append({c: _parse_cell(c, s) for c, s in zip(columns, cells)})
+            row = {c: _parse_cell(c, s) for c, s in zip(header, cells)}
+            rows.append({c: row[c] if c in row else missing[c] for c in columns})
         except ValueError as exc:
             raise RunFolderError(f"{path}, line {lineno}: {exc}") from None
     return rows, dropped

@@ -39,14 +39,21 @@ from .functional import (Spectrum, block_size, compute_spectrum, default_tol, ne
 from .instrument import Hook, LayerCapture, unsupported_reason
 from .optim import StepCoefficients, step_coefficients
 
-__all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS"]
+__all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS", "TRUST_FLAGS"]
 
 logger = logging.getLogger("lipfast")
 
 LAYER_FIELDS = ("step", "layer", "kind", "m", "n", "batch", "lr", "sigma", "sigma2", "sigma_next",
                 "delta_obs", "first_order", "second_order", "delta_pred", "drift", "diffusion_var",
-                "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "nonfinite", "flags")
+                "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flags")
 NETWORK_FIELDS = ("step", "log_bound", "log_bound_next", "drift", "diffusion_var", "ito", "loss", "train_acc")
+# Flags that say a step's expansion is not to be trusted; ``degenerate`` is true when any is set (Tracker docs).
+TRUST_FLAGS = ("unconverged", "small_gap", "large_step", "crossing", "closure")
+# ``sigma_err`` above this share of σ1 flags a record ``unconverged``: its σ1 may be that far off.
+SIGMA_RTOL = 1e-3
+# The closure test's absolute floor, relative to σ1: below it |delta_obs − delta_pred| is rounding of a
+# float32 spectrum (eps32·√(m+n)-level), not a failed expansion.
+CLOSURE_FLOOR = 1e-6
 _FORCE_FIELDS = ("first_order", "second_order", "delta_pred", "drift", "diffusion_var", "ito", "ito_lo", "ito_hi")
 _STATE_FORMAT = 1
 NAN = float("nan")
@@ -127,6 +134,31 @@ def _zero(device: torch.device) -> Tensor:
     return _ZERO[device]
 
 
+def _top_pair_overlap(before: Spectrum, after: Spectrum | None, device: torch.device) -> Tensor:
+    """``[|u1ᵀu1'|, |v1ᵀv1'|]`` of the top singular pair before and after the step (float64, unread): near 1
+    when the step moved the pair a little, near 0 when another pair took the top (a level crossing)."""
+    if after is None:
+        return torch.full((2,), NAN, dtype=torch.float64, device=device)
+    return torch.stack((before.U[:, 0] @ after.U[:, 0], before.V[:, 0] @ after.V[:, 0])).abs().double()
+
+
+def _top_residuals(spec: Spectrum, device: torch.device) -> Tensor:
+    """``[r1, r2]``: the residuals of the top two singular pairs (r2 = r1 when only one is kept), unread."""
+    res = spec.residuals[:2].to(device, torch.float64)
+    return res if res.numel() == 2 else res.repeat(2)
+
+
+def _sigma_error(theta1: float, theta2: float, r1: float, r2: float) -> float:
+    """How far the Ritz value θ1 can be from its singular value, from what the iteration has.
+
+    ``W v1 = θ1 u1`` exactly and ``‖Wᵀu1 − θ1 v1‖ = r1``: [u1; v1]/√2 is a Ritz vector of [[0, W], [Wᵀ, 0]]
+    with residual r1/√2, so a singular value lies within r1 of θ1, and (Kato–Temple) within
+    r1²/(2δ) when no other one is within δ of θ1. With the second pair's interval, δ ≥ θ1 − θ2 − r2.
+    """
+    delta = theta1 - theta2 - r2
+    return min(r1, r1 * r1 / (2 * delta)) if delta > r1 else r1
+
+
 def _fingerprint(W: Tensor) -> tuple[float, float]:
     Wd = W.detach().to(torch.float64)
     return float(Wd.sum()), float(Wd.norm())
@@ -155,15 +187,49 @@ class Tracker:
             per-sample losses (sets the per-sample scaling).
         dataset_size: when given, batches are taken as sampled without replacement from this many
             samples, and the noise terms get the factor ``(N − B)/(N − 1)`` (MATH.md §3).
-        gap_tol: relative gap ``(σ1 − σ2)/σ1`` below which a layer's step is ``degenerate``.
-        step_tol: a step is also ``degenerate`` when ``max(‖ΔW v1‖, ‖ΔWᵀu1‖)/(σ1 − σ2)`` exceeds this: the
+        gap_tol: relative gap ``(σ1 − σ2)/σ1`` below which a step is flagged ``small_gap``.
+        step_tol: a step is flagged ``large_step`` when ``max(‖ΔW v1‖, ‖ΔWᵀu1‖)/(σ1 − σ2)`` exceeds this: the
             part of the step that rotates the top singular pair, against the gap (MATH.md §1). It is a
             lower bound of ‖ΔW‖₂ that needs no extra pass over W (the Frobenius norm, MATH.md's cheap upper
-            bound, overstates a mini-batch step's ‖ΔW‖₂ by up to √B and flags most early steps).
-        iters: subspace sweeps per spectrum update (warm start; each sweep is two GEMMs with W and
-            advances the block one power step, so with the default 1 the spectrum keeps converging from
-            step to step while W moves); the first update is cold (up to 100 sweeps, until ``tol``).
-        tol: relative residual that ends the sweeps early (0: always ``iters`` sweeps, no sync).
+            bound, overstates a mini-batch step's ‖ΔW‖₂ by up to √B and flags most early steps); what it
+            misses, the ``closure`` and ``crossing`` flags measure.
+        closure_tol: a step is flagged ``closure`` when ``|delta_obs − delta_pred|`` exceeds
+            ``closure_tol·|delta_obs| + 1e-6·σ1``: the second-order expansion did not explain the step.
+
+    Accuracy: ``sigma_err`` is ``‖Wᵀu1 − σ1 v1‖`` of the record's spectrum (``W v1 = σ1 u1`` holds by
+    construction). ``σ1 = ‖W v1‖`` is never above the true largest singular value, and a singular value of W
+    lies within ``sigma_err`` of it: the largest, unless the warm-started block has lost the top direction
+    altogether (a singular direction outside the block overtaking the top one; then ``crossing`` usually fires
+    on the step it happens).
+
+    Flags (the ``flags`` column, ``;``-separated; ``degenerate`` is true when any of the first five is set):
+
+    - ``unconverged``: ``sigma_err > 1e-3·σ1``: the sweep budget (``iters``) ran out before the top pairs
+      converged; σ1 may be that far off, and the step's terms are read along an inaccurate pair.
+    - ``small_gap``: ``(σ1 − σ2)/σ1 < gap_tol``: the top pair is nearly tied; derivatives are large.
+    - ``large_step``: the step's rotating part is large against the gap (``step_tol``).
+    - ``crossing``: the top singular pair after the step is nearly orthogonal to the one before
+      (``min(|u1ᵀu1'|, |v1ᵀv1'|)² < ½``): another pair took the top, a level crossing that no expansion at
+      the old W describes.
+    - ``closure``: the realised expansion failed (``closure_tol``).
+    - ``unresolved_gap``: σ1 and σ2 cannot be told apart: equal to working precision (8 eps of the spectrum's
+      dtype), or, for an iterated spectrum, closer than σ2's Ritz residual (more sweeps, ``iters``, resolve
+      it). The operator norm is not differentiable at a tie, so the forces are NaN. Everywhere else the forces (``drift``,
+      ``diffusion_var``, ``ito``) and ``delta_pred`` are reported, flagged or not: they are derivatives at
+      the current W.
+    - ``nonfinite``: NaN/Inf in the gradient or the weights after the step (forces NaN).
+    - ``single_sample``: one sample in the step: no noise terms (NaN).
+    - ``sgd_equivalent``: the optimizer is not SGD: the forces are those of an SGD step with its learning
+      rate (``first_order``/``second_order`` use the real update).
+        iters: the sweep budget of a spectrum update: at most this many warm-started subspace sweeps (each
+            two GEMMs with W, one power step of the block), fewer once the top two singular pairs'
+            residuals are below ``tol``·σ1. A spectrum still short of that after ``iters`` sweeps shows in
+            ``sigma_err`` and, past 1e-3·σ1, in the ``unconverged`` flag. The default 16 keeps σ1 of a
+            ResNet-18 trained from its random initialisation within 1e-3 of LAPACK's on every record
+            (``bench/accuracy_resnet18.py``); 1 was the old default: one sweep a step lagged by up to 5% there.
+            The first update is cold (up to 100 sweeps, until ``tol``).
+        tol: relative residual of the top two pairs that ends the sweeps early (default: 1e-4 for float32
+            weights, 1e-8 for float64; 0: always ``iters`` sweeps, no host read of the residuals).
         on_nonfinite: ``"flag"`` (record the step as non-finite, keep training) or ``"raise"``.
         on_record: optional callback ``(layer_records, network_record) -> None`` for each tracked step. On the
             CPU it runs inside that step's ``optimizer.step()``; on CUDA the step's numbers stay on the GPU
@@ -191,11 +257,12 @@ class Tracker:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
                  layers: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
                  loss_reduction: str = "mean", dataset_size: int | None = None, *,
-                 gap_tol: float = 1e-3, step_tol: float = 0.5, iters: int = 1, tol: float | None = None,
+                 gap_tol: float = 1e-3, step_tol: float = 0.5, closure_tol: float = 0.1, iters: int = 16,
+                 tol: float | None = None,
                  on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True,
                  implementation: str = "compiled", records_on: str = "rank0"):
         self._check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol,
-                         iters, on_nonfinite)
+                         closure_tol, iters, on_nonfinite)
         self._group = distributed.attach(model, records_on)  # None unless DDP-wrapped
         self._records_here = self._group is None or self._group.records_here
         self._inflight: distributed.StepBucket | None = None
@@ -210,6 +277,7 @@ class Tracker:
         self.dataset_size = dataset_size
         self.gap_tol = float(gap_tol)
         self.step_tol = float(step_tol)
+        self.closure_tol = float(closure_tol)
         self.iters = iters
         self.tol = tol
         self.on_nonfinite = on_nonfinite
@@ -251,8 +319,8 @@ class Tracker:
 
     # -- attach ----------------------------------------------------------------------------------
     @staticmethod
-    def _check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol, iters,
-                    on_nonfinite) -> None:
+    def _check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol, closure_tol,
+                    iters, on_nonfinite) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Tracker: model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiled_call_impl", None):
@@ -269,7 +337,7 @@ class Tracker:
         if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
                                          or dataset_size < 2):
             raise ValueError(f"Tracker: dataset_size must be None or an int >= 2, got {dataset_size!r}")
-        for name, value in (("gap_tol", gap_tol), ("step_tol", step_tol)):
+        for name, value in (("gap_tol", gap_tol), ("step_tol", step_tol), ("closure_tol", closure_tol)):
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"Tracker: {name} must be a number >= 0, got {value!r}")
         if on_nonfinite not in ("flag", "raise"):
@@ -556,7 +624,9 @@ class Tracker:
         sums = self._reduce(p["sums"])
         stats = stats if stats is not None else torch.full((_N_TRACK_STATS,), NAN, dtype=torch.float64, device=sums.device)
         known = p["known"].reshape(1) if p["known"] is not None else _zero(sums.device)
-        return cap, p, spec_after, (stats, sums, known)
+        # The before-step spectrum's top two residuals ride along unread: the record's sigma_err.
+        res = _top_residuals(p["spec"], sums.device)
+        return cap, p, spec_after, (stats, sums, known, res, _top_pair_overlap(p["spec"], spec_after, sums.device))
 
     def _record(self, cap: LayerCapture, p: dict, spec_after: Spectrum | None, values: list[float] | None,
                 step: int) -> dict:
@@ -566,7 +636,9 @@ class Tracker:
         spec: Spectrum = p["spec"]
         coef: StepCoefficients = p["coef"]
         c = p["c"]
-        update, sums, known = (values[:_N_TRACK_STATS], values[_N_TRACK_STATS:-1], values[-1])
+        update, sums, known = (values[:_N_TRACK_STATS], values[_N_TRACK_STATS:-5], values[-5])
+        r1, r2 = values[-4:-2]  # ‖Wᵀu_j − σ_j v_j‖ of the top two pairs the record's σ1, σ2 come from
+        overlap = min(values[-2:])  # |u1ᵀu1'| and |v1ᵀv1'| of the old and the new top pair
         if spec_after is not None and not update[7] > 0:
             # σ1 after the step NaN: the step left NaN/Inf in W (the CUDA kernel says so with NaN, the CPU
             # kernel raised: _advance gave None). σ1 = 0: W is zero, and so is the warm block it leaves. Either
@@ -587,6 +659,7 @@ class Tracker:
         N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = sums
         N = int(N)
         sigma, sigma2, _ = spec.host
+        sigma_err = _sigma_error(sigma, sigma2, r1, r2)
         flags = []
 
         # The SDE terms of MATH.md §3 from one mini-batch; sums are shifted by K ≈ mean(s) so the
@@ -609,26 +682,41 @@ class Tracker:
                 diffusion = c * c * var_s * w2 * fpc
             ito, ito_lo, ito_hi = k_ito * (h - N * hg), k_ito * (h_lo - N * hg_hi), k_ito * (h_hi - N * hg_lo)
         else:
-            flags.append("single_sample")
             diffusion = ito = ito_lo = ito_hi = NAN
         gap = (sigma - sigma2) / sigma if sigma > 0 else 0.0
         step_ratio = dw_norm / (sigma - sigma2) if sigma > sigma2 else math.inf
-        degenerate = gap < self.gap_tol or step_ratio > self.step_tol
+        delta_obs, delta_pred = sigma_next - sigma, first + second
         nonfinite = not (finite_after and finite_grad)
+        # Why the step's expansion is not to be trusted, each flag from a measurement (the Tracker docs).
+        if sigma_err > SIGMA_RTOL * sigma:
+            flags.append("unconverged")
+        if gap < self.gap_tol:
+            flags.append("small_gap")
+        if step_ratio > self.step_tol:
+            flags.append("large_step")
+        if overlap * overlap < 0.5:  # the new top pair is closer to the old pair's complement than to it
+            flags.append("crossing")
+        if abs(delta_obs - delta_pred) > self.closure_tol * abs(delta_obs) + CLOSURE_FLOOR * sigma:
+            flags.append("closure")
+        degenerate = bool(flags)
         row = dict(step=step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N, lr=coef.lr,
-                   sigma=sigma, sigma2=sigma2, sigma_next=sigma_next, delta_obs=sigma_next - sigma,
-                   first_order=first, second_order=second, delta_pred=first + second, drift=drift,
+                   sigma=sigma, sigma2=sigma2, sigma_next=sigma_next, delta_obs=delta_obs,
+                   first_order=first, second_order=second, delta_pred=delta_pred, drift=drift,
                    diffusion_var=diffusion, ito=ito, ito_lo=ito_lo, ito_hi=ito_hi, gap=gap, degenerate=degenerate,
-                   residual=spec.residual / sigma if sigma > 0 else 0.0, nonfinite=nonfinite, flags="")
-        if degenerate:
-            flags.append("degenerate")
+                   residual=spec.residual / sigma if sigma > 0 else 0.0, sigma_err=sigma_err, nonfinite=nonfinite,
+                   flags="")
         if nonfinite:
             flags.append("nonfinite")
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(f"lipfast: non-finite gradient or weights in layer '{cap.name}' at step "
                                          f"{step} (on_nonfinite='raise')")
-        if degenerate or nonfinite:
+        # The forces are derivatives at the current W: defined wherever σ1 > σ2, whatever the step did.
+        if spec.degenerate or nonfinite:
+            if spec.degenerate:
+                flags.append("unresolved_gap")
             row.update({f: NAN for f in _FORCE_FIELDS})
+        if N == 1:
+            flags.append("single_sample")
         if not coef.exact:
             flags.append("sgd_equivalent")
         row["flags"] = ";".join(flags)

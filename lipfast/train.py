@@ -64,9 +64,10 @@ class TrainConfig:
     noise_seed: int = 0
     rank: int = 8
     every: int = 1
-    iters: int = 1
+    iters: int = 16
     gap_tol: float = 1e-3
     step_tol: float = 0.5
+    closure_tol: float = 0.1
     device: str = "cpu"
     dtype: str = "float32"
     checkpoint_every: int = 50
@@ -114,6 +115,7 @@ class TrainConfig:
         _check(_is_num(self.test_fraction) and 0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
         _check(_is_num(self.gap_tol) and self.gap_tol >= 0, "gap_tol", self.gap_tol, "a number >= 0")
         _check(_is_num(self.step_tol) and self.step_tol > 0, "step_tol", self.step_tol, "a number > 0")
+        _check(_is_num(self.closure_tol) and self.closure_tol >= 0, "closure_tol", self.closure_tol, "a number >= 0")
         _check(self.n_samples is None or (_is_int(self.n_samples) and self.n_samples >= 2), "n_samples", self.n_samples, "an int >= 2")
         _check(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps", self.steps, "an int >= 1")
         _check(self.epochs is None or (_is_int(self.epochs) and self.epochs >= 1), "epochs", self.epochs, "an int >= 1")
@@ -335,7 +337,8 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
         progress.log_bound = net["log_bound_next"]
 
     tracker = Tracker(net, opt, rank=config.rank, every=config.every, dataset_size=n_train,
-                      gap_tol=config.gap_tol, step_tol=config.step_tol, iters=config.iters,
+                      gap_tol=config.gap_tol, step_tol=config.step_tol, closure_tol=config.closure_tol,
+                      iters=config.iters,
                       on_record=on_record, keep_records=False)
     step = 0
     started = time.perf_counter()

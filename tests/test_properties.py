@@ -56,7 +56,7 @@ from torch import nn
 
 import lipfast
 from lipfast import ops, reference
-from lipfast.tracker import LAYER_FIELDS, NETWORK_FIELDS, Tracker
+from lipfast.tracker import LAYER_FIELDS, NETWORK_FIELDS, TRUST_FLAGS, Tracker
 
 F32, F64 = torch.float32, torch.float64
 DTYPES = (F32, F64)
@@ -820,12 +820,12 @@ def test_tracker_records_property(data):
     for r in recs:
         assert set(r) == set(LAYER_FIELDS)
         flags = set(filter(None, r["flags"].split(";")))
-        assert r["degenerate"] == ("degenerate" in flags) and r["nonfinite"] == ("nonfinite" in flags)
+        assert r["degenerate"] == bool(flags & set(TRUST_FLAGS)) and r["nonfinite"] == ("nonfinite" in flags)
         assert not r["nonfinite"], r
         assert r["batch"] == B and math.isfinite(r["sigma"]) and r["sigma"] >= 0
         for f in ("sigma", "sigma2", "sigma_next", "delta_obs", "gap", "residual"):
             assert math.isfinite(r[f]), (f, r)
-        if r["degenerate"]:
+        if "unresolved_gap" in flags:  # σ1 and σ2 cannot be told apart: the only case without forces
             assert all(math.isnan(r[f]) for f in FORCES), r
             continue
         assert ("single_sample" in flags) == single
@@ -856,8 +856,10 @@ def test_tracker_records_property(data):
         sigma = a["sigma"]
         L = a["m"] + a["n"]
         assert abs(sigma - b["sigma"]) <= C_S * eps * sigma * math.sqrt(L)
-        if a["degenerate"] != b["degenerate"]:
-            continue  # a flag at its threshold may flip on rounding; the forces are then NaN on one side
+        if a["degenerate"] or b["degenerate"]:
+            # Flagged steps (small gap, large step, crossing) are as ill-conditioned as their flags say: the
+            # forces are checked finite above and against the dense truth in test_tracker, not to rounding here.
+            continue
         sc = scales[(a["step"], a["layer"])]
         gap = a["gap"] * sigma
         delta = C_S * eps * sigma * math.sqrt(L)

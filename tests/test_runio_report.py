@@ -501,9 +501,10 @@ def test_summary_table(reported_run, tmp_path, steps):
     # before `lipfast simulate` there is no coverage yet
     fresh = runio.load_run(write_run(tmp_path / "fresh", steps[:5]))
     fc1_line = lambda text: next(ln for ln in text.splitlines() if ln.startswith("fc1 "))  # noqa: E731
-    assert fc1_line(report.summary_table(fresh)).endswith("n/a")
+    assert fc1_line(report.summary_table(fresh)).split()[-2:] == ["n/a", "n/a"]  # coverage, fallback steps
     analysis.write_simulation(fresh.path, n_paths=64)  # the Run object predates it
-    assert fc1_line(report.summary_table(fresh)).endswith("%")
+    coverage, fallback = fc1_line(report.summary_table(fresh)).split()[-2:]
+    assert coverage.endswith("%") and fallback.isdigit()
 
 
 def test_missing_matplotlib_is_a_clear_error(tmp_path, steps, monkeypatch):
@@ -512,3 +513,39 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, steps, monkeypatch):
     with pytest.raises(ImportError, match="pip install matplotlib"):
         report.make_report(path)
     assert not (path / "report.html").exists()
+
+
+def test_unexplained_steps_fall_back_and_are_counted(tmp_path):
+    """Layer steps flagged crossing/closure keep their (finite) forces in the records, but the layer's band
+    advances by the observed increment there, the network's log bound takes that layer's observed log
+    increment in place of its log-space forces, and the pathwise residual is split with its counts."""
+    steps = fake_training(n_steps=12, degenerate_at=())
+    crossing = {(3, "fc1"), (7, "fc1"), (7, "fc2")}
+    for rows, _ in steps:
+        for r in rows:
+            if (r["step"], r["layer"]) in crossing:
+                r["delta_pred"] = r["first_order"] = r["delta_obs"] + 0.5   # the expansion missed badly
+                r["second_order"] = 0.0
+                r["flags"], r["degenerate"] = "crossing;closure", True
+    run = runio.load_run(write_run(tmp_path / "run", steps))
+    sim = analysis.simulate_run(run, n_paths=64, seed=0)
+    assert sim["layers"]["fc1"]["n_fallback"] == 2 and sim["layers"]["fc2"]["n_fallback"] == 1
+    assert sim["layers"]["fc1"]["n_unexplained"] == 2 and sim["network"]["n_unexplained"] == 2
+    assert sim["network"]["n_fallback"] == 0  # the network keeps the other layer's forces at those steps
+    # The network's coefficients at step 3: fc1's log-space forces replaced by its observed log increment.
+    net_rows = sorted(run.network, key=lambda r: r["step"])
+    drift, ito, var, n = analysis._network_coefficients(net_rows, run.layers)
+    r1, r2 = (next(r for r in run.layers if r["step"] == 3 and r["layer"] == name) for name in ("fc1", "fc2"))
+    assert n == 2
+    assert drift[3] == pytest.approx(math.log(r1["sigma_next"] / r1["sigma"]) + r2["drift"] / r2["sigma"], rel=1e-12)
+    assert ito[3] == pytest.approx(r2["ito"] / r2["sigma"] - 0.5 * r2["diffusion_var"] / r2["sigma"] ** 2, rel=1e-9)
+    assert var[3] == pytest.approx(r2["diffusion_var"] / r2["sigma"] ** 2, rel=1e-9)
+    pw = sim["pathwise"]["layers"]["fc1"]
+    assert pw["n_unexplained"] == 2 and pw["n_valid"] == 12
+    assert pw["residual_unexplained"] == pytest.approx(-1.0, rel=1e-12)
+    assert pw["residual"] == pytest.approx(pw["residual_explained"] + pw["residual_unexplained"], rel=1e-12)
+    moved = sum(abs(r["delta_obs"]) for r in run.layers if r["layer"] == "fc1")
+    assert pw["unexplained_share"] == pytest.approx(1.0 / moved, rel=1e-12)
+    table = report.summary_table(run, sim)
+    assert any(line.startswith("warning: layer 'fc1':") and "not explained by the forces" in line
+               for line in table.splitlines())

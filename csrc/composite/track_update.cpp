@@ -96,7 +96,7 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
     Wt_u1_new = Vfull.select(1, 0).to(at::kDouble).mul(Sa.select(0, 0));
   } else {
     auto [Ui, Si, Vi, resi, iti, nexti, Wv, Wtu] =
-        call_subspace_iteration(W, basis.to(dtype), k + 1, max_iters, tol, v1, u1);
+        call_subspace_iteration(W, basis.to(dtype), tracked_pairs(k), max_iters, tol, v1, u1);
     Un = Ui.slice(1, 0, k);
     Vn = Vi.slice(1, 0, k);
     Sn = Si.slice(0, 0, k);

@@ -160,7 +160,7 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
     Wt_u1_new = Vfull.select(1, 0).to(at::kDouble).mul(Sa.data_ptr<double>()[0]);  // a float64 .to() is no copy
   } else {
     auto [Ui, Si, Vi, resi, iti, nexti, Wv, Wtu] =
-        subspace_iteration_cpu(W, basis.to(dtype), k + 1, max_iters, tol, v1, u1);
+        subspace_iteration_cpu(W, basis.to(dtype), tracked_pairs(k), max_iters, tol, v1, u1);
     Un = Ui.slice(1, 0, k);
     Vn = Vi.slice(1, 0, k);
     Sn = Si.slice(0, 0, k);
