@@ -9,6 +9,25 @@ Sample grouping: dim 0 of a layer's input is the sample dimension. Calls of a la
 pass of the root model act on the same samples (a layer called twice, weight sharing): their
 contributions to each per-sample gradient add up. Calls from different forward passes (gradient
 accumulation) bring new samples.
+
+What is held when. Beyond what autograd keeps at the same moment, only the tensors of a layer called several
+times in one forward pass, from its backward until that of its first call:
+
+- Plain autograd: a call's input from its forward until its group completes (autograd saves the same storage
+  for the weight gradient until the layer's backward); an output-gradient from its arrival until then (at once
+  for a layer called once per forward pass, inside the hook).
+- Non-reentrant activation checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False``): inside a
+  segment autograd saves through the checkpoint's saved-tensor hooks, which keep a placeholder and recompute
+  the segment during backward. The capture saves its input the same way: :class:`Call` holds the placeholder,
+  and unpacks it when the output-gradient arrives, in backward, where the checkpoint hands over the recomputed
+  input that autograd holds then too. The recomputation runs the layer's forward again inside backward; that
+  call only re-saves the input into the checkpoint's slot (the same saves in the same order as the forward's),
+  it is no new call.
+- Other saved-tensor hooks (``torch.autograd.graph.save_on_cpu``): what the pack hook returned, as autograd.
+- Reentrant checkpointing (``use_reentrant=True``): nothing in the forward, which runs under ``no_grad``; the
+  recomputation in backward is an ordinary forward with grad, whose own backward follows at once, and is
+  captured as one (held as in plain autograd). A layer whose calls of one forward pass it splits is refused
+  (:meth:`LayerCapture._refuse_split`).
 """
 
 from __future__ import annotations
@@ -20,6 +39,48 @@ import torch
 from torch import Tensor, nn
 
 from .functional import Spectrum, conv2d_projections, contract_projections
+
+# ``_saved_tensors_hooks(False)``: the saved-tensor hooks autograd applies right now, (pack, unpack) or None. A
+# private function; where a torch lacks it, a checkpointed segment's inputs are held from the forward on.
+_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda *_: None)
+
+
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
+COMPILE_ADVICE = "Attach the tracker to the uncompiled model (train it eagerly while tracking)."
+
+
+def _raise_compiled(where: str) -> None:
+    raise RuntimeError(
+        f"lipfast: {where} ran under torch.compile while a Tracker is attached; expected an eager forward "
+        "(lipfast's hooks cannot run inside a compiled graph: Dynamo would recompile them every step). "
+        f"{COMPILE_ADVICE} To compile the model, tracker.close() first.")
+
+
+_refuse_compiled = None  # _raise_compiled, made opaque to Dynamo by prepare_compile_refusal
+
+
+def refuse_compiled(where: str) -> None:
+    """Raise :func:`_raise_compiled`'s error from inside a compiled region. A plain ``raise`` there never reaches
+    the user: Dynamo takes it for a graph break and runs the frame eagerly, where ``is_compiling()`` is False and
+    the hook goes on. A function Dynamo must not trace runs eagerly mid-frame, and its exception propagates."""
+    _refuse_compiled(where)
+
+
+def prepare_compile_refusal() -> None:
+    """Make :func:`refuse_compiled` work, once, at attach (outside any compiled region; it needs Dynamo, which
+    the tracker's attach-time check has imported already)."""
+    global _refuse_compiled
+    if _refuse_compiled is None:
+        try:  # under torch.compile(fullgraph=True), Dynamo's own error shows the reason
+            _refuse_compiled = torch.compiler.disable(_raise_compiled, reason="a lipfast Tracker is attached. "
+                                                      + COMPILE_ADVICE)
+        except TypeError:  # a torch without disable(reason=...)
+            _refuse_compiled = torch.compiler.disable(_raise_compiled)
+
 
 try:  # torch.func transforms wrap tensors; a tensor hook on such an output would misfire.
     from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
@@ -50,10 +111,13 @@ def _noop(*args, **kwargs) -> None:
 
 @dataclass
 class Call:
-    """One forward call of a layer: its input, and the output-gradient once backward reaches it."""
+    """One forward call of a layer: its input, and the output-gradient once backward reaches it. Inside a
+    non-reentrant checkpoint the input is not held: ``saved`` is (unpack, what the checkpoint's pack hook
+    returned), unpacked into ``x`` when the gradient arrives."""
 
-    x: Tensor
+    x: Tensor | None
     d: Tensor | None = None
+    saved: tuple | None = None
 
 
 @dataclass
@@ -108,6 +172,7 @@ class LayerCapture:
         self.n = self.weight[0].numel()
         self.owner = owner
         self.groups: dict[int, ForwardGroup] = {}
+        self.reduced: set[int] = set()  # forward ids whose group was reduced since the last step (_refuse_split)
         # per micro-batch: proj, hess, hess_lo, hess_hi [B] and Σ_i G_i v1 [m], Σ_i G_iᵀ u1 [n] (or None)
         self.stats: list[tuple] = []
         self.dropped_calls = 0
@@ -124,6 +189,8 @@ class LayerCapture:
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args, output) -> None:
+        if torch.compiler.is_compiling():
+            refuse_compiled(f"the forward of layer '{self.name}'")
         owner = self.owner
         if not owner.capturing or not torch.is_grad_enabled():
             return
@@ -131,16 +198,47 @@ class LayerCapture:
             return
         if not args or not isinstance(args[0], Tensor):
             return
-        call = Call(x=args[0].detach())
+        x = args[0].detach()
+        hooks = _saved_tensors_hooks(False)
+        if hooks is None:  # the usual case: autograd saves x for the weight gradient; holding it costs nothing
+            if owner.forward_id in self.reduced and in_backward():
+                self._refuse_split()
+            call = Call(x=x)
+        elif in_backward():
+            # A non-reentrant checkpoint recomputing this segment: the call was captured in the forward; save x
+            # into the checkpoint's slot for it (the same order of saves as then), unpacked by _on_grad.
+            hooks[0](x)
+            return
+        else:  # saved-tensor hooks (a checkpoint, save_on_cpu): keep x only as autograd keeps its saved tensors
+            call = Call(x=None, saved=(hooks[1], hooks[0](x)))
         self.groups.setdefault(owner.forward_id, ForwardGroup()).calls.append(call)
         output.register_hook(functools.partial(self._on_grad, owner.forward_id, call))
 
     def _on_grad(self, forward_id: int, call: Call, grad: Tensor) -> None:
-        call.d = grad.detach()
         group = self.groups.get(forward_id)
-        if group is not None and group.complete():
+        if group is None:  # reduced already (a second backward through a retained graph) or dropped
+            return
+        call.d = grad.detach()
+        if call.saved is not None:  # unpacked inside backward, where a checkpoint hands over its recomputation
+            unpack, packed = call.saved
+            call.x, call.saved = unpack(packed), None
+        if group.complete():
             del self.groups[forward_id]
+            self.reduced.add(forward_id)
             self._reduce(group.calls)
+
+    def _refuse_split(self) -> None:
+        """A forward with grad inside backward and no saved-tensor hooks is a reentrant checkpoint's recomputation.
+        Reaching a forward pass whose group this layer has reduced already, it would count the calls as new
+        samples: right for another forward pass run before the same backward, wrong for a layer shared with
+        another checkpoint or the rest of the model (their contributions to each sample's gradient add up)."""
+        raise RuntimeError(
+            f"lipfast: layer '{self.name}' is called in a reentrant activation checkpoint (use_reentrant=True) for "
+            "a forward pass whose other calls of it are already reduced; expected a layer's calls of one forward pass "
+            "inside one reentrant checkpoint. A reentrant checkpoint's forward runs without grad, so the tracker meets "
+            "those calls only as backward recomputes them and cannot tell the same samples (a layer shared across "
+            "checkpoints) from new ones (several forward passes before one backward). Use "
+            "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), which the tracker supports in full.")
 
     # -- statistics --------------------------------------------------------------------------
     def flush(self) -> None:
@@ -152,6 +250,7 @@ class LayerCapture:
             if calls:
                 self._reduce(calls)
         self._drop_groups()
+        self.reduced.clear()
 
     def _reduce(self, calls: list[Call]) -> None:
         with torch.no_grad():
@@ -218,11 +317,12 @@ class LayerCapture:
     def _drop_groups(self) -> None:
         for group in self.groups.values():
             for c in group.calls:
-                c.x = c.d = None
+                c.x = c.d = c.saved = None
         self.groups.clear()
 
     def reset(self) -> None:
         self._drop_groups()
+        self.reduced.clear()
         self.stats = []
 
     def remove(self) -> None:

@@ -36,7 +36,8 @@ from torch.nn.utils import parametrize
 from . import distributed, ops, reference
 from .functional import (Spectrum, block_size, compute_spectrum, default_tol, needs_exact, resize_block,
                          with_host_values)
-from .instrument import Hook, LayerCapture, unsupported_reason
+from .instrument import (COMPILE_ADVICE, Hook, LayerCapture, in_backward, prepare_compile_refusal, refuse_compiled,
+                         unsupported_reason)
 from .optim import StepCoefficients, step_coefficients
 
 __all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS", "TRUST_FLAGS"]
@@ -310,6 +311,7 @@ class Tracker:
         for name, module in chosen:
             self.captures[name] = LayerCapture(name, module, self)
         self._root = root
+        prepare_compile_refusal()  # a forward compiled after attach is refused by the hooks
         self._root_handle = root.register_forward_pre_hook(Hook(self._on_root_forward))
         self._handles = [
             optimizer.register_step_pre_hook(Hook(self._on_step_pre)),
@@ -324,9 +326,8 @@ class Tracker:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Tracker: model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiled_call_impl", None):
-            raise TypeError(
-                "Tracker: model is torch.compile'd; lipfast's tensor hooks would be traced away and record "
-                "nothing. Attach the tracker to the uncompiled model (train it eagerly while tracking).")
+            raise TypeError("Tracker: model is torch.compile'd; lipfast's tensor hooks would be traced away and "
+                            f"record nothing. {COMPILE_ADVICE}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Tracker: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         for name, value, minimum in (("rank", rank, 1), ("every", every, 1), ("iters", iters, 1)):
@@ -412,6 +413,10 @@ class Tracker:
         return not self._closed and self.step % self.every == 0
 
     def _on_root_forward(self, module, args) -> None:
+        if torch.compiler.is_compiling():  # torch.compile(model) after attach, or a compiled training step
+            refuse_compiled("the tracked model's forward")
+        if in_backward():  # a checkpoint recomputing the model's forward: the forward it repeats was counted
+            return
         self.forward_id += 1
         # The backward hooks pass σ_{k+1} of the last step's spectra to the ops as a host number: read the
         # last step back now (on CUDA its copy is queued behind that step's work, so this waits for at most
