@@ -176,6 +176,7 @@ def run_case(name: str, args, min_run_time: float) -> list[H.Result]:
 
     impls.append(variant("plain"))
     impls.append(variant("tracked", "rank 8, every step", rank=8))
+    impls.append(variant("tracked iters=1", "one sweep a step (the old default)", rank=8, iters=1))
     impls.append(variant("tracked every=10", "mean over steps", rank=8, every=10))
     impls.append(variant("reference-tracked", "same algorithm, plain torch", rank=8, implementation="reference"))
     per_sample_bytes = X.shape[0] * sum(p.numel() for p in model.parameters()) * 8  # float64 copies
