@@ -258,7 +258,7 @@ class Tracker:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
                  layers: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
                  loss_reduction: str = "mean", dataset_size: int | None = None, *,
-                 gap_tol: float = 1e-3, step_tol: float = 0.5, closure_tol: float = 0.1, iters: int = 16,
+                 gap_tol: float = 1e-3, step_tol: float = 2.0, closure_tol: float = 0.1, iters: int = 16,
                  tol: float | None = None,
                  on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True,
                  implementation: str = "compiled", records_on: str = "rank0"):

@@ -66,7 +66,7 @@ class TrainConfig:
     every: int = 1
     iters: int = 16
     gap_tol: float = 1e-3
-    step_tol: float = 0.5
+    step_tol: float = 2.0
     closure_tol: float = 0.1
     device: str = "cpu"
     dtype: str = "float32"

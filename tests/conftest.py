@@ -131,3 +131,33 @@ def align_signs(A: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def spectrum_of(W: torch.Tensor, k: int):
     """Float64 LAPACK reference ``(U [m,k], S [k], V [n,k], sigma_next)`` (lipfast.reference)."""
     return lipfast.reference.spectrum_exact(W, k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------
+def profile_memory(run) -> tuple[list[dict], list[dict]]:
+    """``run()`` inside one torch.profiler window with ``profile_memory=True``: (every trace event, the
+    ``[memory]`` events in allocation order). Each memory event carries the CPU allocator's running "Total
+    Allocated", so that total minus its value at the window's start is the live tensor memory of the run."""
+    import gc
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()  # nothing of an earlier run may be freed inside this window (it would offset the total)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.remove(path)
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["args"]["Ev Idx"])
+    assert mem, "the profiler recorded no memory events"
+    return events, mem

@@ -12,12 +12,8 @@
 from __future__ import annotations
 
 import copy
-import gc
 import inspect
-import json
 import math
-import os
-import tempfile
 
 import pytest
 import torch
@@ -25,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from conftest import profile_memory
 from lipfast import Tracker, instrument
 from lipfast.tracker import LAYER_FIELDS, NETWORK_FIELDS
 
@@ -274,20 +271,8 @@ def test_tracker_holds_no_input_autograd_does_not_hold_under_checkpointing(monke
 
 def _peak_live_bytes(run) -> int:
     """Peak of the live CPU tensor memory allocated inside ``run()`` (the profiler's running total)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            mem = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    finally:
-        os.remove(path)
-    mem.sort(key=lambda a: a["Ev Idx"])
+    _, events = profile_memory(run)
+    mem = [e["args"] for e in events]
     start = mem[0]["Total Allocated"] - mem[0]["Bytes"]
     return max(a["Total Allocated"] for a in mem) - start
 

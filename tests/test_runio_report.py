@@ -54,7 +54,7 @@ def fake_training(n_steps=30, layers=("fc1", "fc2"), *, seed=0, degenerate_at=(4
                 "delta_pred": pred, "drift": drift, "diffusion_var": var, "ito": ito,
                 "ito_lo": ito * 0.9, "ito_hi": ito * 1.1,
                 "gap": 1e-5 if degenerate else 0.3 + 0.01 * rng.random(),
-                "degenerate": degenerate, "residual": delta - pred, "nonfinite": False,
+                "degenerate": degenerate, "residual": delta - pred, "sigma_err": 1e-7 * s, "nonfinite": False,
                 "flags": "degenerate" if degenerate else "",
             })  # fmt: skip
             lb += math.log(s)
@@ -549,3 +549,18 @@ def test_unexplained_steps_fall_back_and_are_counted(tmp_path):
     table = report.summary_table(run, sim)
     assert any(line.startswith("warning: layer 'fc1':") and "not explained by the forces" in line
                for line in table.splitlines())
+
+
+def test_a_run_written_before_the_sigma_err_column_still_loads(tmp_path, steps):
+    """layers.csv of an older lipfast (no sigma_err column) loads with NaN there; resuming it is refused."""
+    path = write_run(tmp_path / "old", steps[:3])
+    lines = (path / runio.LAYERS_FILE).read_text().splitlines()
+    header = lines[0].split(",")
+    at = header.index("sigma_err")
+    old = [",".join(c for i, c in enumerate(line.split(",")) if i != at) for line in lines]
+    (path / runio.LAYERS_FILE).write_text("\n".join(old) + "\n")
+    run = runio.load_run(path)
+    assert len(run.layers) == 3 * 2 and all(math.isnan(r["sigma_err"]) for r in run.layers)
+    assert [r["sigma"] for r in run.layers] == [r["sigma"] for rows, _ in steps[:3] for r in rows]
+    with pytest.raises(runio.RunFolderError, match="header"):
+        write_run(path, steps[3:4], resume=True, resume_from_step=3)

@@ -11,12 +11,8 @@ and the coefficients of the fresh gradient in the optimizer's update are derived
 from __future__ import annotations
 
 import copy
-import gc
-import json
 import logging
 import math
-import os
-import tempfile
 
 import pytest
 import torch
@@ -25,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import profile_memory
 from lipfast import LipfastWarning, Tracker, reference
 from lipfast.tracker import LAYER_FIELDS, NETWORK_FIELDS
 from lipfast import tracker as tracker_module
@@ -1048,7 +1045,7 @@ _MEM_B = 512
 
 
 def _profiled_run(tracked: bool, steps: int = 3):
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import record_function
 
     def run():
         torch.manual_seed(0)
@@ -1069,19 +1066,7 @@ def _profiled_run(tracked: bool, steps: int = 3):
         if tracker is not None:
             tracker.close()
 
-    gc.collect()  # nothing of an earlier run may be freed inside this window (it would offset the total)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    finally:
-        os.remove(path)
-    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["args"]["Ev Idx"])
-    assert mem, "the profiler recorded no memory events"
+    events, mem = profile_memory(run)
     start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
     spans = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
              if e.get("ph") == "X" and str(e.get("name", "")).startswith("lipfast_test_")}
