@@ -103,8 +103,9 @@ def trust_warnings(run: runio.Run | str | os.PathLike, sim: dict | None = None) 
     run = run if isinstance(run, runio.Run) else runio.load_run(run)
     pw_layers, _ = _pathwise(run)
     info, _ = _sde_info(run, sim)
-    cause = ("its steps are large against the spectral gap σ₁ − σ₂ (level crossings, or a failed second-order "
-             "expansion): a lower learning rate, or tracking from a later step, would explain more")
+    cause = ("its steps are large against the spectral gap σ₁ − σ₂ (level crossings, or a second-order expansion "
+             "that misses): a lower learning rate, a higher rank (the Hessian's truncated part), or tracking from "
+             "a later step would explain more")
     out = []
     for name, pw in pw_layers.items():
         share, cov = pw["unexplained_share"], info.get(name, {}).get("coverage", math.nan)
