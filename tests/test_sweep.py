@@ -234,7 +234,7 @@ def test_experiments_script_quick(tmp_path):
                            "--figures", str(figures)], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = doc.read_text(encoding="utf-8")
-    for heading in ("## 1. Pathwise", "### 1b. Degenerate", "## 2. Batch size", "## 3. Label noise",
+    for heading in ("## 1. Pathwise", "### 1b. Flagged steps", "## 2. Batch size", "## 3. Label noise",
                     "## 4. Initialisation scale", "## 5. Sampling trajectories", "## 6. Weight decay"):
         assert heading in text, heading
     pngs = sorted(figures.glob("*.png"))
