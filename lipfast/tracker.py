@@ -160,6 +160,14 @@ def _sigma_error(theta1: float, theta2: float, r1: float, r2: float) -> float:
     return min(r1, r1 * r1 / (2 * delta)) if delta > r1 else r1
 
 
+def _unresolved_gap(spec: Spectrum, sigma: float, sigma2: float, r2: float) -> bool:
+    """``spec.degenerate`` from values already on the host (it would read S and the residuals off the device):
+    σ1 and σ2 within 8 eps, σ2 of an iterated spectrum taken as its Ritz value plus residual."""
+    s2 = min(sigma2 + r2, sigma) if spec.iters > 0 and spec.k > 1 else sigma2
+    gap = (sigma - s2) / sigma if sigma > 0 else 0.0
+    return gap <= 8 * torch.finfo(spec.U.dtype).eps
+
+
 def _fingerprint(W: Tensor) -> tuple[float, float]:
     Wd = W.detach().to(torch.float64)
     return float(Wd.sum()), float(Wd.norm())
@@ -196,38 +204,12 @@ class Tracker:
             misses, the ``closure`` and ``crossing`` flags measure.
         closure_tol: a step is flagged ``closure`` when ``|delta_obs − delta_pred|`` exceeds
             ``closure_tol·|delta_obs| + 1e-6·σ1``: the second-order expansion did not explain the step.
-
-    Accuracy: ``sigma_err`` is ``‖Wᵀu1 − σ1 v1‖`` of the record's spectrum (``W v1 = σ1 u1`` holds by
-    construction). ``σ1 = ‖W v1‖`` is never above the true largest singular value, and a singular value of W
-    lies within ``sigma_err`` of it: the largest, unless the warm-started block has lost the top direction
-    altogether (a singular direction outside the block overtaking the top one; then ``crossing`` usually fires
-    on the step it happens).
-
-    Flags (the ``flags`` column, ``;``-separated; ``degenerate`` is true when any of the first five is set):
-
-    - ``unconverged``: ``sigma_err > 1e-3·σ1``: the sweep budget (``iters``) ran out before the top pairs
-      converged; σ1 may be that far off, and the step's terms are read along an inaccurate pair.
-    - ``small_gap``: ``(σ1 − σ2)/σ1 < gap_tol``: the top pair is nearly tied; derivatives are large.
-    - ``large_step``: the step's rotating part is large against the gap (``step_tol``).
-    - ``crossing``: the top singular pair after the step is nearly orthogonal to the one before
-      (``min(|u1ᵀu1'|, |v1ᵀv1'|)² < ½``): another pair took the top, a level crossing that no expansion at
-      the old W describes.
-    - ``closure``: the realised expansion failed (``closure_tol``).
-    - ``unresolved_gap``: σ1 and σ2 cannot be told apart: equal to working precision (8 eps of the spectrum's
-      dtype), or, for an iterated spectrum, closer than σ2's Ritz residual (more sweeps, ``iters``, resolve
-      it). The operator norm is not differentiable at a tie, so the forces are NaN. Everywhere else the forces (``drift``,
-      ``diffusion_var``, ``ito``) and ``delta_pred`` are reported, flagged or not: they are derivatives at
-      the current W.
-    - ``nonfinite``: NaN/Inf in the gradient or the weights after the step (forces NaN).
-    - ``single_sample``: one sample in the step: no noise terms (NaN).
-    - ``sgd_equivalent``: the optimizer is not SGD: the forces are those of an SGD step with its learning
-      rate (``first_order``/``second_order`` use the real update).
         iters: the sweep budget of a spectrum update: at most this many warm-started subspace sweeps (each
             two GEMMs with W, one power step of the block), fewer once the top two singular pairs'
             residuals are below ``tol``·σ1. A spectrum still short of that after ``iters`` sweeps shows in
             ``sigma_err`` and, past 1e-3·σ1, in the ``unconverged`` flag. The default 16 keeps σ1 of a
             ResNet-18 trained from its random initialisation within 1e-3 of LAPACK's on every record
-            (``bench/accuracy_resnet18.py``); 1 was the old default: one sweep a step lagged by up to 5% there.
+            (``bench/accuracy_resnet18.py``); 1, the old default, let σ1 lag by up to 65% there.
             The first update is cold (up to 100 sweeps, until ``tol``).
         tol: relative residual of the top two pairs that ends the sweeps early (default: 1e-4 for float32
             weights, 1e-8 for float64; 0: always ``iters`` sweeps, no host read of the residuals).
@@ -243,6 +225,32 @@ class Tracker:
             :mod:`lipfast.reference`: the same algorithm, for cross-checks and benchmarks).
         records_on: under DDP, ``"rank0"`` (records and ``on_record`` on rank 0 of the process group
             only) or ``"all"`` (every rank keeps the same global records). Every rank computes them.
+
+    Accuracy: ``W v1 = σ1 u1`` holds by construction, so ``σ1 = ‖W v1‖`` is never above the true largest
+    singular value; ``sigma_err`` is a Kato–Temple bound from the top two pairs' residuals
+    ``‖Wᵀu_j − σ_j v_j‖`` (:func:`_sigma_error`): a singular value of W lies within it of σ1, the largest
+    unless the warm-started block has lost the top direction altogether (a singular direction outside the
+    block overtaking the top one; then ``crossing`` usually fires on the step it happens).
+
+    Flags (the ``flags`` column, ``;``-separated; ``degenerate`` is true when any of the first five is set):
+
+    - ``unconverged``: ``sigma_err > 1e-3·σ1``: the sweep budget (``iters``) ran out before the top pairs
+      converged; σ1 may be that far off, and the step's terms are read along an inaccurate pair.
+    - ``small_gap``: ``(σ1 − σ2)/σ1 < gap_tol``: the top pair is nearly tied; derivatives are large.
+    - ``large_step``: the step's rotating part is large against the gap (``step_tol``).
+    - ``crossing``: the top singular pair after the step is nearly orthogonal to the one before
+      (``min(|u1ᵀu1'|, |v1ᵀv1'|)² < ½``): another pair took the top, a level crossing that no expansion at
+      the old W describes.
+    - ``closure``: the realised expansion failed (``closure_tol``).
+    - ``unresolved_gap``: σ1 and σ2 cannot be told apart: equal to working precision (8 eps of the spectrum's
+      dtype), or, for an iterated spectrum, closer than σ2's Ritz residual (more sweeps, ``iters``, resolve
+      it). The operator norm is not differentiable at a tie, so the forces are NaN. Everywhere else the
+      forces (``drift``, ``diffusion_var``, ``ito``) and ``delta_pred`` are reported, flagged or not: they
+      are derivatives at the current W.
+    - ``nonfinite``: NaN/Inf in the gradient or the weights after the step (forces NaN).
+    - ``single_sample``: one sample in the step: no noise terms (NaN).
+    - ``sgd_equivalent``: the optimizer is not SGD: the forces are those of an SGD step with its learning
+      rate (``first_order``/``second_order`` use the real update).
 
     Attributes:
         captures: the tracked layers, ``{qualified name: LayerCapture}`` in module order.
@@ -716,8 +724,9 @@ class Tracker:
                 raise FloatingPointError(f"lipfast: non-finite gradient or weights in layer '{cap.name}' at step "
                                          f"{step} (on_nonfinite='raise')")
         # The forces are derivatives at the current W: defined wherever σ1 > σ2, whatever the step did.
-        if spec.degenerate or nonfinite:
-            if spec.degenerate:
+        tied = _unresolved_gap(spec, sigma, sigma2, r2)
+        if tied or nonfinite:
+            if tied:
                 flags.append("unresolved_gap")
             row.update({f: NAN for f in _FORCE_FIELDS})
         if N == 1:
