@@ -78,9 +78,9 @@ def _unexplained(rows: list[dict]) -> np.ndarray:
     return np.array([_is_unexplained(r) for r in rows], dtype=bool)
 
 
-def _explained_only(rows: list[dict], key: str) -> np.ndarray:
+def _explained_only(rows: list[dict], key: str, unexplained: np.ndarray) -> np.ndarray:
     """Column ``key`` with NaN on unexplained steps (the simulation then uses the observed increment)."""
-    return np.where(_unexplained(rows), np.nan, _col(rows, key))
+    return np.where(unexplained, np.nan, _col(rows, key))
 
 
 def _network_coefficients(net_rows: list[dict], layer_rows: list[dict]) -> tuple:
@@ -288,7 +288,8 @@ def pathwise_layer(rows: list[dict]) -> dict[str, Any]:
         |Σ obs|); ``step_residual_rms`` and ``step_residual_max_abs`` of the per-step
         ``residual`` column; ``n_unexplained`` (steps flagged ``crossing`` or ``closure``),
         ``residual_explained`` and ``residual_unexplained`` (Σ δ_obs − δ_pred over the other steps and
-        over those), ``unexplained_share`` (Σ_unexplained |δ_obs − δ_pred| / Σ |δ_obs|); the forces ``cum_drift``, ``cum_ito``, ``cum_ito_lo``,
+        over those), ``unexplained_share`` (Σ_unexplained |δ_obs − δ_pred| / Σ |δ_obs|); the forces
+        ``cum_drift``, ``cum_ito``, ``cum_ito_lo``,
         ``cum_ito_hi``, ``sum_diffusion_var``, ``noise_scale`` (its square root) and their
         shares ``share_drift``/``share_ito``/``share_noise`` of |drift| + |ito| + noise;
         ``degenerate_fraction`` and ``nonfinite_fraction``. NaN where undefined.
@@ -406,17 +407,18 @@ def simulate_run(
     pathwise: dict[str, Any] = {"layers": {}, "network": None}
     for name, rows in _layer_rows(run).items():
         steps = np.array([r["step"] for r in rows], dtype=np.int64)
+        unexplained = _unexplained(rows)
         layers[name] = _simulate_series(
             steps,
             _col(rows, "sigma"),
             _col(rows, "sigma_next"),
-            _explained_only(rows, "drift"),
-            _explained_only(rows, "ito"),
-            _explained_only(rows, "diffusion_var"),
+            _explained_only(rows, "drift", unexplained),
+            _explained_only(rows, "ito", unexplained),
+            _explained_only(rows, "diffusion_var", unexplained),
             _col(rows, "delta_obs"),
             **opts,
         )
-        layers[name]["n_unexplained"] = int(_unexplained(rows).sum())
+        layers[name]["n_unexplained"] = int(unexplained.sum())
         pathwise["layers"][name] = pathwise_layer(rows)
     network = None
     net_rows = _sorted_unique(run.network)

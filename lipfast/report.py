@@ -101,8 +101,11 @@ def trust_warnings(run: runio.Run | str | os.PathLike, sim: dict | None = None) 
     """One sentence per layer whose movement the forces leave more than 10% unexplained, or whose observed
     σ₁ lies less than half of the time inside its SDE band, with the likely cause."""
     run = run if isinstance(run, runio.Run) else runio.load_run(run)
-    pw_layers, _ = _pathwise(run)
-    info, _ = _sde_info(run, sim)
+    return _trust_lines(_pathwise(run)[0], _sde_info(run, sim)[0])
+
+
+def _trust_lines(pw_layers: dict[str, dict], info: dict[str, dict]) -> list[str]:
+    """:func:`trust_warnings` from the pathwise checks and SDE summaries the caller already has."""
     cause = ("its steps are large against the spectral gap σ₁ − σ₂ (level crossings, or a second-order expansion "
              "that misses): a lower learning rate, a higher rank (the Hessian's truncated part), or tracking from "
              "a later step would explain more")
@@ -192,7 +195,7 @@ def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -
                "|sum obs - sum pred| / |sum obs| over every step; unexplained = sum |obs - pred| on steps flagged "
                "crossing or closure / sum |obs| (their count; network: steps with such a layer); coverage = "
                "observed inside the SDE band; fallback = steps advanced by the observed increment")  # fmt: skip
-    out += [f"warning: {w}" for w in trust_warnings(run, sim)]
+    out += [f"warning: {w}" for w in _trust_lines(pw_layers, info)]
     if run.dropped_lines:
         out.append(f"note: {run.dropped_lines} partial CSV line(s) from an interrupted write "
                    "were ignored")  # fmt: skip
@@ -491,7 +494,7 @@ def _html(run: runio.Run, figs: dict[str, bytes], summary: dict) -> str:
             f'<p class="warn">{run.dropped_lines} partial CSV line(s) left by an interrupted '
             "write were ignored.</p>"
         )
-    parts += [f'<p class="warn">{_e(w)}</p>' for w in trust_warnings(run, None)]
+    parts += [f'<p class="warn">{_e(w)}</p>' for w in _trust_lines(pw_layers, info)]
 
     # per-layer table
     rows = []
@@ -522,7 +525,7 @@ def _html(run: runio.Run, figs: dict[str, bytes], summary: dict) -> str:
         "but those with σ₁ = σ₂ or non-finite values). Unexplained: Σ |δ_obs − δ_pred| over the steps "
         "flagged <code>crossing</code> or <code>closure</code>, over Σ |δ_obs|, with their count; the "
         "band advances by the observed increment there (SDE fallback steps). Flagged steps: any of "
-        "<code>small_gap</code>, <code>large_step</code>, <code>crossing</code>, <code>closure</code>. "
+        "<code>unconverged</code>, <code>small_gap</code>, <code>large_step</code>, <code>crossing</code>, <code>closure</code>. "
         "Band coverage is the fraction of observed values inside the simulated band (block "
         "starts excluded).</p>"
     )
