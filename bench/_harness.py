@@ -1,4 +1,4 @@
-"""Shared pieces of lipfast's benchmark scripts (STYLE.md §6): a common command line, frozen
+"""Shared pieces of lipfast's benchmark scripts: a common command line, frozen
 ``Config``/``Result`` records, a ``torch.utils.benchmark`` timing helper, a guarded ``torch.compile``,
 and a Markdown table printer.
 

@@ -56,7 +56,7 @@ def run(iters: int | None, steps: int, check_every: int) -> dict:
     tracker.close()
     errors = [((exact[(r["step"], r["layer"])] - r["sigma"]) / exact[(r["step"], r["layer"])], r)
               for r in records if (r["step"], r["layer"]) in exact]
-    unflagged = [e for e, r in errors if "unconverged" not in r["flags"]]
+    unflagged = [e for e, r in errors if "unconverged" not in r["flag_names"]]
     warm = slice(1, None)  # step 0 is the cold start
     return dict(
         ratio=statistics.median(t_tracked[warm]) / statistics.median(t_plain[warm]),
@@ -65,7 +65,7 @@ def run(iters: int | None, steps: int, check_every: int) -> dict:
         off_unflagged=sum(e > 1e-3 for e in unflagged),
         checked=len(errors),
         finite=sum(all(math.isfinite(r[f]) for f in ("drift", "diffusion_var", "ito")) for r in records) / len(records),
-        flags=collections.Counter(f for r in records for f in r["flags"].split(";") if f),
+        flags=collections.Counter(f for r in records for f in r["flag_names"].split(";") if f),
         n=len(records),
     )
 
@@ -87,7 +87,7 @@ def main() -> int:
         iters = None if it == "default" else int(it)
         r = run(iters, args.steps, args.check_every)
         print(f"{it:8} {r['ratio']:12.2f}x  {r['worst']:14.2e}  {r['worst_unflagged']:15.2e}  "
-              f"{r['off_unflagged']:6d} of {r['checked']:4d}  {r['finite']:12.1%}  {dict(r['flags'])}", flush=True)
+              f"{r['off_unflagged']:6d} of {r['checked']:4d}  {r['finite']:12.1%}  {dict(r['flag_names'])}", flush=True)
     return 0
 
 

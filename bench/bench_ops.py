@@ -1,6 +1,6 @@
-"""Core ops of lipfast against their reference.py twins (STYLE.md §6).
+"""Core ops of lipfast against their reference.py twins.
 
-Cases (float32 by default, k = 8, the sizes of the MLP 784-512-512-10 of PERF.md):
+Cases (float32 by default, k = 8, the sizes of an MLP 784-512-512-10):
 - persample_linear: Linear 784→512 and 512→512 at B=128 (T=1), and a sequence B=16, T=64, 256→256;
   the compiled op vs ``reference.persample_linear``, eager and under ``torch.compile``, and the public
   ``lipfast.persample`` (argument checks and the NaN/Inf scan included); with T=1 also ATen's GEMMs for

@@ -198,7 +198,7 @@ def gap_table(args) -> list[str]:
         s1, s2 = r["sigma"], r["sigma2"]
         ratio = dw / (s1 - s2) if s1 > s2 else math.inf
         pred_err = _rel(r["delta_pred"], r["delta_obs"])
-        lines.append(f"{delta:.0e} | {d['gap']:.2e} | {ratio:.2e} | {d['degenerate']} | {d['flags'] or '-'} | "
+        lines.append(f"{delta:.0e} | {d['gap']:.2e} | {ratio:.2e} | {d['degenerate']} | {d['flag_names'] or '-'} | "
                      f"{pred_err:.1e} | {r['ito']:.3e} | {r['ito_hi'] - r['ito_lo']:.1e}")
     return lines
 

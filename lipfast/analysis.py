@@ -71,7 +71,7 @@ UNEXPLAINED_FLAGS = frozenset({"crossing", "closure"})
 
 
 def _is_unexplained(row: dict) -> bool:
-    return not UNEXPLAINED_FLAGS.isdisjoint(str(row.get("flags") or "").split(";"))
+    return not UNEXPLAINED_FLAGS.isdisjoint(str(row.get("flag_names") or "").split(";"))
 
 
 def _unexplained(rows: list[dict]) -> np.ndarray:

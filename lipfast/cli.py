@@ -49,7 +49,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 
 _HELP = {
-    "dataset": "digits | mnist-sample | mnist1d | synthetic (offline); mnist | fashion-mnist | cifar10 (torchvision, downloads)",
+    "dataset": "digits | mnist-sample | synthetic (offline); mnist1d (offline, pip install \"lipfast[data]\"); "
+               "mnist | fashion-mnist | cifar10 (torchvision, downloads)",
     "n_samples": "use only this many samples of the dataset",
     "test_fraction": "held-out fraction",
     "data_root": "folder for torchvision datasets (downloads there)",
@@ -268,7 +269,10 @@ _COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "report": _cmd_report, "sim
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lipfast`` and ``python -m lipfast``; returns the exit status."""
     try:
-        args = _build_parser().parse_args(argv)
+        parser = _build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # argparse would blame the top-level parser: name the subcommand, suggest its option
+            _unknown_arguments(parser, args.command, extra)
         return _dispatch(args)
     except _UsageError as exc:
         print(str(exc), file=sys.stderr)
@@ -277,6 +281,24 @@ def main(argv: list[str] | None = None) -> int:
         print("lipfast: interrupted; every completed step's records are in the run folder (resume with "
               "lipfast train --resume --out DIR)", file=sys.stderr)
         return 130
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = [o for o in sub._option_string_actions if o.startswith("--")]
+    hints = []
+    for word in extra:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {close[0]} (for {word})?")
+    sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; {' '.join(hints)}" if hints else ""))
+
+
+# The library's messages name its keyword arguments; at the command line the same choices are flags.
+_CLI_WORDS = {"overwrite=True": "--overwrite", "resume=True": "--resume"}
 
 
 def _dispatch(args) -> int:
@@ -299,6 +321,8 @@ def _one_line(exc: BaseException) -> str:
     from .runio import RunWriteError
 
     text = str(exc)
+    for api, flag in _CLI_WORDS.items():
+        text = text.replace(api, flag)
     if isinstance(exc, RunWriteError) and exc.strerror:  # str() would add "[Errno N]" and the file name again
         text = exc.strerror.removeprefix("lipfast: ")
     return " ".join(text.split())

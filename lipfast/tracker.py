@@ -46,7 +46,7 @@ logger = logging.getLogger("lipfast")
 
 LAYER_FIELDS = ("step", "layer", "kind", "m", "n", "batch", "lr", "sigma", "sigma2", "sigma_next",
                 "delta_obs", "first_order", "second_order", "delta_pred", "drift", "diffusion_var",
-                "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flags")
+                "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flag_names")
 NETWORK_FIELDS = ("step", "log_bound", "log_bound_next", "drift", "diffusion_var", "ito", "loss", "train_acc")
 # Flags that say a step's expansion is not to be trusted; ``degenerate`` is true when any is set (Tracker docs).
 TRUST_FLAGS = ("unconverged", "small_gap", "large_step", "crossing", "closure")
@@ -232,7 +232,7 @@ class Tracker:
     unless the warm-started block has lost the top direction altogether (a singular direction outside the
     block overtaking the top one; then ``crossing`` usually fires on the step it happens).
 
-    Flags (the ``flags`` column, ``;``-separated; ``degenerate`` is true when any of the first five is set):
+    Flags (the ``flag_names`` column, ``;``-separated; ``degenerate`` is true when any of the first five is set):
 
     - ``unconverged``: ``sigma_err > 1e-3·σ1``: the sweep budget (``iters``) ran out before the top pairs
       converged; σ1 may be that far off, and the step's terms are read along an inaccurate pair.
@@ -717,7 +717,7 @@ class Tracker:
                    first_order=first, second_order=second, delta_pred=delta_pred, drift=drift,
                    diffusion_var=diffusion, ito=ito, ito_lo=ito_lo, ito_hi=ito_hi, gap=gap, degenerate=degenerate,
                    residual=spec.residual / sigma if sigma > 0 else 0.0, sigma_err=sigma_err, nonfinite=nonfinite,
-                   flags="")
+                   flag_names="")
         if nonfinite:
             flags.append("nonfinite")
             if self.on_nonfinite == "raise":
@@ -733,7 +733,7 @@ class Tracker:
             flags.append("single_sample")
         if not coef.exact:
             flags.append("sgd_equivalent")
-        row["flags"] = ";".join(flags)
+        row["flag_names"] = ";".join(flags)
         return row
 
     def _nonfinite_row(self, cap: LayerCapture, N: int, step: int) -> dict:
@@ -744,7 +744,7 @@ class Tracker:
         row = {f: NAN for f in LAYER_FIELDS}
         row.update(step=step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N,
                    lr=step_coefficients(self.optimizer, cap.weight).lr, degenerate=False, nonfinite=True,
-                   flags="nonfinite")
+                   flag_names="nonfinite")
         return row
 
     def _reduce_all(self) -> None:
@@ -788,13 +788,16 @@ class Tracker:
                 self._logged[key] = value.detach().reshape(()) if isinstance(value, Tensor) else float(value)
 
     def to_pandas(self):
-        """``(layer_frame, network_frame)`` as pandas DataFrames (pandas is optional)."""
+        """``(layer_frame, network_frame)`` as pandas DataFrames (pandas: the ``run`` extra). The network
+        frame has ``loss``/``train_acc`` only when :meth:`log` was given them."""
         try:
             import pandas as pd
         except ImportError as exc:
-            raise ImportError("Tracker.to_pandas needs pandas: pip install pandas") from exc
-        return (pd.DataFrame(self.records, columns=list(LAYER_FIELDS)),
-                pd.DataFrame(self.network, columns=list(NETWORK_FIELDS)))
+            raise ImportError('Tracker.to_pandas needs pandas: pip install "lipfast[run]" (or pandas)') from exc
+        network = pd.DataFrame(self.network, columns=list(NETWORK_FIELDS))
+        # A column the loop never logged (tracker.log) would be NaN on every step: leave it out instead.
+        unlogged = [c for c in ("loss", "train_acc") if network[c].isna().all()]
+        return (pd.DataFrame(self.records, columns=list(LAYER_FIELDS)), network.drop(columns=unlogged))
 
     def state_dict(self) -> dict:
         """Step counter and warm-start spectra; loads with ``torch.load(weights_only=True)``."""

@@ -93,8 +93,8 @@ def layer_arrays(run: runio.Run) -> dict[str, dict[str, np.ndarray]]:
 
 
 def flag_masks(rows: list[dict], names) -> dict[str, np.ndarray]:
-    """One boolean array per named flag of the ``flags`` column (``;``-separated), aligned with ``rows``."""
-    sets = [set(str(r["flags"] or "").split(";")) for r in rows]
+    """One boolean array per named flag of the ``flag_names`` column (``;``-separated), aligned with ``rows``."""
+    sets = [set(str(r["flag_names"] or "").split(";")) for r in rows]
     return {f: np.array([f in x for x in sets], dtype=bool) for f in names}
 
 
@@ -472,7 +472,7 @@ def claim_degenerate(st: Study, models) -> str:
         "Every record reports δ_pred and the three forces, flagged or not: they are derivatives at the current W, "
         "defined wherever σ₁ > σ₂. They are NaN only where σ₁ and σ₂ cannot be told apart (flag `unresolved_gap`) "
         f"or a value is not finite (`nonfinite`): here on {tot['nan_forces']} of the {tot['records']} layer-steps "
-        "below. The `flags` column says, each from a measurement, why a step's expansion is not to be trusted; "
+        "below. The `flag_names` column says, each from a measurement, why a step's expansion is not to be trusted; "
         "`degenerate` is true when any of these five is set:",
         "",
         f"- `large_step`: max(‖ΔW v₁‖, ‖ΔWᵀu₁‖)/(σ₁−σ₂) > `step_tol` (default {cfg.step_tol:g}, set from the "

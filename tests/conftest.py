@@ -6,6 +6,7 @@ this folder on ``sys.path`` itself (rootdir-relative ``prepend`` import mode), s
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -85,12 +86,44 @@ def _seed(request):
     yield
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA tests cannot run here, or None when they can."""
+    if not lipfast._C.with_cuda:
+        return ("lipfast was built without CUDA kernels (a CPU torch, no nvcc, or LIPFAST_CUDA=OFF); "
+                "rebuild on a GPU machine: pip install --no-build-isolation --no-deps .")
+    if not torch.cuda.is_available():
+        return "no CUDA device visible (torch.cuda.is_available() is False)"
+    return None
+
+
+# LIPFAST_REQUIRE_CUDA=1 (bench/gpu_check.sh) makes the CUDA tests run, and fail, without a GPU: a GPU check
+# can never pass by skipping everything.
+REQUIRE_CUDA = os.environ.get("LIPFAST_REQUIRE_CUDA", "") not in ("", "0")
+_CUDA_NOT_RUN: list[int] = []
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests parametrised on device="cuda" carry the ``cuda`` marker (declared in pyproject)."""
+    """Tests parametrised on device="cuda" carry the ``cuda`` marker (declared in pyproject). Without a GPU
+    they are left out of a default run and summarised in one line (one skip reason per test location would
+    print the same long reason dozens of times); ``-m cuda`` still collects them, to skip each with it."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("device") == "cuda":
             item.add_marker(pytest.mark.cuda)
+    markexpr = config.getoption("markexpr", "") or ""
+    if cuda_unavailable_reason() is None or REQUIRE_CUDA or ("cuda" in markexpr and "not cuda" not in markexpr):
+        return
+    cuda = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if cuda:
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if item.get_closest_marker("cuda") is None]
+        _CUDA_NOT_RUN.append(len(cuda))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _CUDA_NOT_RUN:
+        terminalreporter.write_line(f"lipfast: {sum(_CUDA_NOT_RUN)} CUDA tests not run (deselected): "
+                                    f"{cuda_unavailable_reason()}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,24 +23,14 @@ import torch.nn.functional as F
 import lipfast
 from lipfast import models, ops, reference
 
-from conftest import TOL, assert_close, gapped_matrix, spectrum_of
+from conftest import REQUIRE_CUDA, TOL, assert_close, cuda_unavailable_reason, gapped_matrix, spectrum_of
 
 F64 = torch.float64
 
 
-def _why_not_cuda() -> str | None:
-    if not lipfast._C.with_cuda:
-        return ("lipfast was built without CUDA kernels (a CPU torch, no nvcc, or LIPFAST_CUDA=OFF); "
-                "rebuild on a GPU machine: pip install --no-build-isolation --no-deps .")
-    if not torch.cuda.is_available():
-        return "no CUDA device visible (torch.cuda.is_available() is False)"
-    return None
-
-
-_WHY = _why_not_cuda()
-_REQUIRE = os.environ.get("LIPFAST_REQUIRE_CUDA", "") not in ("", "0")
+_WHY = cuda_unavailable_reason()
 pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(_WHY is not None and not _REQUIRE, reason=_WHY or "")]
+              pytest.mark.skipif(_WHY is not None and not REQUIRE_CUDA, reason=_WHY or "")]
 
 
 @pytest.fixture(autouse=True)

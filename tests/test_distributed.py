@@ -194,7 +194,7 @@ def test_equal_batches_give_the_single_process_records(scenarios):
                          "DDP vs one process")
     assert_records_close(got["network"], want_net, ("log_bound", "log_bound_next", "drift", "diffusion_var", "ito",
                                                      "loss"), "network")
-    assert [r["flags"] for r in got["records"]] == [r["flags"] for r in want_rows]
+    assert [r["flag_names"] for r in got["records"]] == [r["flag_names"] for r in want_rows]
 
 
 def test_untracked_steps_communicate_nothing_and_tracked_ones_match(scenarios):

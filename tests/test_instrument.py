@@ -184,7 +184,7 @@ def test_checkpointed_records_equal_the_plain_run(mode, micro):
     layers, network = _records(model, mode, x, y, micro=micro)
     plain_layers, plain_network = _records(model, "plain", x, y, micro=micro)
     assert len(layers) == 3 * 5 and set(LAYER_FIELDS) <= set(layers[0]) and set(NETWORK_FIELDS) <= set(network[0])
-    assert all(r["batch"] == 8 and r["flags"] == "" for r in layers)
+    assert all(r["batch"] == 8 and r["flag_names"] == "" for r in layers)
     _assert_same_records(layers, plain_layers)
     _assert_same_records(network, plain_network)
 

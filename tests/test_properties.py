@@ -819,7 +819,7 @@ def test_tracker_records_property(data):
     single = B == 1
     for r in recs:
         assert set(r) == set(LAYER_FIELDS)
-        flags = set(filter(None, r["flags"].split(";")))
+        flags = set(filter(None, r["flag_names"].split(";")))
         assert r["degenerate"] == bool(flags & set(TRUST_FLAGS)) and r["nonfinite"] == ("nonfinite" in flags)
         assert not r["nonfinite"], r
         assert r["batch"] == B and math.isfinite(r["sigma"]) and r["sigma"] >= 0

@@ -53,7 +53,7 @@ def test_resnet18_sigma_is_accurate_or_flagged_and_forces_are_finite():
     assert finite >= 0.95 * len(records), f"{finite} of {len(records)} records have finite forces"
     off, unflagged_off = [], []
     for r in records:
-        flags = set(filter(None, r["flags"].split(";")))
+        flags = set(filter(None, r["flag_names"].split(";")))
         missed = abs(r["delta_obs"] - r["delta_pred"]) > 0.1 * abs(r["delta_obs"]) + 1e-6 * r["sigma"]
         assert not missed or flags, r
         want = exact.get((r["step"], r["layer"]))
@@ -64,5 +64,5 @@ def test_resnet18_sigma_is_accurate_or_flagged_and_forces_are_finite():
         if rel > 1e-3:
             off.append((r["layer"], r["step"], rel))
             if "unconverged" not in flags:
-                unflagged_off.append((r["layer"], r["step"], rel, r["sigma_err"] / r["sigma"], r["flags"]))
+                unflagged_off.append((r["layer"], r["step"], rel, r["sigma_err"] / r["sigma"], r["flag_names"]))
     assert not unflagged_off, f"σ1 more than 1e-3 off without the unconverged flag: {unflagged_off[:10]}"

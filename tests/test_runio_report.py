@@ -55,7 +55,7 @@ def fake_training(n_steps=30, layers=("fc1", "fc2"), *, seed=0, degenerate_at=(4
                 "ito_lo": ito * 0.9, "ito_hi": ito * 1.1,
                 "gap": 1e-5 if degenerate else 0.3 + 0.01 * rng.random(),
                 "degenerate": degenerate, "residual": delta - pred, "sigma_err": 1e-7 * s, "nonfinite": False,
-                "flags": "degenerate" if degenerate else "",
+                "flag_names": "degenerate" if degenerate else "",
             })  # fmt: skip
             lb += math.log(s)
             lbn += math.log(s_next)
@@ -100,7 +100,7 @@ def assert_rows_equal(got, want, columns):
                 assert type(g[c]) is int and g[c] == wv
             elif c in ("degenerate", "nonfinite"):
                 assert type(g[c]) is bool and g[c] == wv
-            elif c in ("layer", "kind", "flags"):
+            elif c in ("layer", "kind", "flag_names"):
                 assert g[c] == wv
             else:
                 assert type(g[c]) is float
@@ -526,7 +526,7 @@ def test_unexplained_steps_fall_back_and_are_counted(tmp_path):
             if (r["step"], r["layer"]) in crossing:
                 r["delta_pred"] = r["first_order"] = r["delta_obs"] + 0.5   # the expansion missed badly
                 r["second_order"] = 0.0
-                r["flags"], r["degenerate"] = "crossing;closure", True
+                r["flag_names"], r["degenerate"] = "crossing;closure", True
     run = runio.load_run(write_run(tmp_path / "run", steps))
     sim = analysis.simulate_run(run, n_paths=64, seed=0)
     assert sim["layers"]["fc1"]["n_fallback"] == 2 and sim["layers"]["fc2"]["n_fallback"] == 1

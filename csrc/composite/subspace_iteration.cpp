@@ -43,7 +43,8 @@ void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, 
 namespace {
 
 // Orthonormal basis of the columns of Z [n, p] by Cholesky QR in float64: a Gram matrix, its Cholesky
-// factor and one triangular solve cost far less than Householder QR on a tall-skinny block (PERF.md).
+// factor and one triangular solve cost far less than Householder QR on a tall-skinny block (measured: QR was
+// most of a plain-torch sweep of the 784x9 block of an MLP).
 // Done in float64, it loses orthogonality only as κ(Z)²·1e-16, so one pass suffices even for float32
 // weights (whose rounding of the result, ~1e-7, is the only error left). A block too ill-conditioned for
 // Cholesky (rank-deficient W, a collapsed block) falls back to Householder QR.

@@ -1,4 +1,4 @@
-// Launch discipline shared by lipfast's CUDA kernels (STYLE.md §8.8): a device guard for the tensor's
+// Launch discipline shared by lipfast's CUDA kernels: a device guard for the tensor's
 // device, the current stream (never the legacy default stream), grid sizes that never exceed the
 // hardware limits, an early return on zero work, and a launch check after every launch.
 #pragma once
