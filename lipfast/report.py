@@ -24,21 +24,36 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import analysis, runio
+from .analysis import UNEXPLAINED_FLAGS
+from .tracker import TRUST_FLAGS
 
 __all__ = ["make_report", "make_figures", "summary_table", "trust_warnings", "FIGURES"]
 
 # file name -> caption (HTML-safe: fixed text)
 FIGURES = {
     "sigma.png": "σ₁ of each layer (observed) with the SDE mean and quantile band simulated from "
-    "the measured coefficients.",
-    "forces.png": "The three forces per step and layer: drift (i), Itô correction (iii) and the "
-    "noise scale √(diffusion_var) (ii).",
+    "the measured coefficients. Panel titles: module path · kind and matrix shape m×n.",
+    "forces.png": "The three forces per step and layer, in σ₁ units per step: drift (i), the noise scale "
+    "√diffusion_var (ii) and the Itô drift (iii); right, their sums over the run. Red ticks at the bottom: "
+    "steps with a trust flag (their forces are still derivatives at the current W); black ticks at the top: "
+    "steps whose forces are NaN (σ₁ and σ₂ unresolved, or values not finite), which break the lines.",
     "pathwise.png": "Pathwise check: cumulative predicted change Σ δ_pred against the observed "
-    "change σ_t − σ_0.",
-    "log_bound.png": "Network Lipschitz bound log Π σ_ℓ with its SDE band.",
-    "gap.png": "Relative spectral gap (σ₁ − σ₂)/σ₁ per layer; degenerate steps marked.",
-    "loss.png": "Training loss and accuracy.",
+    "change σ_t − σ_0. Red ticks: steps flagged crossing or closure, which the forces do not explain.",
+    "log_bound.png": "Network Lipschitz bound log K = Σ log σ_ℓ with its SDE band.",
+    "gap.png": "Relative spectral gap (σ₁ − σ₂)/σ₁ per layer (log scale) against gap_tol, below which a step "
+    "is flagged small_gap. Ticks under the curve: the steps carrying each trust flag (one row per flag); a "
+    "flag other than small_gap can be set at any gap.",
+    "loss.png": "Training loss (and accuracy when logged) per batch, faint, with its moving average; the "
+    "held-out test accuracy at the end of the run.",
 }
+FIGURE_DPI = 150
+# Readable at the report's width: larger text than matplotlib's defaults for figures this size.
+_STYLE = {"font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "legend.fontsize": 8.5,
+          "xtick.labelsize": 9, "ytick.labelsize": 9}
+_TRUST = frozenset(TRUST_FLAGS)
+_UNEXPLAINED = frozenset(UNEXPLAINED_FLAGS)
+# One color per trust flag in gap.png, in TRUST_FLAGS order.
+_FLAG_COLORS = dict(zip(TRUST_FLAGS, ("tab:gray", "tab:red", "tab:orange", "black", "tab:brown")))
 
 _TITLE_MAX = 48
 
@@ -239,7 +254,7 @@ def _png(fig) -> bytes:
     with warnings.catch_warnings():
         # A layer name with characters the default font lacks must not break the report.
         warnings.filterwarnings("ignore", message=r"Glyph .*missing from", category=UserWarning)
-        fig.savefig(buf, format="png", dpi=90)
+        fig.savefig(buf, format="png", dpi=FIGURE_DPI)
     return buf.getvalue()
 
 
@@ -254,6 +269,8 @@ def _with_breaks(steps: np.ndarray, *cols: np.ndarray) -> tuple[np.ndarray, ...]
 
 
 def _rows_by_layer(run: runio.Run) -> dict[str, dict[str, np.ndarray]]:
+    """Numeric columns per layer as arrays in step order; ``"flags"`` holds each step's set of flag names
+    and ``"label"`` the layer's figure title."""
     groups: dict[str, dict[int, dict]] = {}
     for r in run.layers:
         groups.setdefault(r["layer"], {})[int(r["step"])] = r
@@ -262,8 +279,24 @@ def _rows_by_layer(run: runio.Run) -> dict[str, dict[str, np.ndarray]]:
         rows = [by_step[s] for s in sorted(by_step)]
         d = {c: np.array([r[c] for r in rows], dtype=np.float64) for c in runio.LAYER_COLUMNS
              if c not in runio.STR_COLUMNS}  # fmt: skip
+        d["flags"] = [set(filter(None, str(r.get("flag_names") or "").split(";"))) for r in rows]
+        d["label"] = layer_label(name, rows[-1])
         out[name] = d
     return out
+
+
+_KIND_NAMES = {"linear": "Linear", "conv2d": "Conv2d"}
+
+
+def layer_label(name: str, record: dict) -> str:
+    """A layer's name for a figure or a table: its module path, kind and matrix shape (``1 · Linear 128×64``)."""
+    kind = str(record.get("kind") or "")
+    kind = _KIND_NAMES.get(kind, kind)
+    try:
+        shape = f" {int(record['m'])}×{int(record['n'])}"
+    except (KeyError, TypeError, ValueError):
+        shape = ""
+    return f"{name} · {kind}{shape}" if kind else name
 
 
 def _band_plot(ax, series: dict | None, obs_steps, obs, q: Sequence[float], label_obs: str):
@@ -279,6 +312,36 @@ def _band_plot(ax, series: dict | None, obs_steps, obs, q: Sequence[float], labe
         ax.plot(obs_steps, obs, color="tab:blue", linewidth=1.3, label=label_obs)
 
 
+def _mark_steps(ax, steps: np.ndarray, *, color: str, y: float, label: str | None) -> None:
+    """Short ticks at the given steps along a fixed height of the axes (``y`` in axes units), so that marked
+    steps never sit on, or hide, the plotted data."""
+    if len(steps):
+        ax.plot(steps, np.full(len(steps), y), linestyle="none", marker="|", markersize=7, color=color,
+                transform=ax.get_xaxis_transform(), label=label, clip_on=False)
+
+
+def _figure_legend(fig, axes) -> None:
+    """One legend above all panels with every distinct label of ``axes`` (a flag may mark only some layers)."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside upper center", ncols=min(len(seen), 6))
+
+
+def _moving_average(a: np.ndarray, width: int) -> np.ndarray:
+    """Centred moving average ignoring NaN (the smoothed curve of a noisy per-batch series)."""
+    a = np.asarray(a, dtype=np.float64)
+    if width <= 1 or a.size < 3:
+        return a
+    ok = np.isfinite(a)
+    kernel = np.ones(width)
+    num = np.convolve(np.where(ok, a, 0.0), kernel, mode="same")
+    den = np.convolve(ok.astype(np.float64), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
 def make_figures(
     run: runio.Run, sim: dict | None, *, quantiles: Sequence[float] = (0.05, 0.95)
 ) -> dict[str, bytes]:
@@ -292,6 +355,13 @@ def make_figures(
         quantiles: the band's quantiles, for the legend.
     """
     _mpl()
+    import matplotlib
+
+    with matplotlib.rc_context(_STYLE):
+        return _make_figures(run, sim, quantiles)
+
+
+def _make_figures(run: runio.Run, sim: dict | None, quantiles: Sequence[float]) -> dict[str, bytes]:
     layers = _rows_by_layer(run)
     names = list(layers)
     sim_layers = (sim or {}).get("layers") or {}
@@ -304,16 +374,16 @@ def make_figures(
     for ax, name in zip(axes, names):
         d = layers[name]
         _band_plot(ax, sim_layers.get(name), d["step"], d["sigma"], quantiles, "observed σ₁")
-        ax.set_title(_mtext(name), fontsize=10)
+        ax.set_title(_mtext(d["label"]))
         ax.set_xlabel("step")
-        ax.set_ylabel("σ₁")
+        ax.set_ylabel("σ₁ (operator norm)")
     if names:
-        axes[0].legend(fontsize=8)
+        axes[0].legend()
     figs["sigma.png"] = _png(fig)
 
-    # 2. forces: per step (left) and cumulative (right), one row per layer
+    # 2. forces: per step (left) and cumulative (right), one row per layer, in the order (i), (ii), (iii)
     Figure, Canvas = _mpl()
-    fig = Figure(figsize=(10.0, 2.8 * n + 0.4), layout="constrained")
+    fig = Figure(figsize=(11.0, 3.0 * n + 0.4), layout="constrained")
     Canvas(fig)
     grid = fig.subplots(n, 2, squeeze=False)
     for (ax, cax), name in zip(grid, names):
@@ -322,24 +392,27 @@ def make_figures(
         noise = np.sqrt(np.where(dv > 0, dv, np.where(np.isnan(dv), np.nan, 0.0)))
         ax.axhline(0.0, color="0.6", linewidth=0.8)
         ax.plot(st, dr, color="tab:blue", linewidth=1.0, label="drift (i)")
-        ax.plot(st, it, color="tab:orange", linewidth=1.0, label="Itô (iii)")
         ax.plot(st, noise, color="tab:green", linewidth=1.0, label="√diffusion_var (ii)")
-        ax.set_title(f"{_mtext(name)}: per step", fontsize=10)
+        ax.plot(st, it, color="tab:orange", linewidth=1.0, label="Itô (iii)")
+        nan_steps = d["step"][~np.isfinite(d["drift"])]
+        flagged = d["step"][np.array([bool(f & _TRUST) for f in d["flags"]], dtype=bool)]
+        _mark_steps(ax, flagged, color="tab:red", y=0.03, label="flagged step")
+        _mark_steps(ax, nan_steps, color="black", y=0.97, label="forces NaN")
+        ax.set_title(f"{_mtext(d['label'])}: per step")
         ax.set_xlabel("step")
+        ax.set_ylabel("Δσ₁ per step")
         after = d["step"] + 1
         fin = lambda a: np.where(np.isfinite(a), a, 0.0)  # noqa: E731
         cax.axhline(0.0, color="0.6", linewidth=0.8)
-        cax.plot(after, np.cumsum(fin(d["drift"])), color="tab:blue", linewidth=1.3,
-                 label="Σ drift")  # fmt: skip
-        cax.plot(after, np.cumsum(fin(d["ito"])), color="tab:orange", linewidth=1.3,
-                 label="Σ Itô")  # fmt: skip
+        cax.plot(after, np.cumsum(fin(d["drift"])), color="tab:blue", linewidth=1.3, label="Σ drift (i)")
         cax.plot(after, np.sqrt(np.cumsum(np.maximum(fin(d["diffusion_var"]), 0.0))),
-                 color="tab:green", linewidth=1.3, label="√Σ diffusion_var")  # fmt: skip
-        cax.set_title(f"{_mtext(name)}: cumulative", fontsize=10)
+                 color="tab:green", linewidth=1.3, label="√Σ diffusion_var (ii)")  # fmt: skip
+        cax.plot(after, np.cumsum(fin(d["ito"])), color="tab:orange", linewidth=1.3, label="Σ Itô (iii)")
+        cax.set_title(f"{_mtext(d['label'])}: cumulative")
         cax.set_xlabel("step")
-    if names:
-        grid[0][0].legend(fontsize=8)
-        grid[0][1].legend(fontsize=8)
+        cax.set_ylabel("σ₁ units, summed over steps")
+    if names:  # one legend above the panels (inside, it would hide the per-step lines), from every panel
+        _figure_legend(fig, [a for row in grid for a in row[:1]])
     figs["forces.png"] = _png(fig)
 
     # 3. pathwise: cumulative predicted vs observed
@@ -356,62 +429,81 @@ def make_figures(
             obs = np.where(np.isfinite(d["delta_obs"]), d["delta_obs"], 0.0)
             ax.plot(after, np.cumsum(obs), color="tab:green", linestyle=":", linewidth=1.3,
                     label=r"$\sum\,\delta_{\mathrm{obs}}$ (tracked steps)")  # fmt: skip
-        ax.set_title(_mtext(name), fontsize=10)
+        unexplained = np.array([bool(f & _UNEXPLAINED) for f in d["flags"]], dtype=bool)
+        _mark_steps(ax, after[unexplained], color="tab:red", y=0.03, label="crossing or closure")
+        ax.set_title(_mtext(d["label"]))
         ax.set_xlabel("step")
+        ax.set_ylabel("change of σ₁ since step 0")
     if names:
-        axes[0].legend(fontsize=8)
+        axes[0].legend()
     figs["pathwise.png"] = _png(fig)
 
     # 4. log bound
     Figure, Canvas = _mpl()
-    fig = Figure(figsize=(7.5, 3.6), layout="constrained")
+    fig = Figure(figsize=(7.5, 3.8), layout="constrained")
     Canvas(fig)
     ax = fig.add_subplot()
     net = _sorted_net(run.network)
     if net:
         st = np.array([r["step"] for r in net], dtype=np.float64)
         lb = np.array([r["log_bound"] for r in net], dtype=np.float64)
-        _band_plot(ax, sim_net, st, lb, quantiles, "observed log bound")
-        ax.legend(fontsize=8)
+        _band_plot(ax, sim_net, st, lb, quantiles, "observed log K")
+        ax.legend()
     else:
         ax.text(0.5, 0.5, "no network records", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(r"network bound $\log K = \sum_\ell \log \sigma_1(W_\ell)$")
     ax.set_xlabel("step")
-    ax.set_ylabel(r"log bound $\sum_\ell \log \sigma_1(W_\ell)$")
+    ax.set_ylabel("log K")
     figs["log_bound.png"] = _png(fig)
 
-    # 5. spectral gap with degenerate steps
-    fig, axes = _layer_figure(n)
+    # 5. spectral gap, with the small_gap threshold and each step's flags as ticks under the curve
+    gap_tol = float((run.config or {}).get("gap_tol", math.nan))
+    fig, axes = _layer_figure(n, height=3.3)
     for ax, name in zip(axes, names):
         d = layers[name]
         st, gap = _with_breaks(d["step"], d["gap"])
-        ax.plot(st, gap, color="tab:purple", linewidth=1.0, label="gap")
-        deg = d["degenerate"] > 0
-        ax.scatter(d["step"][deg], d["gap"][deg], color="tab:red", marker="x", s=22, zorder=3,
-                   label="degenerate")  # fmt: skip
-        ax.set_title(_mtext(name), fontsize=10)
+        ax.plot(st, np.where(gap > 0, gap, np.nan), color="tab:purple", linewidth=1.0, label="gap")
+        if math.isfinite(gap_tol) and gap_tol > 0:
+            ax.axhline(gap_tol, color="tab:red", linestyle="--", linewidth=0.9, label=f"gap_tol = {gap_tol:g}")
+        ax.set_yscale("log")
+        for i, (flag, color) in enumerate(_FLAG_COLORS.items()):
+            hit = np.array([flag in f for f in d["flags"]], dtype=bool)
+            _mark_steps(ax, d["step"][hit], color=color, y=0.04 + 0.06 * i, label=flag if hit.any() else None)
+        ax.set_title(_mtext(d["label"]))
         ax.set_xlabel("step")
         ax.set_ylabel("(σ₁ − σ₂)/σ₁")
     if names:
-        axes[0].legend(fontsize=8)
+        _figure_legend(fig, axes)
     figs["gap.png"] = _png(fig)
 
-    # 6. loss / accuracy
-    fig = Figure(figsize=(7.5, 3.4), layout="constrained")
+    # 6. loss and accuracy: per-batch values faint, their moving average, the held-out accuracy at the end
+    fig = Figure(figsize=(7.5, 3.6), layout="constrained")
     Canvas(fig)
     ax = fig.add_subplot()
+    summary = run.summary or {}
     if net:
         st = np.array([r["step"] for r in net], dtype=np.float64)
         loss = np.array([r["loss"] for r in net], dtype=np.float64)
         acc = np.array([r["train_acc"] for r in net], dtype=np.float64)
-        handles = ax.plot(st, loss, color="tab:blue", linewidth=1.0, label="loss")
+        width = max(1, len(st) // 20)
+        ax.plot(st, loss, color="tab:blue", linewidth=0.6, alpha=0.35)
+        handles = ax.plot(st, _moving_average(loss, width), color="tab:blue", linewidth=1.4,
+                          label=f"training loss (batch, {width}-step mean)")
         ax.set_ylabel("loss")
         ok = np.isfinite(acc)
-        if ok.any():
+        test_acc = summary.get("test_acc")
+        if ok.any() or isinstance(test_acc, (int, float)):
             ax2 = ax.twinx()
-            handles += ax2.plot(st[ok], acc[ok], color="tab:green", linewidth=1.0,
-                                label="train accuracy")  # fmt: skip
+            if ok.any():
+                ax2.plot(st[ok], acc[ok], color="tab:green", linewidth=0.6, alpha=0.35)
+                handles += ax2.plot(st[ok], _moving_average(acc[ok], width), color="tab:green", linewidth=1.4,
+                                    label="training accuracy (batch)")
+            if isinstance(test_acc, (int, float)) and math.isfinite(test_acc):
+                handles += ax2.plot([st[-1] + 1], [test_acc], linestyle="none", marker="D", color="black",
+                                    label=f"test accuracy {test_acc:.1%} (end)")
             ax2.set_ylabel("accuracy")
-        ax.legend(handles=handles, fontsize=8, loc="center right")
+            ax2.set_ylim(0.0, 1.02)
+        ax.legend(handles=handles, loc="center right")
     else:
         ax.text(0.5, 0.5, "no network records", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("step")
@@ -455,6 +547,8 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
         return out or [(prefix, "{}")]
     if isinstance(obj, str):
         return [(prefix, obj)]
+    if isinstance(obj, float):  # four significant digits: 0.1694, not 0.1694464087486267
+        return [(prefix, format(obj, ".4g"))]
     return [(prefix, json.dumps(obj, allow_nan=True, default=str))]
 
 

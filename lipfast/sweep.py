@@ -895,7 +895,7 @@ def _figure(n_panels: int, *, width: float = 4.0, height: float = 2.8, ncols_max
     return fig, list(axes[:n_panels])
 
 
-def _png(fig, dpi: int = 80) -> bytes:
+def _png(fig, dpi: int = 150) -> bytes:
     import warnings
 
     buf = io.BytesIO()
@@ -950,17 +950,17 @@ def _write_figures(out: Path, spec: dict, per_run: list[dict], groups: list, lay
         axes[0].legend(fontsize=7)
         figs[fname] = _png(fig)
 
-    # final and peak log K against the value
-    fig, (ax,) = _figure(1, width=5.0, height=3.2)
+    # final and peak log K against the value: one panel each (on one axis the peak, often equal to the final
+    # value, hid it)
+    fig, axes = _figure(2, width=4.6, height=3.2)
     xs, numeric = _x_positions(factor, [v for v, _ in value_groups])
-    for q, marker in (("final_log_bound", "o"), ("peak_log_bound", "s")):
+    for ax, q, marker, color in zip(axes, ("final_log_bound", "peak_log_bound"), ("o", "s"), ("tab:blue", "tab:red")):
         m = [table[(v, q, NETWORK)]["mean"] for v, _ in value_groups]
         s = [table[(v, q, NETWORK)]["std"] for v, _ in value_groups]
-        ax.errorbar(xs, m, yerr=[x if math.isfinite(x) else 0 for x in s], marker=marker, capsize=3,
-                    label=q.replace("_", " "))
-    _set_x(ax, factor, [v for v, _ in value_groups], xs, numeric)
-    ax.set_ylabel("log K")
-    ax.legend(fontsize=8)
+        ax.errorbar(xs, m, yerr=[x if math.isfinite(x) else 0 for x in s], marker=marker, capsize=3, color=color)
+        _set_x(ax, factor, [v for v, _ in value_groups], xs, numeric)
+        ax.set_title(("final" if q.startswith("final") else "peak") + " log K (mean ± sd over seeds)", fontsize=9)
+        ax.set_ylabel("log K")
     figs["final_log_bound.png"] = _png(fig)
 
     # pathwise residual and coverage: grouped bars per layer

@@ -195,7 +195,8 @@ def test_train_existing_run_needs_overwrite_or_resume(tmp_path, capsys):
     argv = ["train", "--out", str(out), *TINY, "--no-report"]
     assert main(argv) == 0
     capsys.readouterr()
-    usage_error(capsys, argv, "already holds a lipfast run.*--overwrite.*--resume")
+    line = usage_error(capsys, argv, "^lipfast train: error: .*already holds a lipfast run.*--overwrite.*--resume")
+    assert "=True" not in line, "the command line speaks in flags, not the API's keyword arguments"
     assert main(argv + ["--overwrite", "--steps", "2"]) == 0
     capsys.readouterr()
     assert runio.load_run(out).summary["steps"] == 2
@@ -276,7 +277,8 @@ def test_resume_can_extend_a_finished_run(tmp_path, capsys):
 @pytest.mark.parametrize("args, match", [
     (["--dataset", "imagenet"], r"dataset must be one of .*digits.*got 'imagenet'"),
     (["--model", "transformer"], r"model must be one of .*mlp.*got 'transformer'"),
-    (["--bogus"], r"unrecognized arguments: --bogus"),
+    (["--bogus"], r"^lipfast train: error: unrecognized arguments: --bogus"),
+    (["--stpes", "3"], r"^lipfast train: error: unrecognized arguments: --stpes 3; did you mean --steps"),
     (["--lr", "-0.1"], r"lr must be a number > 0"),
     (["--lr", "0"], r"lr must be a number > 0"),
     (["--lr", "nan"], r"lr must be a number > 0"),

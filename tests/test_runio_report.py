@@ -229,7 +229,7 @@ def test_existing_run_needs_overwrite_or_resume(tmp_path, steps):
     (path / "figures" / "sigma.png").write_bytes(b"old")
     (path / "figures" / "mine.txt").write_text("user file")
     (path / "data.npz").write_bytes(b"user data")
-    with pytest.raises(runio.RunFolderError, match="--overwrite.*--resume"):
+    with pytest.raises(runio.RunFolderError, match="overwrite=True.*resume=True"):  # API words; the CLI says --overwrite
         runio.RunWriter(path, CONFIG)
     with pytest.raises(ValueError, match="mutually exclusive"):
         runio.RunWriter(path, CONFIG, overwrite=True, resume=True)
