@@ -435,7 +435,7 @@ def _make_figures(run: runio.Run, sim: dict | None, quantiles: Sequence[float]) 
         ax.set_xlabel("step")
         ax.set_ylabel("change of σ₁ since step 0")
     if names:
-        axes[0].legend()
+        _figure_legend(fig, axes)
     figs["pathwise.png"] = _png(fig)
 
     # 4. log bound
