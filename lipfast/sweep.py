@@ -895,6 +895,17 @@ def _figure(n_panels: int, *, width: float = 4.0, height: float = 2.8, ncols_max
     return fig, list(axes[:n_panels])
 
 
+def _layer_labels(per_run: list[dict]) -> dict[str, str]:
+    """Each layer's figure title (module path · kind and shape) from the first run that recorded it."""
+    from .report import layer_label
+
+    labels: dict[str, str] = {}
+    for p in per_run:
+        for r in p["run"].layers:
+            labels.setdefault(r["layer"], layer_label(r["layer"], r))
+    return labels
+
+
 def _png(fig, dpi: int = 150) -> bytes:
     import warnings
 
@@ -927,6 +938,7 @@ def _write_figures(out: Path, spec: dict, per_run: list[dict], groups: list, lay
     figdir = out / FIGURES_DIR
     figdir.mkdir(exist_ok=True)
     trajs = {p["path"]: run_trajectories(p["run"]) for p in per_run}
+    labels = _layer_labels(per_run)
     value_groups = [(v, m) for v, m in groups if v != "all"]
     colors = _colors(len(value_groups))
     figs: dict[str, bytes] = {}
@@ -944,10 +956,11 @@ def _write_figures(out: Path, spec: dict, per_run: list[dict], groups: list, lay
                 if stack.shape[0] > 1:
                     sd = stack.std(axis=0, ddof=1)
                     ax.fill_between(steps, mean - sd, mean + sd, color=c, alpha=0.2, linewidth=0)
-            ax.set_title(f"{title}: {name}" if name != NETWORK or fname != "log_bound.png" else title, fontsize=9)
+            ax.set_title(f"{title}: {labels.get(name, name)}" if name != NETWORK or fname != "log_bound.png" else title,
+                         fontsize=9.5)
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel if name != NETWORK or key == "value" else ylabel + " (log K)")
-        axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=8)
         figs[fname] = _png(fig)
 
     # final and peak log K against the value: one panel each (on one axis the peak, often equal to the final
@@ -978,7 +991,7 @@ def _write_figures(out: Path, spec: dict, per_run: list[dict], groups: list, lay
         ax.set_ylabel(ylabel)
         if q == "coverage":
             ax.axhline(90.0, color="0.4", linestyle=":", linewidth=1)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
         figs[fname] = _png(fig)
 
     if spread is not None and spread["paths"]:
@@ -992,7 +1005,7 @@ def _write_figures(out: Path, spec: dict, per_run: list[dict], groups: list, lay
                 ax.plot(p["steps"], row, color="tab:blue" if i else "black", linewidth=0.8 if i else 1.2,
                         alpha=0.6 if i else 1.0, label=("first run" if i == 0 else ("other data orders" if i == 1
                                                                                    else None)))
-            ax.set_title(name, fontsize=9)
+            ax.set_title(labels.get(name, name), fontsize=9.5)
             ax.set_xlabel("step")
         axes[0].legend(fontsize=7)
         figs["spread.png"] = _png(fig)
