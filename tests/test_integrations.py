@@ -287,6 +287,36 @@ def test_transformers_trainer_bert(tmp_path):
     assert any("loss" in h for h in trainer.state.log_history if h["step"] == 2)  # the Trainer still logs its own
 
 
+_HF_DDP = """
+import sys, torch, transformers
+from lipfast.integrations.transformers import LipfastCallback
+cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=37, max_position_embeddings=16, num_labels=3)
+torch.manual_seed(0)
+model = transformers.BertForSequenceClassification(cfg)
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 80
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": torch.tensor(i % 3)}
+args = transformers.TrainingArguments(output_dir=sys.argv[1], max_steps=5, per_device_train_batch_size=4,
+                                      report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[LipfastCallback(rank=2)]).train()
+"""
+
+
+def test_transformers_trainer_ddp_two_cpu_processes(tmp_path):
+    pytest.importorskip("accelerate")
+    _, model = _tiny_bert()
+    script = tmp_path / "hf_ddp.py"
+    script.write_text(_HF_DDP)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                    str(tmp_path / "out")], check=True, env=_SUB_ENV, timeout=300, cwd=tmp_path, capture_output=True)
+    run = _assert_complete_run(tmp_path / "out" / "lipfast", _linear_names(model), steps=5, report=False)
+    assert {r["batch"] for r in run.layers} == {8}  # the global batch: 2 ranks x 4, records from rank 0
+
+
 # ------------------------------------------------------------------------------------------------------
 # Lightning
 # ------------------------------------------------------------------------------------------------------
