@@ -72,6 +72,7 @@ def test_import_lipfast_imports_no_framework():
     ("tensorboard", ["torch.utils.tensorboard", "tensorboard"], "tensorboard"),
 ])
 def test_missing_framework_names_the_extra(module, hidden, extra):
+    package = hidden[-1] if module == "tensorboard" else hidden[0]
     code = textwrap.dedent(f"""
         import sys
         for name in {hidden!r}:
@@ -85,7 +86,7 @@ def test_missing_framework_names_the_extra(module, hidden, extra):
     """)
     out = subprocess.run([sys.executable, "-c", code], check=True, env=_SUB_ENV, timeout=120, capture_output=True,
                          text=True).stdout.strip()
-    assert out.count("\n") == 0 and f'pip install "lipfast[{extra}]"' in out, out
+    assert out.count("\n") == 0 and f'pip install "lipfast[{extra}]"' in out and f"package {package!r}" in out, out
 
 
 def test_on_record_list_fans_out_and_bad_values_are_named():
@@ -407,3 +408,28 @@ def test_lightning_ddp_two_cpu_processes(tmp_path):
                    cwd=tmp_path, capture_output=True)
     run = _assert_complete_run(tmp_path / "root" / "lipfast", {"net.0", "net.2"}, steps=5, report=False)
     assert {r["batch"] for r in run.layers} == {32}  # 2 ranks x 2 micro-batches x 8: the global batch
+
+
+@LIGHTNING_WARNINGS
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*")
+def test_lightning_resumed_fit_continues_the_run_folder(tmp_path, lightning_module):
+    """A fit resumed from a checkpoint numbers its records on from the checkpoint's step and keeps the earlier
+    ones (the callback attaches at on_train_start, after Lightning restored the loop state)."""
+    pl, tiny = lightning_module
+    from lipfast.integrations.lightning import LipfastCallback
+
+    def fit(max_steps, ckpt_path=None):
+        trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, default_root_dir=str(tmp_path),
+                             callbacks=[LipfastCallback(rank=2)], enable_progress_bar=False, enable_model_summary=False,
+                             logger=False, enable_checkpointing=False)
+        trainer.fit(tiny.make_module(pl), tiny.loader(), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(3).save_checkpoint(tmp_path / "step3.ckpt")
+    first = runio.load_run(tmp_path / "lipfast")
+    assert [r["step"] for r in first.network] == [0, 1, 2]
+    fit(5, ckpt_path=tmp_path / "step3.ckpt")
+    run = _assert_complete_run(tmp_path / "lipfast", {"net.0", "net.2"}, steps=5, report=False)
+    kept = [(r["step"], r["log_bound"], r["loss"]) for r in run.network[:3]]
+    assert kept == [(r["step"], r["log_bound"], r["loss"]) for r in first.network]  # the first fit's, as they were
+    assert len(run.meta.get("resumed", [])) == 1

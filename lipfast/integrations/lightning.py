@@ -31,8 +31,9 @@ RUN_SUBDIR = "lipfast"  # the run folder inside default_root_dir
 class LipfastCallback(_pl.Callback):
     """Tracks every supported layer of a Lightning ``fit``.
 
-    On fit start it attaches a :class:`lipfast.Tracker` to the LightningModule (under ``strategy="ddp"`` to its
-    DDP wrapper, with records on rank 0) and the first optimizer; at fit end it closes it. Every tracked step
+    When training starts (``on_train_start``, after a checkpoint's loop state is restored) it attaches a
+    :class:`lipfast.Tracker` to the LightningModule (under ``strategy="ddp"`` to its DDP wrapper, with records on
+    rank 0) and the first optimizer; when training ends it closes it. Every tracked step
     is appended to a run folder (``lipfast report`` reads it) and its scalars go to the trainer's loggers:
     ``lipfast/sigma/<layer>``, ``lipfast/drift/<layer>``, ``lipfast/diffusion_var/<layer>``, ``lipfast/ito/<layer>``,
     ``lipfast/network/log_bound`` and the network's forces. The loss Lightning backpropagates goes into the
@@ -48,7 +49,7 @@ class LipfastCallback(_pl.Callback):
             ...). ``keep_records`` defaults to False here: the run folder holds every record.
 
     Attributes:
-        tracker: the live :class:`lipfast.Tracker` during ``fit``, else None.
+        tracker: the live :class:`lipfast.Tracker` while training, else None.
         run_dir: the run folder of the current or last fit (None on ranks that do not write it).
     """
 
@@ -67,7 +68,7 @@ class LipfastCallback(_pl.Callback):
     def tracker(self):
         return self._run.tracker
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.optimizers:
             raise RuntimeError("LipfastCallback: the LightningModule configured no optimizer; expected one from "
                                "configure_optimizers()")
@@ -121,7 +122,7 @@ class LipfastCallback(_pl.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
         self._run.close({"finished": True, "source": "lightning", "global_step": trainer.global_step})
 
     def on_exception(self, trainer, pl_module, exception) -> None:

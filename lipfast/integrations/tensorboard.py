@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import os
 
-from ._common import LAYER_SCALARS, NETWORK_SCALARS, check_every, require
+from ._common import LAYER_SCALARS, NETWORK_SCALARS, require
 
-_tb = require("torch.utils.tensorboard", "tensorboard", "lipfast.integrations.tensorboard")
+_tb = require("torch.utils.tensorboard", "tensorboard", "lipfast.integrations.tensorboard", package="tensorboard")
 
 __all__ = ["TensorBoardWriter"]
 
@@ -33,8 +33,7 @@ class TensorBoardWriter:
     """
 
     def __init__(self, log_dir, every: int = 1):
-        check_every("every", every, "TensorBoardWriter", allow_none=False)
-        if every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"TensorBoardWriter: every must be an int >= 1, got {every!r}")
         if isinstance(log_dir, _tb.SummaryWriter):
             self.writer, self._owned = log_dir, False
