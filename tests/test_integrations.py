@@ -433,3 +433,23 @@ def test_lightning_resumed_fit_continues_the_run_folder(tmp_path, lightning_modu
     kept = [(r["step"], r["log_bound"], r["loss"]) for r in run.network[:3]]
     assert kept == [(r["step"], r["log_bound"], r["loss"]) for r in first.network]  # the first fit's, as they were
     assert len(run.meta.get("resumed", [])) == 1
+
+
+@LIGHTNING_WARNINGS
+def test_pytorch_lightning_trainer_accepts_the_callback(tmp_path, lightning_module):
+    """The older package name: its Trainer runs the callback (made from lightning.pytorch's Callback when both are
+    installed), and with only pytorch_lightning installed the callback is made from its Callback."""
+    ptl = pytest.importorskip("pytorch_lightning")
+    _, tiny = lightning_module
+    from lipfast.integrations.lightning import LipfastCallback
+
+    cb = LipfastCallback(rank=2)
+    trainer = ptl.Trainer(max_steps=2, accelerator="cpu", devices=1, default_root_dir=str(tmp_path), callbacks=[cb],
+                          enable_progress_bar=False, enable_model_summary=False, logger=False,
+                          enable_checkpointing=False)
+    trainer.fit(tiny.make_module(ptl), tiny.loader())
+    _assert_complete_run(tmp_path / "lipfast", {"net.0", "net.2"}, steps=2, report=False)
+    code = ("import sys; sys.modules['lightning'] = sys.modules['lightning.pytorch'] = None; "
+            "import pytorch_lightning, lipfast.integrations.lightning as m; "
+            "assert issubclass(m.LipfastCallback, pytorch_lightning.Callback)")
+    subprocess.run([sys.executable, "-c", code], check=True, env=_SUB_ENV, timeout=120)
