@@ -281,6 +281,9 @@ def test_transformers_trainer_bert(tmp_path):
     assert cb.tracker is None  # closed at train end
     run = _assert_complete_run(tmp_path / "out" / "lipfast", _linear_names(model), steps=5)
     assert {r["batch"] for r in run.layers} == {8}  # 2 micro-batches of 4 per optimizer step
+    # Each step's loss, as the Trainer counts it: its own log at step 2 is the mean over steps 1-2 (records 0-1).
+    trainer_loss = next(h["loss"] for h in trainer.state.log_history if h["step"] == 2 and "loss" in h)
+    assert (run.network[0]["loss"] + run.network[1]["loss"]) / 2 == pytest.approx(trainer_loss, rel=1e-4)
     assert run.config["source"] == "transformers.Trainer" and run.config["tracker"]["rank"] == 2
     logged = [h for h in trainer.state.log_history if "lipfast/network/log_bound" in h]
     assert [h["step"] for h in logged] == [2, 4]  # at the Trainer's logging_steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
 from torch import nn
 
 from ._common import TrackedRun, check_every, log_due, require, run_config, scalars
@@ -39,7 +40,10 @@ class LipfastCallback(_transformers.TrainerCallback):
         run_dir: the run folder of the current or last training run (None on ranks that do not write it).
 
     Records are numbered by optimizer step from 0 (the Trainer's ``global_step`` − 1); scalars are logged at
-    the Trainer's ``global_step``.
+    the Trainer's ``global_step``. The network records' ``loss`` is each step's training loss as the Trainer
+    counts it (the sum of its micro-batch losses; under DDP rank 0's). ``loss_reduction="mean"`` takes the loss
+    to be a mean over the step's samples, as it is for one label per sample; a token-level loss normalised by
+    the number of tokens weighs samples by their token counts, which the noise terms do not account for.
     """
 
     def __init__(self, out: str | os.PathLike | None = None, *, log_every: int | None = None, **tracker_kwargs):
@@ -51,6 +55,7 @@ class LipfastCallback(_transformers.TrainerCallback):
         self._run = TrackedRun(tracker_kwargs, "LipfastCallback")
         self._trainer = None
         self._pending_logs: dict[str, float] | None = None
+        self._loss_start = None
         self.run_dir: str | None = None
 
     @property
@@ -74,6 +79,17 @@ class LipfastCallback(_transformers.TrainerCallback):
         self._run.start(tracked, optimizer, run_dir, first_step=state.global_step, write_here=write_here,
                         config=config)
         self.run_dir = run_dir if write_here else None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The Trainer sums each micro-batch's (accumulation-scaled) loss into _tr_loss, reset only after logging:
+        # the step's loss is its growth from here to the optimizer step. Private, so used only when present.
+        running = getattr(self._trainer, "_tr_loss", None)
+        self._loss_start = running.detach().clone() if isinstance(running, torch.Tensor) else None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        running = getattr(self._trainer, "_tr_loss", None)
+        if self._run.tracker is not None and self._loss_start is not None and isinstance(running, torch.Tensor):
+            self._run.tracker.log(loss=running.detach() - self._loss_start)
 
     def on_step_end(self, args, state, control, **kwargs):
         latest = self._run.take_latest()
