@@ -257,7 +257,6 @@ def _tiny_bert():
     return transformers, transformers.BertForSequenceClassification(cfg)
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_transformers_trainer_bert(tmp_path):
     pytest.importorskip("accelerate")
     transformers, model = _tiny_bert()
@@ -289,6 +288,30 @@ def test_transformers_trainer_bert(tmp_path):
     assert [h["step"] for h in logged] == [2, 4]  # at the Trainer's logging_steps
     assert "lipfast/sigma/classifier" in logged[0] and "lipfast/drift/bert.pooler.dense" in logged[0]
     assert any("loss" in h for h in trainer.state.log_history if h["step"] == 2)  # the Trainer still logs its own
+
+
+def test_transformers_resumed_training_continues_the_run_folder(tmp_path):
+    """Resuming from a Trainer checkpoint numbers the records on from its global_step and keeps the earlier ones."""
+    pytest.importorskip("accelerate")
+    transformers, _ = _tiny_bert()
+    from lipfast.integrations.transformers import LipfastCallback
+
+    def train(max_steps, resume):
+        _, model = _tiny_bert()
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+                                              report_to=[], use_cpu=True, save_strategy="steps", save_steps=3,
+                                              disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_TokenDataset(),
+                                       callbacks=[LipfastCallback(rank=2)])
+        trainer.train(resume_from_checkpoint=resume)
+
+    train(3, None)
+    first = runio.load_run(tmp_path / "lipfast")
+    train(5, True)
+    run = runio.load_run(tmp_path / "lipfast")
+    assert [r["step"] for r in run.network] == [0, 1, 2, 3, 4]
+    assert [r["log_bound"] for r in run.network[:3]] == [r["log_bound"] for r in first.network]
+    assert len(run.meta.get("resumed", [])) == 1
 
 
 _HF_DDP = """
