@@ -5,8 +5,8 @@
 Training cases, each timed interleaved (rounds of every variant back to back, so that a drift in machine load hits
 all alike) on its own copy of the same model:
 - ``sinks``: an MLP trained in a plain loop; bare ``Tracker`` (records kept in memory) vs the same tracker
-  streaming into ``RunWriter`` (fsync every write, its default; every 50, the integrations' choice; never), ``TensorBoardWriter``,
-  and both at once (``keep_records=False``).
+  streaming into ``RunWriter`` (fsync every write, its default; every 50, the integrations' choice; never),
+  ``TensorBoardWriter``, and both at once (``keep_records=False``).
 - ``transformers``: a tiny BERT trained by ``transformers.Trainer`` (``logging_steps=1``: scalars logged at
   every step, the worst case); no tracker vs a bare Tracker attached by a minimal callback vs ``LipfastCallback``.
 - ``lightning``: a small MLP ``LightningModule``; no tracker vs a bare Tracker (the minimal callback the
@@ -21,7 +21,6 @@ Usage: python bench/bench_integrations.py [--quick] [--threads 1]
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import tempfile
 import time
@@ -82,8 +81,8 @@ def bench_sinks(tmp: Path, rounds: int, steps: int) -> list[H.Result]:
     if _have("tensorboard"):
         from lipfast.integrations.tensorboard import TensorBoardWriter
         variant("+ TensorBoardWriter", lambda d: [TensorBoardWriter(d)], keep=False)
-        variant("+ RunWriter + TensorBoardWriter", lambda d: [lipfast.RunWriter(d / "run"), TensorBoardWriter(d / "tb")],
-                keep=False)
+        variant("+ RunWriter + TensorBoardWriter",
+                lambda d: [lipfast.RunWriter(d / "run"), TensorBoardWriter(d / "tb")], keep=False)
     config = H.Config("sinks", dict(model="MLP 64-256-256-10", batch=128, rank=8))
     results = _time_rounds(config, variants, rounds, steps)
     for tracker, sinks in closers:
@@ -257,7 +256,8 @@ def bench_lightning(tmp: Path, rounds: int, steps: int) -> list[H.Result]:
             cb = callback_factory()
             trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=str(root),
                                  callbacks=[cb] if cb else [], enable_progress_bar=False, enable_model_summary=False,
-                                 logger=pl.loggers.CSVLogger(str(root)), log_every_n_steps=1, enable_checkpointing=False)
+                                 logger=pl.loggers.CSVLogger(str(root)), log_every_n_steps=1,
+                                 enable_checkpointing=False)
             trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=128))
             if isinstance(cb, LipfastCallback):
                 r = runio.load_run(cb.run_dir)

@@ -1,4 +1,7 @@
-"""``TensorBoardWriter``: a Tracker's records as TensorBoard scalars and histograms (``pip install "lipfast[tensorboard]"``)."""
+"""``TensorBoardWriter``: a Tracker's records as TensorBoard scalars and histograms.
+
+Needs ``pip install "lipfast[tensorboard]"``.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ class TensorBoardWriter:
         elif isinstance(log_dir, (str, os.PathLike)):
             self.writer, self._owned = _tb.SummaryWriter(log_dir=os.fspath(log_dir)), True
         else:
-            raise TypeError(f"TensorBoardWriter: log_dir must be a path or a SummaryWriter, got {type(log_dir).__name__}")
+            raise TypeError("TensorBoardWriter: log_dir must be a path or a SummaryWriter, "
+                            f"got {type(log_dir).__name__}")
         self.every = every
 
     def __call__(self, rows: list[dict], net: dict) -> None:

@@ -69,7 +69,8 @@ class LipfastCallback(_transformers.TrainerCallback):
         # The Trainer hands callbacks its unwrapped model; under DDP the tracker needs the wrapper (it reduces
         # the per-sample statistics over ranks), which only the Trainer holds.
         wrapped = getattr(self._trainer, "model_wrapped", None)
-        tracked = wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) and wrapped.module is model else model
+        ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel) and wrapped.module is model
+        tracked = wrapped if ddp else model
         run_dir = os.fspath(self.out) if self.out is not None else os.path.join(args.output_dir, RUN_SUBDIR)
         write_here = state.is_world_process_zero
         config = run_config("transformers.Trainer", self._run.kwargs, model=type(model).__name__,
