@@ -40,7 +40,8 @@ class LipfastCallback(_transformers.TrainerCallback):
         run_dir: the run folder of the current or last training run (None on ranks that do not write it).
 
     Records are numbered by optimizer step from 0 (the Trainer's ``global_step`` − 1); scalars are logged at
-    the Trainer's ``global_step``. The network records' ``loss`` is each step's training loss as the Trainer
+    the Trainer's ``global_step`` (on CUDA a step's records arrive with the next step, as the tracker never
+    waits for the GPU: the scalars logged at a step are then the previous step's). The network records' ``loss`` is each step's training loss as the Trainer
     counts it (the sum of its micro-batch losses; under DDP rank 0's). ``loss_reduction="mean"`` takes the loss
     to be a mean over the step's samples, as it is for one label per sample; a token-level loss normalised by
     the number of tokens weighs samples by their token counts, which the noise terms do not account for.
