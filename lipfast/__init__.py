@@ -32,6 +32,7 @@ _check_torch_version()
 
 from . import ops  # noqa: E402, F401  (registers the fake kernels; needs _C loaded first)
 from .tracker import LipfastWarning, Tracker  # noqa: E402
+from .runio import RunWriter  # noqa: E402  (standard library only: a record sink for on_record)
 from .functional import (  # noqa: E402
     HessianForm,
     PerSample,
@@ -49,6 +50,7 @@ __all__ = [
     "LipfastWarning",
     "Tracker",
     "PerSample",
+    "RunWriter",
     "Spectrum",
     "hessian_form",
     "persample",

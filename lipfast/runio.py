@@ -565,9 +565,14 @@ class _AppendFile:
 class RunWriter:
     """Writes a run folder while training runs.
 
+    It is also a record sink: ``Tracker(..., on_record=RunWriter(run_dir))`` appends each tracked step's
+    rows to layers.csv and network.csv as the step completes (one ``os.write`` per file and step), so a
+    killed process keeps every completed step and, with ``keep_records=False``, memory stays flat.
+    ``lipfast report run_dir`` reads the folder; :meth:`write_summary` adds a summary.json.
+
     Args:
         run_dir: the folder (created with its parents if missing).
-        config: JSON-able training options, stored in config.json under ``"config"``.
+        config: JSON-able training options, stored in config.json under ``"config"`` (default: none).
         overwrite: start afresh in a folder that holds files: removes lipfast's own files
             (config.json, the CSVs, summary.json, report.html, checkpoint.pt, figures/*.png) and
             nothing else.
@@ -589,7 +594,7 @@ class RunWriter:
     def __init__(
         self,
         run_dir: str | os.PathLike,
-        config: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
         *,
         overwrite: bool = False,
         resume: bool = False,
@@ -600,6 +605,7 @@ class RunWriter:
             raise ValueError("RunWriter: overwrite and resume are mutually exclusive")
         if resume_from_step is not None and not resume:
             raise ValueError("RunWriter: resume_from_step needs resume=True")
+        config = {} if config is None else config
         if not isinstance(config, Mapping):
             raise ValueError(f"RunWriter: config must be a dict, got {type(config).__name__}")
         if int(fsync_every) < 0:
@@ -725,6 +731,11 @@ class RunWriter:
         ``train_acc`` may be None or NaN). Errors as :meth:`write_layers`."""
         self._check_open()
         self._network.append(_encode_rows(NETWORK_COLUMNS, [row], "network"))
+
+    def __call__(self, rows: Iterable[Mapping[str, Any]], network: Mapping[str, Any]) -> None:
+        """A Tracker's ``on_record``: append one step's layer rows and its network row."""
+        self.write_layers(rows)
+        self.write_network(network)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write summary.json atomically, merged over the keys it already holds (for instance

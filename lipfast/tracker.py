@@ -214,7 +214,8 @@ class Tracker:
         tol: relative residual of the top two pairs that ends the sweeps early (default: 1e-4 for float32
             weights, 1e-8 for float64; 0: always ``iters`` sweeps, no host read of the residuals).
         on_nonfinite: ``"flag"`` (record the step as non-finite, keep training) or ``"raise"``.
-        on_record: optional callback ``(layer_records, network_record) -> None`` for each tracked step. On the
+        on_record: optional callback ``(layer_records, network_record) -> None`` for each tracked step, or a
+            list of them (each gets every step, in list order: a run folder, TensorBoard, ...). On the
             CPU it runs inside that step's ``optimizer.step()``; on CUDA the step's numbers stay on the GPU
             until the next ``optimizer.step()`` (or until ``records``, ``network``, ``state_dict()`` or
             ``close()`` reads them), so that tracking never makes the host wait for the GPU; ``on_record``
@@ -272,6 +273,7 @@ class Tracker:
                  implementation: str = "compiled", records_on: str = "rank0"):
         self._check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol,
                          closure_tol, iters, on_nonfinite)
+        on_record = _sinks(on_record)  # before the process group's collectives: a bad value fails on every rank
         self._group = distributed.attach(model, records_on)  # None unless DDP-wrapped
         self._records_here = self._group is None or self._group.records_here
         self._inflight: distributed.StepBucket | None = None
@@ -859,6 +861,34 @@ class Tracker:
     def __repr__(self) -> str:
         return (f"Tracker(layers={list(self.captures)}, rank={self.rank}, every={self.every}, step={self.step}, "
                 f"records={len(self._records)})")
+
+
+class _FanOut:
+    """Several ``on_record`` sinks as one: each gets every step, in list order."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def __call__(self, rows: list[dict], net: dict) -> None:
+        for sink in self.sinks:
+            sink(rows, net)
+
+    def __repr__(self) -> str:
+        return f"_FanOut({self.sinks!r})"
+
+
+def _sinks(on_record):
+    """``on_record`` as one callable (or None); a list or tuple of callables fans out to each."""
+    if on_record is None or (callable(on_record) and not isinstance(on_record, (list, tuple))):
+        return on_record
+    if isinstance(on_record, (list, tuple)):
+        bad = [s for s in on_record if not callable(s)]
+        if bad:
+            raise TypeError(f"Tracker: on_record must be a callable or a list of callables, got a list holding "
+                            f"{type(bad[0]).__name__} {bad[0]!r}")
+        return _FanOut(list(on_record)) if len(on_record) != 1 else on_record[0]
+    raise TypeError(f"Tracker: on_record must be a callable (rows, network) -> None, a list of them, or None, "
+                    f"got {type(on_record).__name__}")
 
 
 def _has_weight(module: nn.Module) -> bool:
