@@ -87,7 +87,7 @@ def main() -> int:
         iters = None if it == "default" else int(it)
         r = run(iters, args.steps, args.check_every)
         print(f"{it:8} {r['ratio']:12.2f}x  {r['worst']:14.2e}  {r['worst_unflagged']:15.2e}  "
-              f"{r['off_unflagged']:6d} of {r['checked']:4d}  {r['finite']:12.1%}  {dict(r['flag_names'])}", flush=True)
+              f"{r['off_unflagged']:6d} of {r['checked']:4d}  {r['finite']:12.1%}  {dict(r['flags'])}", flush=True)
     return 0
 
 
