@@ -68,6 +68,8 @@ _HELP = {
     "seed": "initialisation seed",
     "data_seed": "data order (and split) seed, separate from the initialisation",
     "noise_seed": "label-noise seed",
+    "sampling": "permutation (each epoch a shuffle) | replacement (every batch drawn independently, as the SDE assumes)",
+    "sampling_seed": "seed of the mini-batches only (unset: data_seed)",
     "rank": "top-k singular triplets tracked per layer",
     "every": "track every k-th step",
     "iters": "sweep budget per spectrum update (fewer once sigma1 and sigma2 have converged)",
@@ -115,6 +117,8 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("run_dir", help="run folder")
     simulate.add_argument("--paths", type=int, default=4096, help="Euler-Maruyama paths (default: 4096)")
     simulate.add_argument("--seed", type=int, default=0, help="seed of the paths (default: 0)")
+    simulate.add_argument("--noise", choices=("auto", "independent", "epoch"), default="auto",
+                          help="SDE noise model; auto follows the run's --sampling (default: auto)")
     _add_sweep_parser(sub)
     return parser
 
@@ -221,7 +225,8 @@ def _cmd_simulate(args) -> int:
     run = runio.load_run(args.run_dir)
     if not run.layers:
         raise runio.RunFolderError(f"{run.path} has no layer records yet: nothing to simulate")
-    result = analysis.write_simulation(args.run_dir, n_paths=args.paths, seed=args.seed)
+    result = analysis.write_simulation(args.run_dir, n_paths=args.paths, seed=args.seed,
+                                       noise=None if args.noise == "auto" else args.noise)
     print(_simulation_lines(result))
     return 0
 
@@ -236,6 +241,9 @@ def _simulation_lines(result) -> str:
     net = result.get("network")
     if isinstance(net, dict) and "coverage" in net:
         lines.append(f"log_bound: SDE band coverage {net['coverage']:.2f}")
+    model = result.get("noise_model")
+    if isinstance(model, dict) and model.get("note"):
+        lines.append(model["note"])
     return "\n".join(lines) or "simulation written"
 
 

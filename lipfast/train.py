@@ -3,8 +3,14 @@
 Plain functions, no framework: :func:`train` drives :class:`lipfast.Tracker` and streams its records
 into :class:`lipfast.runio.RunWriter` as each step completes, so an interrupted run keeps every
 completed step, and ``resume=True`` continues from the last checkpoint to the records an uninterrupted
-run gives (the data order depends only on ``(data_seed, epoch)``; model, optimizer, tracker state and
-RNG come from the checkpoint).
+run gives (the batch of a step depends only on ``(sampling, sampling_seed, step)``; model, optimizer,
+tracker state and RNG come from the checkpoint).
+
+Sampling (``sampling``): ``"permutation"`` draws each epoch as a shuffle of the training set (the
+tracker's noise terms get the finite-population factor), ``"replacement"`` draws every batch
+independently, which is what the SDE of MATH.md §3 assumes. ``sampling_seed`` seeds the batches
+only; ``data_seed`` seeds the train/test split (and, when ``sampling_seed`` is unset, the batches too,
+as before the two were separate).
 
 Data parallelism (``nproc`` > 1, or each rank of ``torchrun --nproc_per_node N -m lipfast train ...``):
 every rank builds the same model, wraps it in ``DistributedDataParallel`` and takes its contiguous slice
@@ -62,6 +68,8 @@ class TrainConfig:
     seed: int = 0
     data_seed: int = 0
     noise_seed: int = 0
+    sampling: str = "permutation"
+    sampling_seed: int | None = None
     rank: int = 8
     every: int = 1
     iters: int = 16
@@ -123,6 +131,9 @@ class TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise ConfigError(f"steps and epochs exclude each other, got steps={self.steps!r} and "
                               f"epochs={self.epochs!r}; give one of them")
+        _check(self.sampling in datasets.SAMPLING, "sampling", self.sampling, f"one of {list(datasets.SAMPLING)}")
+        _check(self.sampling_seed is None or (_is_int(self.sampling_seed) and self.sampling_seed >= 0),
+               "sampling_seed", self.sampling_seed, "an int >= 0 (or unset: data_seed)")
         _check(self.dtype in ("float32", "float64"), "dtype", self.dtype, "'float32' or 'float64'")
         _check(isinstance(self.nesterov, bool), "nesterov", self.nesterov, "true or false")
         _check(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "used with momentum > 0")
@@ -151,6 +162,11 @@ def _check(ok: bool, name: str, value, expected: str) -> None:
 def _similar(a: str, b: str) -> bool:
     import difflib
     return difflib.SequenceMatcher(None, a, b).ratio() > 0.75
+
+
+def batch_seed(config: TrainConfig) -> int:
+    """The seed of the mini-batches: ``sampling_seed``, or ``data_seed`` when it is unset."""
+    return config.data_seed if config.sampling_seed is None else config.sampling_seed
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -336,7 +352,9 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
             writer.write_network(net)
         progress.log_bound = net["log_bound_next"]
 
-    tracker = Tracker(net, opt, rank=config.rank, every=config.every, dataset_size=n_train,
+    # Batches drawn independently with replacement: Σ_B = Σ_1/B, no finite-population factor (MATH.md §3).
+    tracker = Tracker(net, opt, rank=config.rank, every=config.every,
+                      dataset_size=n_train if config.sampling == "permutation" else None,
                       gap_tol=config.gap_tol, step_tol=config.step_tol, closure_tol=config.closure_tol,
                       iters=config.iters,
                       on_record=on_record, keep_records=False)
@@ -353,8 +371,8 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
     done_here = 0
     try:
         while step < total:
-            epoch, index = divmod(step, per_epoch)
-            batch = datasets.batches(n_train, config.batch_size, seed=config.data_seed, epoch=epoch, drop_last=True)[index]
+            batch = datasets.batch_at(n_train, config.batch_size, step=step, seed=batch_seed(config),
+                                      sampling=config.sampling)
             if ctx is not None:
                 per = config.batch_size // ctx.world
                 batch = batch[ctx.rank * per:(ctx.rank + 1) * per]
@@ -390,6 +408,8 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
     writer.write_summary({
         "finished": True, "steps": step, "dataset": ds.describe(), "n_train": n_train,
         "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
+        "sampling": {"scheme": config.sampling, "seed": batch_seed(config), "batch_size": config.batch_size,
+                     "steps_per_epoch": per_epoch},
         "wall_seconds_this_session": time.perf_counter() - started, "layers": list(tracker.captures),
         "skipped_layers": tracker.skipped,
     })
