@@ -58,6 +58,8 @@ _HELP = {
     "init_scale": "factor on every Linear/Conv2d weight after the default init",
     "batchnorm": "BatchNorm in cnn/resnet (couples samples: see the Tracker docs)",
     "label_noise": "symmetric label-noise rate in [0, 1)",
+    "label_smoothing": "cross-entropy label smoothing in [0, 1)",
+    "mixup": "Mixup with lambda ~ Beta(ALPHA, ALPHA) per step (0: off)",
     "batch_size": "samples per step",
     "lr": "SGD learning rate",
     "momentum": "SGD heavy-ball momentum",
