@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import os
 import platform
@@ -243,11 +244,24 @@ class Study:
         """``lipfast ensemble`` into out/name (finished members are reused)."""
         started = time.perf_counter()
         log(f"ensemble {name}: {runs} runs, {base.model} {list(base.widths)}, {base.sampling}, {base.steps} steps")
+        before = sum(bool((runio.read_summary(ensemble.member_path(self.out / name, i)) or {}).get("finished"))
+                     for i in range(runs)) if not self.overwrite else 0
         res = ensemble.run_ensemble(base, self.out / name, runs=runs, jobs=self.jobs, overwrite=self.overwrite,
                                     log=lambda line: log("  " + line.removeprefix("lipfast ensemble: ")))
         self.ensembles[name] = res
         self.seconds[name] = time.perf_counter() - started
+        if before == 0:  # trained here from scratch: keep the wall time for the section's cost line
+            runio.write_json_atomic(self.out / name / COST_FILE, {"wall_seconds": self.seconds[name],
+                                                                  "jobs": self.jobs})
         return res
+
+    def single(self, name: str, base: TrainConfig) -> None:
+        """One run as a one-run sweep, its wall time kept like :meth:`ensemble`'s."""
+        fresh = self.overwrite or not (runio.read_summary(self.out / name / "label_noise=0" / "seed=0") or {}).get(
+            "finished")
+        self.sweep(name, "label_noise", [0.0], base, 1)
+        if fresh:
+            runio.write_json_atomic(self.out / name / COST_FILE, {"wall_seconds": self.seconds[name], "jobs": 1})
 
     def members(self, name: str) -> list[runio.Run]:
         return [runio.load_run(self.out / name / m) for m in self.ensembles[name]["members"]]
@@ -272,13 +286,12 @@ def run_bn_mixup(st: Study) -> None:
     s = st.sizes
     cnn = dict(model="cnn", widths=s.cnn_widths, batchnorm=True, sampling="replacement")
     st.ensemble("ens-bn-mixup", ens_base(st, mixup=s.mixup, **cnn), s.ens_runs)
-    st.sweep("bn-plain", "label_noise", [0.0], ens_base(st, **cnn), 1)  # one BN run without Mixup
+    st.single("bn-plain", ens_base(st, **cnn))  # one BN run without Mixup
 
 
 def run_convergence(st: Study) -> None:
     s = st.sizes
-    st.sweep("past-convergence", "label_noise", [0.0],
-             st.base(n_samples=s.conv_n_samples, steps=s.conv_steps, lr=s.conv_lr, rank=4), 1)
+    st.single("past-convergence", st.base(n_samples=s.conv_n_samples, steps=s.conv_steps, lr=s.conv_lr, rank=4))
 
 
 # The sections of issue 23; each runs and renders on its own (`--only`).
@@ -1155,16 +1168,30 @@ def _ratio_verdict(ratios, lo: float, hi: float) -> str:
     return "does not match"
 
 
+EARLY = 20  # steps of the early window of §7-§8
+COST_FILE = "section_cost.json"  # wall time of the call that trained a §7-§9 experiment
+ENS_HEAD = ("| sampling | series | observed var (end) | predicted var (end) | ratio, own coefficients, 2nd half [95% "
+            "interval] | ratio, averaged coefficients, 2nd half [95% interval] | ratio, steps 1–20 [95% interval] | "
+            "unexplained steps per run | mean offset / predicted sd (end) |")
+
+
 def _ens_rows(st: Study, name: str, label: str, extra_noise: str | None = None):
     """Table rows and ratios of one ensemble: the runs' own noise model, and optionally another."""
     members = st.members(name)
     n = len(members)
     series, model = ensemble.ensemble_series(members)
     other = ensemble.ensemble_series(members, noise=extra_noise)[0] if extra_noise else None
-    rows, ratios, spans = [], [], None
+    rows, ratios, spans, earlies = [], [], None, []
     for key, x in series.items():
         own = ensemble.variance_ratio(x["obs_var"], x["own_var"], n)
         avg = ensemble.variance_ratio(x["obs_var"], x["avg_var"], n)
+        # The first EARLY steps: the per-step noise before the drift's response to it has acted.
+        early = ensemble.variance_ratio(x["obs_var"][1:EARLY + 1], x["avg_var"][1:EARLY + 1], n)
+        early_r = float(np.mean(x["obs_var"][1:EARLY + 1]) / np.mean(x["avg_var"][1:EARLY + 1]))
+        early_ci = [early_r * c for c in (early["interval"][0] / early["ratio"], early["interval"][1] / early["ratio"])] \
+            if early["ratio"] > 0 and math.isfinite(early["ratio"]) else [math.nan, math.nan]
+        n_un = int(sum(np.count_nonzero(analysis._unexplained(analysis._layer_rows(m)[key])) for m in members)
+                   / n) if key in analysis._layer_rows(members[0]) else None
         spans = avg["range_if_sde"]
         ratios.append(avg["ratio"])
         sd_end = math.sqrt(x["avg_var"][-1]) if x["avg_var"][-1] > 0 else math.nan
@@ -1174,8 +1201,11 @@ def _ens_rows(st: Study, name: str, label: str, extra_noise: str | None = None):
             alt = f" | {ensemble.variance_ratio(x['obs_var'], other[key]['avg_var'], n)['ratio']:.3g}"
         rows.append(f"| {label} | {_series_label(key)} | {x['obs_var'][-1]:.3g} | {x['avg_var'][-1]:.3g} | "
                     f"{own['ratio']:.3g} [{own['interval'][0]:.2f}, {own['interval'][1]:.2f}] | "
-                    f"{avg['ratio']:.3g} [{avg['interval'][0]:.2f}, {avg['interval'][1]:.2f}] | {dmean:+.2f}{alt} |")
-    return rows, ratios, spans, series, model, n
+                    f"{avg['ratio']:.3g} [{avg['interval'][0]:.2f}, {avg['interval'][1]:.2f}] | "
+                    f"{early_r:.3g} [{early_ci[0]:.2f}, {early_ci[1]:.2f}] | "
+                    f"{'—' if n_un is None else n_un} | {dmean:+.2f}{alt} |")
+        earlies.append(early_r)
+    return rows, ratios, spans, series, model, n, earlies
 
 
 def _ens_figure(st: Study, panels: list, fname: str) -> str:
@@ -1212,14 +1242,31 @@ def _ens_figure(st: Study, panels: list, fname: str) -> str:
 
 
 def _cost(st: Study, names) -> str:
-    return " + ".join(f"{st.seconds[n]:.0f} s" for n in names if n in st.seconds)
+    """Training time of the runs behind a section, from their summaries (so it holds when the runs are
+    reused): the sum over runs, and about the wall time at st.jobs runs at a time."""
+    total = 0.0
+    for n in names:
+        runs = st.members(n) if n in st.ensembles else st.runs(n)
+        total += sum(float((r.summary or {}).get("wall_seconds_this_session") or 0) for r in runs)
+    walls = []
+    for n in names:
+        try:
+            walls.append(json.loads((st.out / n / COST_FILE).read_text())["wall_seconds"])
+        except (OSError, ValueError, KeyError):
+            walls.append(math.nan)
+    wall = sum(walls)
+    jobs = min(st.jobs, sum(len(st.members(n)) if n in st.ensembles else len(st.runs(n)) for n in names))
+    return (f"{wall:.0f} s wall on this machine when trained ({jobs} run{'s' if jobs > 1 else ''} at a time, "
+            f"with start-up and SDE simulation, {total:.0f} s of it training summed over the runs)"
+            if math.isfinite(wall) else
+            f"{total:.0f} s of training summed over the runs (wall time not recorded)")
 
 
 def claim_ensemble(st: Study) -> str:
     s = st.sizes
-    rows_r, rat_r, span, ser_r, mod_r, n = _ens_rows(st, "ens-mlp-replacement", "replacement",
+    rows_r, rat_r, span, ser_r, mod_r, n, early_r = _ens_rows(st, "ens-mlp-replacement", "replacement",
                                                      extra_noise="independent")
-    rows_p, rat_p, _, ser_p, mod_p, _ = _ens_rows(st, "ens-mlp-permutation", "permutation", extra_noise="independent")
+    rows_p, rat_p, _, ser_p, mod_p, _, early_p = _ens_rows(st, "ens-mlp-permutation", "permutation", extra_noise="independent")
     alt_p = ensemble.ensemble_series(st.members("ens-mlp-permutation"), noise="independent")[0]
     rat_p_ind = [ensemble.variance_ratio(x["obs_var"], alt_p[k]["avg_var"], n)["ratio"] for k, x in ser_p.items()]
     fig_path = _ens_figure(st, [("replacement", ser_r, None), ("permutation", ser_p, alt_p)], "ensemble.png")
@@ -1229,10 +1276,11 @@ def claim_ensemble(st: Study) -> str:
                         f"(`--sampling replacement`): observed/predicted variance of log K, then each σ₁, over the second "
                         f"half {fmt(rat_r)} (95% range for {n} runs if the SDE is right: {span[0]:.2f}–{span[1]:.2f}); "
                         f"**{v_p}** with permutation epochs against the epoch-noise SDE ({fmt(rat_p)}), whose "
-                        f"spread the independent-batch SDE overstates ({fmt(rat_p_ind)})."))
+                        f"spread the independent-batch SDE overstates ({fmt(rat_p_ind)}). Over the first {EARLY} "
+                        f"steps the ratios are {fmt(early_r)} (replacement) and {fmt(early_p)} (permutation): the "
+                        "per-step noise is right, its accumulation over epochs is overstated."))
     per_epoch = mod_p.get("per_epoch")
-    head = ("| sampling | series | observed var (end) | predicted var (end) | ratio, own coefficients [95% interval] | "
-            "ratio, averaged coefficients [95% interval] | mean offset / predicted sd (end) |")
+    head = ENS_HEAD
     text = [
         "## 7. Ensembles over sampling: the mean and variance of K(t) against the SDE",
         "",
@@ -1256,8 +1304,8 @@ def claim_ensemble(st: Study) -> str:
         "",
         f"![ensembles]({fig_path})",
         "",
-        head + " ratio, independent-batch SDE |",
-        "|---|---|---|---|---|---|---|---|",
+        head + " ratio, independent-batch SDE, 2nd half |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows_r,
         *rows_p,
         "",
@@ -1266,20 +1314,30 @@ def claim_ensemble(st: Study) -> str:
         f"MATH.md §3 would predict a variance {fmt([1 / r for r in rat_p_ind])} times the observed one (the "
         "spread of §5, now with the initialisation and the split held fixed). "
         "The per-run and the averaged coefficients give the same variance with independent batches (it is "
-        "linear in diffusion_var) and nearly the same with epochs. Where a ratio is below 1 the runs stay "
-        "closer together than the noise alone would carry them: the SDE here integrates the recorded coefficients "
-        "along each run without the drift's dependence on the state, which pulls diverging runs back (the "
-        "contraction of a stable minimum); where above 1, that dependence amplifies the noise.",
+        "linear in diffusion_var). With epochs they differ: a run's (ii) is a one-batch estimate, and its "
+        "scatter from step to step spoils the cancellation within an epoch (Σ√v)² − Σv of the epoch model, so the "
+        "per-run prediction is larger; the averaged coefficients are the better estimate of the noise at fixed "
+        "weights. "
+        f"Over the first {EARLY} steps the ratios are {fmt(early_r)} (replacement) and {fmt(early_p)} "
+        "(permutation): the per-step noise (ii) is the right size, and the shortfall builds up later. "
+        "The likely reason (not tested separately here) is what the prediction leaves out, not the noise model: it "
+        "adds each step's noise to a "
+        "random walk, while the runs' drifts respond to the noise they have accumulated. A weight perturbation "
+        "δW left by the noise evolves as δW ← (I − ηH)δW + ηξ, and the gradient noise lies mostly along the "
+        "loss's high-curvature directions, where ηλ is large, so the spread it creates is pulled back within a "
+        "few steps; the recorded drift of each run contains that pull, but the predicted variance Σ(ii) does not "
+        "(the drift differences between runs are anti-correlated with their accumulated noise). A prediction "
+        "that keeps the drift's linear response (the Hessian along the run) would be needed to carry the "
+        "variance past the first epoch; it is not part of MATH.md §6.",
         "",
-        f"Cost: {2 * n} runs, {_cost(st, ['ens-mlp-replacement', 'ens-mlp-permutation'])} (replacement + permutation) "
-        "with 2 runs at a time; run alone with `scripts/experiments.py --only ensemble`.",
+        f"Cost: {2 * n} runs, {_cost(st, ['ens-mlp-replacement', 'ens-mlp-permutation'])}; run alone with `scripts/experiments.py --only ensemble`.",
     ]
     return "\n".join(text)
 
 
 def claim_bn_mixup(st: Study) -> str:
     s = st.sizes
-    rows, ratios, span, series, model, n = _ens_rows(st, "ens-bn-mixup", f"BN + Mixup {s.mixup:g}")
+    rows, ratios, span, series, model, n, earlies = _ens_rows(st, "ens-bn-mixup", f"BN + Mixup {s.mixup:g}")
     verdict = _ratio_verdict(ratios, *span)
     members = st.members("ens-bn-mixup")
     plain = st.runs("bn-plain")[0]
@@ -1353,18 +1411,21 @@ def claim_bn_mixup(st: Study) -> str:
         "",
         f"![BatchNorm and Mixup]({fig_path})",
         "",
-        "| sampling | series | observed var (end) | predicted var (end) | ratio, own coefficients [95% interval] | "
-        "ratio, averaged coefficients [95% interval] | mean offset / predicted sd (end) |",
-        "|---|---|---|---|---|---|---|",
+        ENS_HEAD,
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "| runs | log K (end) | Σ log BatchNorm scale (end) | log K folded (end) | train loss | test acc |",
         "|---|---|---|---|---|---|",
         *k_rows,
         "",
-        f"**{verdict.capitalize()}.** The ratios are {fmt(ratios)}. "
-        + ("The coupling through BatchNorm and the batch-wide λ of Mixup are outside the per-sample noise model, "
-           "which is where a mismatch would come from. " if verdict != "matches" else
+        f"**{verdict.capitalize()}.** The ratios are {fmt(ratios)} over the second half and {fmt(earlies)} over "
+        f"the first {EARLY} steps. "
+        + ("The second-half shortfall has the cause of §7 (the drift's pull-back is not in the predicted variance); "
+           "on top of it the coupling through BatchNorm and the batch-wide λ of Mixup are outside the per-sample "
+           "noise model, and the steps flagged unexplained (column above: the head's top pair crosses often in "
+           "the first steps) carry no predicted noise — each run advances by its own observed increment there — "
+           "which is why the early ratio of log K and of the head is far above 1. " if verdict != "matches" else
            "The per-sample noise of the shares carries the spread here even with BatchNorm's coupling and Mixup's "
            "batch-wide λ. ")
         + f"The BatchNorms' running scales add {gap:.2f} to log K at the end (the paper's K leaves them out), so "
@@ -1394,9 +1455,10 @@ def claim_convergence(st: Study) -> str:
     noise_sd = math.sqrt(fsum(np.maximum(net["diffusion_var"][after], 0)))
     ito_after, drift_after = float(np.sum(iii[after])), float(np.sum(drift_n[after]))
     grows = d_logk > 2 * noise_sd
-    ito_pos = ito_after > 0
-    verdict = "matches" if (reached and grows and ito_pos) else ("roughly" if reached and (grows or ito_pos)
-                                                                 else "does not match")
+    ito_share = ito_after / d_logk if d_logk > 0 else math.nan
+    ito_carries = ito_after > 0 and ito_share >= 0.25
+    verdict = "matches" if (reached and grows and ito_carries) else ("roughly" if reached and grows
+                                                                     else "does not match")
     final_loss = fmean(net["loss"][-w:])
     rows = []
     for i in range(len(loss_w)):
@@ -1440,8 +1502,9 @@ def claim_convergence(st: Study) -> str:
         "**Criterion, stated before the numbers.** Convergence: the first window of "
         f"{w} steps whose mean mini-batch loss is below 1e-2. **Matches** when after it log K grows by more than "
         "twice its accumulated noise (√Σ diffusion_var) *and* the noise-curvature term Σ_ℓ (iii)_ℓ/σ_ℓ summed over "
-        "those steps is positive; **roughly** when only one holds; **does not match** when neither does or the "
-        "loss never gets there.",
+        "those steps is positive and carries at least a quarter of that growth (the paper's mechanism); "
+        "**roughly** when log K grows but the Itô term carries less; **does not match** when log K does not grow "
+        "beyond its noise or the loss never gets there.",
         "",
         f"![past convergence]({fig_path})",
         "",
@@ -1454,7 +1517,7 @@ def claim_convergence(st: Study) -> str:
         + (f"The loss falls below 1e-2 at step {tc} and ends at {final_loss:.1g}. From there " if reached else
            f"The loss never falls below 1e-2 (it ends at {final_loss:.1g}); over the last third, from step {tc}, ")
         + f"to step {len(net['loss'])} log K changes by {d_logk:+.3f} against a noise sd of {noise_sd:.3f}; the "
-        f"noise-curvature term contributes {ito_after:+.3f} and the drift {drift_after:+.3f}"
+        f"noise-curvature term contributes {ito_after:+.3f} ({ito_share:.1%} of it) and the drift {drift_after:+.3f}"
         + (" — the drift, not the Itô term, carries most of the late growth: with cross-entropy the logits keep "
            "growing along the fitted directions after the loss is small, which the gradient-flow term measures."
            if abs(drift_after) > abs(ito_after) else " — the Itô term carries most of the late growth, as claimed.")
@@ -1544,6 +1607,16 @@ def splice_doc(st: Study, path: Path, sections: list[str]) -> None:
             lines[at:at] = sec.split("\n") + [""]
         text = "\n".join(lines)
     lines = text.split("\n")
+    # The page's cost line is the full script's; say what the spliced sections cost next to it.
+    cost = ("**Cost of §7–§9** (`--only`, spliced into this page): " + "; ".join(
+        f"§{sec.split(' ', 2)[1].rstrip('.')}: {sec.split('Cost: ', 1)[1].split(';')[0]}" for sec in sections
+        if "Cost: " in sec) + ". The full script runs them too.")
+    at = next((i for i, ln in enumerate(lines) if ln.startswith("**Cost of §7–§9**")), None)
+    if at is not None:
+        lines[at] = cost
+    else:
+        at = next(i for i, ln in enumerate(lines) if ln.startswith("**Cost.**"))
+        lines[at + 1:at + 1] = ["", cost]
     for title, verdict in st.verdicts:
         bullet = f"- {title}: {verdict}"
         hit = next((i for i, ln in enumerate(lines) if ln.startswith(f"- {title}:")), None)
