@@ -1278,7 +1278,7 @@ def claim_ensemble(st: Study) -> str:
                         f"**{v_p}** with permutation epochs against the epoch-noise SDE ({fmt(rat_p)}), whose "
                         f"spread the independent-batch SDE overstates ({fmt(rat_p_ind)}). Over the first {EARLY} "
                         f"steps the ratios are {fmt(early_r)} (replacement) and {fmt(early_p)} (permutation): the "
-                        "per-step noise is right, its accumulation over epochs is overstated."))
+                        "per-step noise is of the right order (within a factor 3), its accumulation over epochs is overstated."))
     per_epoch = mod_p.get("per_epoch")
     head = ENS_HEAD
     text = [
@@ -1319,7 +1319,8 @@ def claim_ensemble(st: Study) -> str:
         "per-run prediction is larger; the averaged coefficients are the better estimate of the noise at fixed "
         "weights. "
         f"Over the first {EARLY} steps the ratios are {fmt(early_r)} (replacement) and {fmt(early_p)} "
-        "(permutation): the per-step noise (ii) is the right size, and the shortfall builds up later. "
+        "(permutation): the per-step noise (ii) is of the right order (within a factor 3; 16 runs resolve a "
+        "variance to about ±40%), and the shortfall builds up later. "
         "The likely reason (not tested separately here) is what the prediction leaves out, not the noise model: it "
         "adds each step's noise to a "
         "random walk, while the runs' drifts respond to the noise they have accumulated. A weight perturbation "
