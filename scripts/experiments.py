@@ -1298,7 +1298,7 @@ def claim_ensemble(st: Study) -> str:
         "",
         f"**Criterion, stated before the numbers.** Per scheme: **matches** when the ratio (averaged coefficients) "
         f"of log K and of every σ₁ lies in the 95% range of χ²₍{n - 1}₎/{n - 1}, {span[0]:.2f}–{span[1]:.2f}, where "
-        "it falls if the SDE's variance is right; **roughly** when all lie within a factor 3; **does not match** "
+        "it falls if the SDE's variance is right; **roughly** when all lie within a factor 3 of 1 (or that range); **does not match** "
         "otherwise. The mean is reported as the offset of the observed mean from the predicted one in predicted "
         "standard deviations.",
         "",
