@@ -59,6 +59,9 @@ def test_batchnorm_scale_is_recorded_and_folded_into_the_bound(tmp_path):
     assert s["log_bound"] == pytest.approx(run.network[-1]["log_bound_next"])
     assert s["log_bound_folded"] == pytest.approx(s["log_bound"] + sum(s["log_scale"].values()))
     assert float(rows[-1][1]) == pytest.approx(sum(s["log_scale"].values()))
+    from lipfast import report
+
+    assert "with each BatchNorm's running scale folded in" in report.summary_table(out)
 
 
 def test_resumed_batchnorm_mixup_run_equals_an_uninterrupted_one(tmp_path):
