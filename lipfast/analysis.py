@@ -46,7 +46,7 @@ import numpy as np
 from . import runio
 
 __all__ = ["simulate_run", "write_simulation", "load_simulation", "pathwise_layer",
-           "pathwise_network"]  # fmt: skip
+           "pathwise_network", "noise_model"]  # fmt: skip
 
 METHOD_NOTE = (
     "Euler-Maruyama on x[t+1] = x[t] + drift[t] + ito[t] + sqrt(diffusion_var[t]) z[t] with the "
@@ -55,6 +55,40 @@ METHOD_NOTE = (
     "observed increment (fallback). Coverage: fraction of observed values after each anchor "
     "inside the [lo, hi] quantile band."
 )
+
+
+NOISE_NOTES = {
+    "independent": "Noise model: independent z[t] (batches drawn with replacement, as the SDE assumes).",
+    "epoch": "Noise model: each epoch's M batches are a permutation of the data, so the z[t] of one epoch "
+             "have correlation rho = -B/(N-B) and the epoch's noise sums to zero (epochs independent).",
+}
+
+
+def noise_model(run: runio.Run, noise: str | None = None) -> dict[str, Any]:
+    """The SDE noise model of a run: ``{"noise", "per_epoch", "rho", "note"}``.
+
+    ``noise`` None follows the run's ``sampling`` (a run from before the option existed drew
+    permutations): ``"replacement"`` -> ``"independent"``, ``"permutation"`` -> ``"epoch"`` with
+    ``M = n_train // batch_size`` batches per epoch and ``rho = -B/(N - B)``. ``"independent"`` or
+    ``"epoch"`` force one. Epoch noise needs ``n_train`` (summary.json) and ``M >= 2``; without them
+    it falls back to independent and the note says so."""
+    from .sde import NOISE_MODELS, epoch_correlation
+
+    if noise is not None and noise not in NOISE_MODELS:
+        raise ValueError(f"noise must be None or one of {list(NOISE_MODELS)}, got {noise!r}")
+    sampling = (run.config or {}).get("sampling", "permutation")
+    chosen = noise or ("independent" if sampling == "replacement" else "epoch")
+    if chosen == "independent":
+        return {"noise": "independent", "per_epoch": None, "rho": None, "note": NOISE_NOTES["independent"]}
+    n_train = (run.summary or {}).get("n_train")
+    batch = (run.config or {}).get("batch_size")
+    per_epoch = int(n_train) // int(batch) if isinstance(n_train, int) and isinstance(batch, int) and batch else 0
+    if per_epoch < 2:
+        return {"noise": "independent", "per_epoch": None, "rho": None,
+                "note": NOISE_NOTES["independent"] + " (epoch noise was asked for, but the run's summary has no "
+                "n_train or an epoch holds fewer than 2 batches)"}
+    return {"noise": "epoch", "per_epoch": per_epoch, "rho": epoch_correlation(int(batch), int(n_train)),
+            "note": NOISE_NOTES["epoch"] + f" M = {per_epoch}."}
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,6 +207,7 @@ def _simulate_series(
     n_paths: int,
     seed: int,
     quantiles: tuple[float, float],
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Band over every block of consecutive steps of one series (see the module docstring)."""
     from .sde import simulate_recorded
@@ -208,6 +243,7 @@ def _simulate_series(
                 n_paths=int(n_paths),
                 seed=int(seed) + k,
                 quantiles=tuple(quantiles),
+                **_noise_kwargs(model, int(steps[a])),
             )
             seg = [np.asarray(getattr(band, f), dtype=np.float64).reshape(-1)
                    for f in ("mean", "std", "lo", "hi")]  # fmt: skip
@@ -240,6 +276,13 @@ def _simulate_series(
     }
     out["coverage"], out["n_points"] = _coverage(out)
     return out
+
+
+def _noise_kwargs(model: dict[str, Any] | None, first_step: int) -> dict[str, Any]:
+    if not model or model["noise"] != "epoch":
+        return {}
+    M = model["per_epoch"]
+    return {"noise": "epoch", "per_epoch": M, "rho": model["rho"], "phase": first_step % M}
 
 
 def _coverage(series: dict[str, Any]) -> tuple[float, int]:
@@ -380,6 +423,7 @@ def simulate_run(
     n_paths: int = 4096,
     seed: int = 0,
     quantiles: Sequence[float] = (0.05, 0.95),
+    noise: str | None = None,
 ) -> dict[str, Any]:
     """SDE bands, pathwise checks and force totals of a run (see the module docstring).
 
@@ -389,9 +433,11 @@ def simulate_run(
         seed: base seed; block ``k`` of a series uses ``seed + k`` (every series restarts at
             ``seed``), so results are reproducible.
         quantiles: (lo, hi) of the band, 0 < lo < hi < 1.
+        noise: the SDE's noise model (:func:`noise_model`): None follows the run's sampling.
 
     Returns:
-        dict with ``n_paths``, ``seed``, ``quantiles``, ``method`` (a sentence), ``layers``
+        dict with ``n_paths``, ``seed``, ``quantiles``, ``method`` (sentences, the noise model's
+        included), ``noise_model`` (:func:`noise_model`), ``layers``
         (layer name -> series), ``network`` (a series, or None without network records) and
         ``pathwise`` (``{"layers": {name: pathwise_layer(...)}, "network": ... or None}``).
         A series holds numpy arrays ``steps`` [P], ``observed``, ``mean``, ``std``, ``lo``,
@@ -402,7 +448,8 @@ def simulate_run(
     """
     run = _as_run(run)
     q = _check_options(n_paths, quantiles)
-    opts = dict(n_paths=int(n_paths), seed=int(seed), quantiles=q)
+    model = noise_model(run, noise)
+    opts = dict(n_paths=int(n_paths), seed=int(seed), quantiles=q, model=model)
     layers: dict[str, Any] = {}
     pathwise: dict[str, Any] = {"layers": {}, "network": None}
     for name, rows in _layer_rows(run).items():
@@ -434,7 +481,8 @@ def simulate_run(
         "n_paths": int(n_paths),
         "seed": int(seed),
         "quantiles": list(q),
-        "method": METHOD_NOTE,
+        "method": METHOD_NOTE + " " + model["note"],
+        "noise_model": model,
         "layers": layers,
         "network": network,
         "pathwise": pathwise,
@@ -476,17 +524,19 @@ def write_simulation(
     n_paths: int = 4096,
     seed: int = 0,
     quantiles: Sequence[float] = (0.05, 0.95),
+    noise: str | None = None,
 ) -> dict[str, Any]:
     """Run :func:`simulate_run` on a run folder and store the results in it: sde_layers.csv
     (step, layer, observed, mean, lo, hi), sde_network.csv (step, observed, mean, lo, hi), and
     the ``"sde"`` and ``"pathwise"`` keys of summary.json (coverage per layer and for the
-    network, n_paths, seed, quantiles, residuals, forces). Every file is written atomically.
+    network, n_paths, seed, quantiles, the noise model, residuals, forces). Every file is written
+    atomically.
 
     Returns:
         The :func:`simulate_run` result.
     """
     run = runio.load_run(run_dir)
-    sim = simulate_run(run, n_paths=n_paths, seed=seed, quantiles=quantiles)
+    sim = simulate_run(run, n_paths=n_paths, seed=seed, quantiles=quantiles, noise=noise)
     path = run.path
     cols = ("steps", "observed", "mean", "lo", "hi")
     layer_rows = []
@@ -511,6 +561,7 @@ def write_simulation(
         "seed": sim["seed"],
         "quantiles": sim["quantiles"],
         "method": sim["method"],
+        "noise_model": sim["noise_model"],
         "layers": {name: _series_summary(s) for name, s in sim["layers"].items()},
         "network": _series_summary(sim["network"]) if sim["network"] is not None else None,
     }

@@ -59,6 +59,8 @@ _HELP = {
     "init_scale": "factor on every Linear/Conv2d weight after the default init",
     "batchnorm": "BatchNorm in cnn/resnet (couples samples: see the Tracker docs)",
     "label_noise": "symmetric label-noise rate in [0, 1)",
+    "label_smoothing": "cross-entropy label smoothing in [0, 1)",
+    "mixup": "Mixup with lambda ~ Beta(ALPHA, ALPHA) per step (0: off)",
     "batch_size": "samples per step",
     "lr": "SGD learning rate",
     "momentum": "SGD heavy-ball momentum",
@@ -69,6 +71,8 @@ _HELP = {
     "seed": "initialisation seed",
     "data_seed": "data order (and split) seed, separate from the initialisation",
     "noise_seed": "label-noise seed",
+    "sampling": "permutation (each epoch a shuffle) | replacement (every batch drawn independently, as the SDE assumes)",
+    "sampling_seed": "seed of the mini-batches only (unset: data_seed)",
     "rank": "top-k singular triplets tracked per layer",
     "every": "track every k-th step",
     "iters": "sweep budget per spectrum update (fewer once sigma1 and sigma2 have converged)",
@@ -116,8 +120,25 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("run_dir", help="run folder")
     simulate.add_argument("--paths", type=int, default=4096, help="Euler-Maruyama paths (default: 4096)")
     simulate.add_argument("--seed", type=int, default=0, help="seed of the paths (default: 0)")
+    simulate.add_argument("--noise", choices=("auto", "independent", "epoch"), default="auto",
+                          help="SDE noise model; auto follows the run's --sampling (default: auto)")
     _add_sweep_parser(sub)
+    _add_ensemble_parser(sub)
     return parser
+
+
+def _add_ensemble_parser(sub) -> None:
+    ens = sub.add_parser("ensemble", help="N runs differing only in mini-batch sampling; observed mean and variance "
+                         "of log K and each sigma1 against the SDE's")
+    ens.add_argument("--runs", type=int, required=True, metavar="N", help="members (>= 2)")
+    ens.add_argument("--jobs", type=int, default=1, help="members trained at once, one process each (default: 1)")
+    ens.add_argument("--config", help="TOML file of training options (every member's)")
+    ens.add_argument("--out", required=True, help="ensemble folder (members in OUT/members/000, 001, ...)")
+    ens.add_argument("--overwrite", action="store_true", help="retrain members already in --out")
+    ens.add_argument("--quiet", action="store_true", help="no line per finished member")
+    ens.add_argument("--report", action="store_true", help="also write each member's figures and report.html")
+    ens.set_defaults(resume=False)
+    _train_options(ens)
 
 
 def _add_sweep_parser(sub) -> None:
@@ -222,7 +243,8 @@ def _cmd_simulate(args) -> int:
     run = runio.load_run(args.run_dir)
     if not run.layers:
         raise runio.RunFolderError(f"{run.path} has no layer records yet: nothing to simulate")
-    result = analysis.write_simulation(args.run_dir, n_paths=args.paths, seed=args.seed)
+    result = analysis.write_simulation(args.run_dir, n_paths=args.paths, seed=args.seed,
+                                       noise=None if args.noise == "auto" else args.noise)
     print(_simulation_lines(result))
     return 0
 
@@ -237,6 +259,9 @@ def _simulation_lines(result) -> str:
     net = result.get("network")
     if isinstance(net, dict) and "coverage" in net:
         lines.append(f"log_bound: SDE band coverage {net['coverage']:.2f}")
+    model = result.get("noise_model")
+    if isinstance(model, dict) and model.get("note"):
+        lines.append(model["note"])
     return "\n".join(lines) or "simulation written"
 
 
@@ -262,8 +287,32 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_ensemble(args) -> int:
+    from . import ensemble
+
+    if args.runs < 2:
+        raise _UsageError(f"lipfast ensemble: error: --runs must be >= 2, got {args.runs}")
+    if args.jobs < 1:
+        raise _UsageError(f"lipfast ensemble: error: --jobs must be >= 1, got {args.jobs}")
+    base = _config_from_args(args)
+    res = ensemble.run_ensemble(base, args.out, runs=args.runs, jobs=args.jobs, report=args.report,
+                                overwrite=args.overwrite,
+                                log=None if args.quiet else (lambda line: print(line, flush=True)))
+    print(f"{res['n_runs']} runs; SDE noise model: {res['noise_model']['note']}")
+    for name, st in res["series"].items():
+        for which in ("own", "averaged"):
+            r = st[which]
+            print(f"{name}: var ratio observed/SDE ({which} coefficients, 2nd half) {r['ratio']:.3g}, 95% interval "
+                  f"{r['interval'][0]:.3g}-{r['interval'][1]:.3g} ({'within' if r['within'] else 'outside'} the "
+                  f"range {r['range_if_sde'][0]:.2f}-{r['range_if_sde'][1]:.2f} of an SDE-true ratio 1)")
+    out = Path(args.out)
+    print(f"table: {(out / ensemble.ENSEMBLE_CSV_FILE).resolve()}")
+    print(f"figure: {(out / ensemble.ENSEMBLE_FIGURE_FILE).resolve()}")
+    return 0
+
+
 _COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "report": _cmd_report, "simulate": _cmd_simulate,
-             "sweep": _cmd_sweep}
+             "sweep": _cmd_sweep, "ensemble": _cmd_ensemble}
 
 
 def main(argv: list[str] | None = None) -> int:

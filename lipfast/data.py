@@ -25,7 +25,8 @@ pooled and re-split like every other dataset, so ``test_fraction`` and ``seed`` 
 everywhere.
 
 The module also holds the two pieces of randomness a training run needs besides the model:
-symmetric label noise (:func:`add_label_noise`) and a resumable data order (:func:`batches`).
+symmetric label noise (:func:`add_label_noise`) and a resumable data order (:func:`batches`, and
+:func:`batch_at` for either sampling scheme of :data:`SAMPLING`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ __all__ = [
     "TORCHVISION_DATASETS",
     "Dataset",
     "DatasetUnavailable",
+    "SAMPLING",
     "add_label_noise",
+    "batch_at",
     "batches",
     "load_dataset",
 ]
@@ -63,6 +66,10 @@ DATASETS: tuple[str, ...] = OFFLINE_DATASETS + TORCHVISION_DATASETS
 """Every name :func:`load_dataset` accepts."""
 
 DEFAULT_DATASET = "digits"
+
+SAMPLING: tuple[str, ...] = ("permutation", "replacement")
+"""How a run draws its mini-batches (:func:`batch_at`): each epoch a permutation of the training set
+cut into batches, or every batch drawn independently (``batch_size`` i.i.d. uniform indices)."""
 
 DEFAULT_ROOT = Path("~/.cache/lipfast/data").expanduser()
 """Where torchvision datasets are looked for (never downloaded to) when no ``root`` is given."""
@@ -335,6 +342,42 @@ def batches(
     if drop_last and out[-1].shape[0] < batch_size:
         out.pop()
     return out
+
+
+def batch_at(
+    n: int, batch_size: int, *, step: int, seed: int, sampling: str = "permutation"
+) -> torch.Tensor:
+    """The indices of the mini-batch of optimizer step ``step`` under one of :data:`SAMPLING`.
+
+    ``"permutation"``: batch ``step mod M`` of epoch ``step // M`` of :func:`batches` (``M = n //
+    batch_size``, the short last batch dropped), so every epoch visits each of ``M·batch_size``
+    examples exactly once. ``"replacement"``: ``batch_size`` indices drawn i.i.d. uniformly from
+    ``range(n)``, independently of every other step: the batches the SDE of MATH.md §3 assumes
+    (``Σ_B = Σ_1 / B``, no finite-population factor). Either depends only on ``(seed, step)``,
+    so a resumed run sees the batches an uninterrupted one would.
+
+    Returns:
+        An int64 index tensor of shape ``[batch_size]``.
+
+    Raises:
+        ValueError: ``sampling`` not in :data:`SAMPLING`; bad ``n``, ``batch_size``, ``step`` or
+            ``seed`` (as :func:`batches`).
+    """
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {list(SAMPLING)}, got {sampling!r}")
+    _check_int("step", step, minimum=0)
+    if sampling == "permutation":
+        _check_int("batch_size", batch_size, minimum=1)
+        epoch, index = divmod(step, max(_check_int("n", n, minimum=1) // batch_size, 1))
+        return batches(n, batch_size, seed=seed, epoch=epoch, drop_last=True)[index]
+    _check_int("n", n, minimum=1)
+    _check_int("batch_size", batch_size, minimum=1)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be in [1, n] = [1, {n}], got {batch_size}")
+    _check_int("seed", seed, minimum=0)
+    # A third word keeps these streams apart from the permutation's (seed, epoch) ones.
+    mixed = int(np.random.SeedSequence([seed, step, 1]).generate_state(1, dtype=np.uint64)[0])
+    return torch.randint(0, n, (batch_size,), generator=torch.Generator().manual_seed(mixed))
 
 
 # --------------------------------------------------------------------------------------------

@@ -211,6 +211,11 @@ def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -
                "crossing or closure / sum |obs| (their count; network: steps with such a layer); coverage = "
                "observed inside the SDE band; fallback = steps advanced by the observed increment")  # fmt: skip
     out += [f"warning: {w}" for w in _trust_lines(pw_layers, info)]
+    bn = (run.summary or {}).get("batchnorm")
+    if isinstance(bn, dict) and "log_bound_folded" in bn:  # the paper's K leaves BatchNorm out: show both
+        out.append(f"batchnorm: log K {_num(bn['log_bound'])} over the Linear/Conv weights; "
+                   f"{_num(bn['log_bound_folded'])} with each BatchNorm's running scale folded in "
+                   f"(max|gamma|/sqrt(running_var+eps), batchnorm.csv)")
     if run.dropped_lines:
         out.append(f"note: {run.dropped_lines} partial CSV line(s) from an interrupted write "
                    "were ignored")  # fmt: skip

@@ -75,13 +75,14 @@ SDE_LAYERS_FILE = "sde_layers.csv"
 SDE_NETWORK_FILE = "sde_network.csv"
 REPORT_FILE = "report.html"
 CHECKPOINT_FILE = "checkpoint.pt"
+BATCHNORM_FILE = "batchnorm.csv"
 FIGURES_DIR = "figures"
 
 # Files lipfast itself creates at the top of a run folder; `overwrite` removes these and nothing else
 # (plus figures/*.png and leftover temporary files of our atomic writes).
 _OWN_FILES = (
     CONFIG_FILE, LAYERS_FILE, NETWORK_FILE, SUMMARY_FILE, SDE_LAYERS_FILE, SDE_NETWORK_FILE,
-    REPORT_FILE, CHECKPOINT_FILE,
+    REPORT_FILE, CHECKPOINT_FILE, BATCHNORM_FILE,
 )  # fmt: skip
 _TMP_MARK = ".lipfast-tmp-"
 

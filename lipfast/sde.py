@@ -15,6 +15,13 @@ Two layers live here.
    (i), (iii), (ii) measured along a training run (MATH.md §3, §6), giving a mean and a band.
    :func:`pathwise_residual` is the pathwise check of §6.
 
+   Its noise model (:data:`NOISE_MODELS`) follows the run's batch sampling. ``"independent"``: the
+   ``z_t`` are independent, as the SDE assumes (batches drawn with replacement). ``"epoch"``: each
+   epoch of ``M`` batches is a permutation of the data, so at fixed weights two batch noises of one
+   epoch have correlation ``rho = −B/(N−B)`` (``−1/(M−1)`` when the epoch covers the data exactly)
+   and an epoch's noise sums to zero; epochs are independent. :func:`noise_variance` is the
+   variance of the accumulated noise under either model, in closed form.
+
 Noise types (shapes for ``x`` of shape ``[P, d]``):
 
 * ``"diagonal"``: ``g(t, x)`` is ``[P, d]``, ``dW`` is ``[P, d]``; component ``i`` of the noise
@@ -50,7 +57,12 @@ __all__ = [
     "SDEBand",
     "simulate_recorded",
     "pathwise_residual",
+    "NOISE_MODELS",
+    "epoch_correlation",
+    "noise_variance",
 ]
+
+NOISE_MODELS = ("independent", "epoch")
 
 NOISE_TYPES = ("diagonal", "scalar", "general")
 
@@ -497,6 +509,10 @@ def simulate_recorded(
     seed: int = 0,
     quantiles: tuple[float, float] = (0.05, 0.95),
     dtype: torch.dtype = torch.float64,
+    noise: str = "independent",
+    per_epoch: int | None = None,
+    rho: float | None = None,
+    phase: int = 0,
 ) -> SDEBand:
     """Euler–Maruyama with coefficients recorded along a run (MATH.md §6), many paths.
 
@@ -528,6 +544,13 @@ def simulate_recorded(
         seed: int seed (``>= 0``) of the normal draws.
         quantiles: ``(q_lo, q_hi)`` with ``0 < q_lo < q_hi < 1``.
         dtype: ``torch.float64`` or ``torch.float32``, the precision of the simulated noise.
+        noise: ``"independent"`` or ``"epoch"`` (module docstring). With ``"epoch"`` the draws are
+            made per whole epoch (``per_epoch`` of them, the first ``phase`` belonging to steps before
+            ``t = 0``) and given the within-epoch correlation ``rho``: ``z̃ = (z − c·z̄)/√(1 − s)``
+            with ``s = −rho/(1 − rho)`` and ``c = 1 − √(1 − M·s)``.
+        per_epoch: batches per epoch ``M >= 2`` (``"epoch"`` only).
+        rho: within-epoch correlation in ``[−1/(M−1), 0]``; default ``−1/(M−1)`` (exact cover).
+        phase: position of step 0 in its epoch, ``0 <= phase < M``.
 
     Returns:
         :class:`SDEBand` with ``[T+1]`` float64 arrays (index 0 is ``x0``).
@@ -562,6 +585,7 @@ def simulate_recorded(
     np_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(dtype)
     if np_dtype is None:
         raise ValueError(f"{fn}: dtype must be torch.float64 or torch.float32, got {dtype!r}")
+    epoch = _check_noise(fn, noise, per_epoch, rho, phase)
 
     arrays = {"drift": drift, "ito": ito, "diffusion_var": diffusion_var}
     if fallback is not None:
@@ -616,12 +640,7 @@ def simulate_recorded(
     gen.manual_seed(int(seed))
     rows = max(1, _CHUNK_BYTES // (24 * n_paths))
     carry = np.zeros(n_paths, dtype=np_dtype)
-    for start in range(0, T, rows):
-        stop = min(T, start + rows)
-        buf = np.empty((stop - start, n_paths), dtype=np_dtype)
-        tbuf = torch.from_numpy(buf)
-        for r in range(stop - start):
-            torch.randn(n_paths, generator=gen, dtype=dtype, out=tbuf[r])
+    for start, stop, buf in _draws(T, n_paths, gen, dtype, np_dtype, rows, epoch):
         buf *= sd[start:stop, None]
         buf[0] += carry
         np.cumsum(buf, axis=0, out=buf)  # sequential along steps: chunking does not change it
@@ -631,7 +650,7 @@ def simulate_recorded(
         noise_std[start + 1 : stop + 1] = b64.std(axis=1, ddof=1)
         noise_lo[start + 1 : stop + 1] = np.quantile(b64, q_lo, axis=1)
         noise_hi[start + 1 : stop + 1] = np.quantile(b64, q_hi, axis=1)
-        del buf, tbuf, b64
+        del buf, b64
 
     base = x0 + det
 
@@ -648,6 +667,100 @@ def simulate_recorded(
         quantiles=(q_lo, q_hi),
         n_fallback=n_fallback,
     )
+
+
+def _check_noise(fn: str, noise, per_epoch, rho, phase) -> tuple[int, float, int] | None:
+    """None for independent noise; ``(M, rho, phase)`` for epoch noise (validated)."""
+    if noise not in NOISE_MODELS:
+        raise ValueError(f"{fn}: noise must be one of {list(NOISE_MODELS)}, got {noise!r}")
+    if noise == "independent":
+        return None
+    if not _is_int(per_epoch) or per_epoch < 2:
+        raise ValueError(f"{fn}: per_epoch must be an int >= 2 with noise='epoch', got {per_epoch!r}")
+    lo = -1.0 / (per_epoch - 1)
+    rho = lo if rho is None else rho
+    if not _is_real(rho) or not (lo - 1e-12 <= rho <= 0):
+        raise ValueError(f"{fn}: rho must be in [-1/(per_epoch-1), 0] = [{lo:.6g}, 0], got {rho!r}")
+    if not _is_int(phase) or not 0 <= phase < per_epoch:
+        raise ValueError(f"{fn}: phase must be an int in [0, per_epoch), got {phase!r}")
+    return int(per_epoch), max(float(rho), lo), int(phase)
+
+
+def epoch_correlation(batch_size: int, n: int) -> float:
+    """Correlation of two batch-mean noises of one permutation epoch: ``−B/(N − B)``.
+
+    Two disjoint batches of ``B`` of ``N`` samples drawn without replacement have covariance
+    ``−Σ_1/(N−1)`` against each one's variance ``Σ_1 (N−B)/(B(N−1))`` (MATH.md §3)."""
+    if not _is_int(batch_size) or not _is_int(n) or not 1 <= batch_size < n:
+        raise ValueError(f"epoch_correlation: need ints 1 <= batch_size < n, got batch_size={batch_size!r}, n={n!r}")
+    return -batch_size / (n - batch_size)
+
+
+def _epoch_transform(z: np.ndarray, M: int, rho: float) -> np.ndarray:
+    """``[E·M, P]`` independent normals -> unit-variance normals with correlation ``rho`` within each
+    block of ``M`` rows (centring by a fraction ``c`` of the block mean)."""
+    s = -rho / (1.0 - rho)
+    c = 1.0 - math.sqrt(max(1.0 - M * s, 0.0))
+    blocks = z.reshape(-1, M, z.shape[1])
+    blocks -= c * blocks.mean(axis=1, keepdims=True)
+    blocks /= math.sqrt(1.0 - s)
+    return z
+
+
+def _draws(T: int, n_paths: int, gen, dtype, np_dtype, rows: int, epoch):
+    """Yield ``(start, stop, z)`` chunks of the ``[T, n_paths]`` standard normal draws, step by step
+    from ``gen`` (one ``randn(n_paths)`` per row, so chunking never changes them); with ``epoch``
+    (``(M, rho, phase)``) the chunks hold whole epochs, correlated by :func:`_epoch_transform`."""
+
+    def fill(n_rows: int) -> np.ndarray:
+        buf = np.empty((n_rows, n_paths), dtype=np_dtype)
+        tbuf = torch.from_numpy(buf)
+        for r in range(n_rows):
+            torch.randn(n_paths, generator=gen, dtype=dtype, out=tbuf[r])
+        return buf
+
+    if epoch is None:
+        for start in range(0, T, rows):
+            stop = min(T, start + rows)
+            yield start, stop, fill(stop - start)
+        return
+    M, rho, phase = epoch
+    per_chunk = max(1, rows // M) * M
+    total = -(-(phase + T) // M) * M  # draws up to the end of the last epoch touched
+    for d0 in range(0, total, per_chunk):
+        d1 = min(total, d0 + per_chunk)
+        z = _epoch_transform(fill(d1 - d0), M, rho)
+        start, stop = max(d0 - phase, 0), min(d1 - phase, T)
+        if stop > start:
+            yield start, stop, np.ascontiguousarray(z[start + phase - d0: stop + phase - d0])
+
+
+def noise_variance(diffusion_var, *, noise: str = "independent", per_epoch: int | None = None,
+                   rho: float | None = None, phase: int = 0) -> np.ndarray:
+    """``[T+1]`` variance of the accumulated noise ``Σ_{s<t} sqrt(v_s) z_s`` of :func:`simulate_recorded`
+    in closed form (NaN entries of ``diffusion_var`` count as 0, like its fallback steps).
+
+    Independent: ``Σ_{s<t} v_s``. Epoch: per epoch, with ``S1 = Σ sqrt(v_s)`` and ``S2 = Σ v_s`` over its
+    steps so far, ``S2 + rho (S1² − S2)``; completed epochs add theirs (epochs are independent). With
+    constant ``v`` and ``rho = −1/(M−1)`` this is ``v·k(M−k)/(M−1)`` after ``k`` steps of an epoch."""
+    fn = "noise_variance"
+    v = _series(fn, "diffusion_var", diffusion_var)
+    v = np.where(np.isfinite(v), np.maximum(v, 0.0), 0.0)
+    epoch = _check_noise(fn, noise, per_epoch, rho, phase)
+    out = np.zeros(v.shape[0] + 1)
+    if epoch is None:
+        out[1:] = np.cumsum(v)
+        return out
+    M, rho, phase = epoch
+    done = s1 = s2 = 0.0
+    for t, vt in enumerate(v):
+        if t > 0 and (t + phase) % M == 0:  # a new epoch starts at this step
+            done += s2 + rho * (s1 * s1 - s2)
+            s1 = s2 = 0.0
+        s1 += math.sqrt(vt)
+        s2 += vt
+        out[t + 1] = done + s2 + rho * (s1 * s1 - s2)
+    return out
 
 
 def pathwise_residual(delta_pred, delta_obs) -> dict:

@@ -643,7 +643,8 @@ def spread_analysis(run_dirs: Sequence[str | os.PathLike], *, n_paths: int = 409
     if len(run_dirs) < 2:
         raise ValueError(f"spread_analysis needs at least 2 runs, got {len(run_dirs)}")
     runs = [runio.load_run(d) for d in run_dirs]
-    sim = analysis.simulate_run(runs[0], n_paths=n_paths, seed=seed, quantiles=quantiles)
+    # The band is the SDE's with independent batches; std_epochs below is the epoch-sampling model.
+    sim = analysis.simulate_run(runs[0], n_paths=n_paths, seed=seed, quantiles=quantiles, noise="independent")
     trajs = [run_trajectories(r) for r in runs]
     n_train = (runs[0].summary or {}).get("n_train")
     batch = runs[0].config.get("batch_size")

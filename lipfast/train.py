@@ -3,8 +3,22 @@
 Plain functions, no framework: :func:`train` drives :class:`lipfast.Tracker` and streams its records
 into :class:`lipfast.runio.RunWriter` as each step completes, so an interrupted run keeps every
 completed step, and ``resume=True`` continues from the last checkpoint to the records an uninterrupted
-run gives (the data order depends only on ``(data_seed, epoch)``; model, optimizer, tracker state and
-RNG come from the checkpoint).
+run gives (the batch of a step depends only on ``(sampling, sampling_seed, step)``; model, optimizer,
+tracker state and RNG come from the checkpoint).
+
+Sampling (``sampling``): ``"permutation"`` draws each epoch as a shuffle of the training set (the
+tracker's noise terms get the finite-population factor), ``"replacement"`` draws every batch
+independently, which is what the SDE of MATH.md §3 assumes. ``sampling_seed`` seeds the batches
+only; ``data_seed`` seeds the train/test split (and, when ``sampling_seed`` is unset, the batches too,
+as before the two were separate).
+
+Regularisers: ``mixup`` ALPHA > 0 trains on ``λx_i + (1−λ)x_π(i)`` with the loss ``λ·CE(y_i) + (1−λ)·CE(y_π(i))``,
+``λ ~ Beta(α, α)`` and the partner permutation ``π`` drawn per step from ``(sampling_seed, step)``; each
+sample's loss still depends on its own (mixed) input only, so the tracker's per-sample gradients stay exact.
+``label_smoothing`` is cross-entropy's. With BatchNorm, ``batchnorm.csv`` records after every step the log
+of each BatchNorm's running scale ``max_c |γ_c|/√(running_var_c + ε)`` (its operator norm in eval mode):
+``log K`` (the product over Linear/Conv weights, as the paper defines it) plus their sum is the bound with
+the BatchNorms folded in (summary.json ``"batchnorm"``).
 
 Data parallelism (``nproc`` > 1, or each rank of ``torchrun --nproc_per_node N -m lipfast train ...``):
 every rank builds the same model, wraps it in ``DistributedDataParallel`` and takes its contiguous slice
@@ -52,6 +66,8 @@ class TrainConfig:
     init_scale: float = 1.0
     batchnorm: bool = False
     label_noise: float = 0.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.0
@@ -62,6 +78,8 @@ class TrainConfig:
     seed: int = 0
     data_seed: int = 0
     noise_seed: int = 0
+    sampling: str = "permutation"
+    sampling_seed: int | None = None
     rank: int = 8
     every: int = 1
     iters: int = 16
@@ -110,6 +128,9 @@ class TrainConfig:
         _check(_is_num(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
         _check(_is_num(self.init_scale) and self.init_scale > 0, "init_scale", self.init_scale, "a number > 0")
         _check(_is_num(self.label_noise) and 0 <= self.label_noise < 1, "label_noise", self.label_noise, "a number in [0, 1)")
+        _check(_is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing",
+               self.label_smoothing, "a number in [0, 1)")
+        _check(_is_num(self.mixup) and self.mixup >= 0, "mixup", self.mixup, "a number >= 0 (0: off)")
         _check(_is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
         _check(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(_is_num(self.test_fraction) and 0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
@@ -123,6 +144,9 @@ class TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise ConfigError(f"steps and epochs exclude each other, got steps={self.steps!r} and "
                               f"epochs={self.epochs!r}; give one of them")
+        _check(self.sampling in datasets.SAMPLING, "sampling", self.sampling, f"one of {list(datasets.SAMPLING)}")
+        _check(self.sampling_seed is None or (_is_int(self.sampling_seed) and self.sampling_seed >= 0),
+               "sampling_seed", self.sampling_seed, "an int >= 0 (or unset: data_seed)")
         _check(self.dtype in ("float32", "float64"), "dtype", self.dtype, "'float32' or 'float64'")
         _check(isinstance(self.nesterov, bool), "nesterov", self.nesterov, "true or false")
         _check(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "used with momentum > 0")
@@ -151,6 +175,11 @@ def _check(ok: bool, name: str, value, expected: str) -> None:
 def _similar(a: str, b: str) -> bool:
     import difflib
     return difflib.SequenceMatcher(None, a, b).ratio() > 0.75
+
+
+def batch_seed(config: TrainConfig) -> int:
+    """The seed of the mini-batches: ``sampling_seed``, or ``data_seed`` when it is unset."""
+    return config.data_seed if config.sampling_seed is None else config.sampling_seed
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -336,7 +365,9 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
             writer.write_network(net)
         progress.log_bound = net["log_bound_next"]
 
-    tracker = Tracker(net, opt, rank=config.rank, every=config.every, dataset_size=n_train,
+    # Batches drawn independently with replacement: Σ_B = Σ_1/B, no finite-population factor (MATH.md §3).
+    tracker = Tracker(net, opt, rank=config.rank, every=config.every,
+                      dataset_size=n_train if config.sampling == "permutation" else None,
                       gap_tol=config.gap_tol, step_tol=config.step_tol, closure_tol=config.closure_tol,
                       iters=config.iters,
                       on_record=on_record, keep_records=False)
@@ -349,23 +380,32 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
         torch.set_rng_state(state["rng"])
         step = int(state["step"])
     bar = _progress_bar(total, step, quiet or not main)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    bn = _bn_layers(model)
+    bn_rows = _bn_rows_before(out, step) if (bn and main) else []
     done_here = 0
     try:
         while step < total:
-            epoch, index = divmod(step, per_epoch)
-            batch = datasets.batches(n_train, config.batch_size, seed=config.data_seed, epoch=epoch, drop_last=True)[index]
+            batch = datasets.batch_at(n_train, config.batch_size, step=step, seed=batch_seed(config),
+                                      sampling=config.sampling)
             if ctx is not None:
                 per = config.batch_size // ctx.world
                 batch = batch[ctx.rank * per:(ctx.rank + 1) * per]
             batch = batch.to(device)
             model.train()
             opt.zero_grad(set_to_none=True)
-            logits = net(x_train[batch])
-            loss = loss_fn(logits, y_train[batch])
+            if config.mixup > 0:
+                lam, partner = _mixup_draw(config, step, batch.shape[0], device)
+                logits = net(lam * x_train[batch] + (1 - lam) * x_train[batch[partner]])
+                loss = lam * loss_fn(logits, y_train[batch]) + (1 - lam) * loss_fn(logits, y_train[batch[partner]])
+            else:
+                logits = net(x_train[batch])
+                loss = loss_fn(logits, y_train[batch])
             loss.backward()
             tracker.log(loss=loss, train_acc=(logits.argmax(1) == y_train[batch]).float().mean())
             opt.step()
+            if bn and main:
+                bn_rows.append([step] + _bn_log_scales(bn))
             step += 1
             done_here += 1
             progress.loss = float(loss.detach())
@@ -373,6 +413,8 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
                 bar.update(1)
                 bar.set_postfix(loss=f"{progress.loss:.4f}", log_bound=f"{progress.log_bound:.4f}")
             if main and (step % config.checkpoint_every == 0 or step == total):
+                if bn:  # with the checkpoint: a resumed run continues these rows
+                    _write_bn_rows(out, bn, bn_rows)
                 _save_checkpoint(out, model, opt, tracker, step)
             if main and quiet and (step % config.eval_every == 0 or step == total):
                 print(f"lipfast: step {step}/{total} loss {progress.loss:.4f} log_bound {progress.log_bound:.4f}",
@@ -390,8 +432,11 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
     writer.write_summary({
         "finished": True, "steps": step, "dataset": ds.describe(), "n_train": n_train,
         "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
+        "sampling": {"scheme": config.sampling, "seed": batch_seed(config), "batch_size": config.batch_size,
+                     "steps_per_epoch": per_epoch},
         "wall_seconds_this_session": time.perf_counter() - started, "layers": list(tracker.captures),
         "skipped_layers": tracker.skipped,
+        **({"batchnorm": _bn_summary(bn, bn_rows, progress.log_bound)} if bn else {}),
     })
     writer.flush()
     if report:
@@ -400,6 +445,60 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
         analysis.write_simulation(out, n_paths=config.sde_paths, seed=config.sde_seed)
         reporting.make_report(out)
     return out
+
+
+def _mixup_draw(config: TrainConfig, step: int, n: int, device) -> tuple[float, torch.Tensor]:
+    """λ ~ Beta(α, α) and the partner permutation of one step, from (sampling seed, step) alone (resumable)."""
+    import numpy as np
+
+    rng = np.random.default_rng(np.random.SeedSequence([batch_seed(config), step, 2]))
+    lam = float(rng.beta(config.mixup, config.mixup))
+    return lam, torch.as_tensor(rng.permutation(n), device=device)
+
+
+# -- BatchNorm's running scale (the part of the eval-mode network K leaves out) -------------------
+def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats]
+
+
+def _bn_log_scales(bn) -> list[float]:
+    """log max_c |γ_c|/√(running_var_c + ε) per BatchNorm: the log operator norm of its eval-mode map."""
+    out = []
+    with torch.no_grad():
+        for _, m in bn:
+            scale = (m.running_var.double() + m.eps).rsqrt()
+            if m.weight is not None:
+                scale = scale * m.weight.detach().double().abs()
+            out.append(float(scale.max().log()))
+    return out
+
+
+def _write_bn_rows(out: Path, bn, rows) -> None:
+    from .analysis import csv_text
+
+    header = ["step", "log_scale"] + [f"log_scale:{n}" for n, _ in bn]
+    runio.write_text_atomic(out / runio.BATCHNORM_FILE, csv_text(header, [[r[0], sum(r[1:])] + r[1:] for r in rows]))
+
+
+def _bn_rows_before(out: Path, step: int) -> list[list]:
+    """Rows of batchnorm.csv before ``step`` (a resumed run continues them; a fresh run has none)."""
+    import csv
+
+    path = out / runio.BATCHNORM_FILE
+    if step == 0 or not path.is_file():
+        return []
+    rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))[1:]
+    return [[int(r[0])] + [float(v) for v in r[2:]] for r in rows if r and int(r[0]) < step]
+
+
+def _bn_summary(bn, rows, log_bound: float) -> dict:
+    last = rows[-1][1:] if rows else [math.nan] * len(bn)
+    return {"layers": [n for n, _ in bn], "log_scale": dict(zip((n for n, _ in bn), last)),
+            "log_bound": log_bound, "log_bound_folded": log_bound + sum(last),
+            "note": "log_bound: the product over Linear/Conv weights (the paper's K); log_bound_folded adds each "
+                    "BatchNorm's eval-mode operator norm max_c |gamma_c|/sqrt(running_var_c + eps) (batchnorm.csv "
+                    "per step)"}
 
 
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
