@@ -7,8 +7,13 @@ import csv
 import pytest
 import torch
 
+from lipfast.tracker import LipfastWarning
 from lipfast import runio
 from lipfast.train import ConfigError, TrainConfig, train
+
+# The BatchNorm runs here are about the scale it adds to K; the tracker's warning about BatchNorm coupling the
+# samples is checked in test_regularisers' first test and in test_train.
+pytestmark = pytest.mark.filterwarnings("ignore:lipfast. the model has BatchNorm layers:lipfast.tracker.LipfastWarning")
 
 BN = dict(dataset="digits", n_samples=200, batch_size=16, model="cnn", widths=(4, 4), batchnorm=True, rank=2,
           steps=6, checkpoint_every=3, eval_every=100, sde_paths=16)
@@ -45,7 +50,8 @@ def _bn_rows(path) -> list[list[str]]:
 
 
 def test_batchnorm_scale_is_recorded_and_folded_into_the_bound(tmp_path):
-    out = train(TrainConfig(**BN, mixup=0.2), tmp_path / "bn", quiet=True, report=False)
+    with pytest.warns(LipfastWarning, match="BatchNorm"):  # the tracker says what BatchNorm does to the samples
+        out = train(TrainConfig(**BN, mixup=0.2), tmp_path / "bn", quiet=True, report=False)
     rows = _bn_rows(out)
     assert rows[0] == ["step", "log_scale", "log_scale:features.1", "log_scale:features.5"]
     assert [int(r[0]) for r in rows[1:]] == list(range(6))
