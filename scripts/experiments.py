@@ -1014,7 +1014,11 @@ def claim_spread(st: Study) -> str:
         + (" — the right order of magnitude: the diffusion coefficient (ii) measured along one run is "
            "consistent with the spread that data orders produce, once the SDE's noise is given the "
            "covariance of epoch-wise sampling." if ok_ep else
-           "; even so the spread is not accounted for within a factor 2."),
+           "; even so the spread is not accounted for within a factor 2.")
+        + " The sampling scheme is not the whole explanation, though: §7 trains 16 runs with independent "
+        "batches (`--sampling replacement`, what the SDE assumes), and their spread over the second half still "
+        "falls short of the SDE's by a similar factor (§7 gives the ratios), while over the first 20 steps it "
+        "matches. What the per-step sum of (ii) leaves out is the drift pulling diverging runs back together.",
     ]
     return "\n".join(text)
 
