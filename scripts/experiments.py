@@ -1018,7 +1018,8 @@ def claim_spread(st: Study) -> str:
         + " The sampling scheme is not the whole explanation, though: §7 trains 16 runs with independent "
         "batches (`--sampling replacement`, what the SDE assumes), and their spread over the second half still "
         "falls short of the SDE's by a similar factor (§7 gives the ratios), while over the first 20 steps it "
-        "matches. What the per-step sum of (ii) leaves out is the drift pulling diverging runs back together.",
+        "matches. A likely cause, not tested separately: the per-step sum of (ii) leaves out the drift that pulls "
+        "diverging runs back together.",
     ]
     return "\n".join(text)
 
