@@ -36,8 +36,8 @@ from torch.nn.utils import parametrize
 from . import distributed, ops, reference
 from .functional import (Spectrum, block_size, compute_spectrum, default_tol, needs_exact, resize_block,
                          with_host_values)
-from .instrument import (COMPILE_ADVICE, Hook, LayerCapture, in_backward, prepare_compile_refusal, refuse_compiled,
-                         unsupported_reason)
+from .adapters import SUPPORTED, adapter_for, attention_adapters
+from .instrument import COMPILE_ADVICE, Hook, LayerCapture, in_backward, prepare_compile_refusal, refuse_compiled
 from .optim import StepCoefficients, step_coefficients
 
 __all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS", "TRUST_FLAGS"]
@@ -46,7 +46,8 @@ logger = logging.getLogger("lipfast")
 
 LAYER_FIELDS = ("step", "layer", "kind", "m", "n", "batch", "lr", "sigma", "sigma2", "sigma_next",
                 "delta_obs", "first_order", "second_order", "delta_pred", "drift", "diffusion_var",
-                "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flags")
+                "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flags",
+                "group", "shared_with")
 NETWORK_FIELDS = ("step", "log_bound", "log_bound_next", "drift", "diffusion_var", "ito", "loss", "train_acc")
 # Flags that say a step's expansion is not to be trusted; ``degenerate`` is true when any is set (Tracker docs).
 TRUST_FLAGS = ("unconverged", "small_gap", "large_step", "crossing", "closure")
@@ -173,13 +174,6 @@ def _fingerprint(W: Tensor) -> tuple[float, float]:
     return float(Wd.sum()), float(Wd.norm())
 
 
-def _matrix(t: Tensor, m: int) -> Tensor:
-    """``t`` as the ``[m, n]`` matrix of its layer, cut from autograd (a Linear's is one already: no reshape
-    to dispatch, several times a layer and step)."""
-    t = t.detach()
-    return t if t.dim() == 2 else t.reshape(m, -1)
-
-
 class Tracker:
     """Tracks σ1 of every supported layer and the three forces that move it (API.md).
 
@@ -269,9 +263,12 @@ class Tracker:
                  gap_tol: float = 1e-3, step_tol: float = 2.0, closure_tol: float = 0.1, iters: int = 16,
                  tol: float | None = None,
                  on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True,
-                 implementation: str = "compiled", records_on: str = "rank0"):
+                 implementation: str = "compiled", records_on: str = "rank0",
+                 batch_dim: int | dict[str, int] | None = None):
         self._check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol,
                          closure_tol, iters, on_nonfinite)
+        self.batch_dim = _check_batch_dim(model, batch_dim)
+        self.batch_size: int | None = None  # samples in the model's current input (the root's forward)
         self._group = distributed.attach(model, records_on)  # None unless DDP-wrapped
         self._records_here = self._group is None or self._group.records_here
         self._inflight: distributed.StepBucket | None = None
@@ -314,13 +311,14 @@ class Tracker:
                 self._group.check_same_model(None)
             raise
         if self._group is not None:
-            self._group.check_same_model(distributed.describe_tracker(chosen, dict(
+            self._group.check_same_model(distributed.describe_tracker([(n, u[0][1]) for n, u in chosen], dict(
                 rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol, implementation=implementation)))
-        for name, module in chosen:
-            self.captures[name] = LayerCapture(name, module, self)
+        for name, uses in chosen:
+            self.captures[name] = LayerCapture(name, uses, self, [self._batch_fact(root, n) for n, _ in uses])
         self._root = root
+        self._root_dim = self._root_batch_dim(root)
         prepare_compile_refusal()  # a forward compiled after attach is refused by the hooks
-        self._root_handle = root.register_forward_pre_hook(Hook(self._on_root_forward))
+        self._root_handle = root.register_forward_pre_hook(Hook(self._on_root_forward), with_kwargs=True)
         self._handles = [
             optimizer.register_step_pre_hook(Hook(self._on_step_pre)),
             optimizer.register_step_post_hook(Hook(self._on_step_post)),
@@ -373,33 +371,94 @@ class Tracker:
         else:
             keep = layers or (lambda name, module: True)
         owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        chosen = []
-        # Every parameter counts once, at its first name in module order: one tied to another's (a shared
-        # embedding, a Parameter assigned to two modules) is already tracked or listed there.
+        chosen: dict[str, list] = {}  # capture name -> [(module name, adapter)], one per use of the Parameter
+        tracked: dict[int, str] = {}  # id(Parameter) -> the capture it joins (tied weights)
+        broken: dict[str, str] = {}  # captures with a use lipfast cannot capture: skipped, not half-measured
+        # Every parameter counts once, at its first name in module order: a later module using it (a tied
+        # output head) adds its calls to that record, or is listed there when it cannot.
         seen: set[int] = set()
         for name, module in root.named_modules():
-            if _has_weight(module):
-                reason = _module_reason(name, module, keep, owned)
-                if reason is None:
-                    chosen.append((name, module))
-                elif id(module.weight) not in seen:
-                    self.skipped[name] = reason
-                seen.add(id(module.weight))
-            # The module's other matrices (LSTM, MultiheadAttention, a bare Parameter of custom code): no
-            # layer call lipfast can capture, so they are listed rather than left out silently. 1-D ones
-            # (biases, norm scales) are no operator norm.
+            if isinstance(module, nn.MultiheadAttention):
+                for mname, adapter in attention_adapters(name, module):
+                    part = module.out_proj if mname.endswith("out_proj") else module
+                    reason = _use_reason(name if part is module else mname, part, adapter.weight, keep, owned)
+                    if id(adapter.weight) in seen:
+                        reason = "MultiheadAttention with a weight shared with another module: not supported"
+                    if reason is None:
+                        chosen[mname] = [(mname, adapter)]
+                    else:
+                        self.skipped[mname] = reason
+                seen.update(id(p) for p in module.parameters())
+            elif _has_weight(module):
+                key = id(module.weight)
+                cls, reason = adapter_for(module)
+                if key in tracked:  # a tied Parameter: this module's calls add to the first one's record
+                    first = chosen[tracked[key]][0][1]
+                    use = cls(module) if cls is not None else None
+                    if use is None or use.orientation() != first.orientation():
+                        why = reason or "it reads the Parameter as another matrix"
+                        broken[tracked[key]] = (f"its Parameter is also used by '{name}' ({why}), whose calls "
+                                                "lipfast cannot add to the record")
+                    else:
+                        chosen[tracked[key]].append((name, use))
+                elif key not in seen:
+                    reason = reason or _use_reason(name, module, module.weight, keep, owned)
+                    if reason is None:
+                        chosen[name] = [(name, cls(module))]
+                        tracked[key] = name
+                    else:
+                        self.skipped[name] = reason
+                seen.add(key)
+            # The module's other matrices (LSTM, a bare Parameter of custom code): no layer call lipfast can
+            # capture, so they are listed rather than left out silently. 1-D ones (biases, norm scales) are no
+            # operator norm.
             for pname, param in module.named_parameters(prefix=name, recurse=False):
                 if id(param) not in seen and param.dim() >= 2:
                     self.skipped[pname] = _parameter_reason(module, pname.rpartition(".")[2])
                 seen.add(id(param))
+        for name, reason in broken.items():
+            del chosen[name]
+            self.skipped[name] = reason
         if not chosen:
             detail = ("not tracked, by reason:\n  " + "\n  ".join(_by_reason(self.skipped)) if self.skipped
                       else "it has no modules with weights and no parameters with 2+ dimensions")
             if any("not among the optimizer" in r for r in self.skipped.values()):
                 raise ValueError("Tracker: the optimizer does not own the weights of the model's layers; pass the "
                                  f"optimizer that trains this model; {detail}")
-            raise ValueError(f"Tracker: the model has no layer lipfast can track (Linear, Conv2d with groups=1); {detail}")
-        return chosen
+            raise ValueError(f"Tracker: the model has no layer lipfast can track ({SUPPORTED}); {detail}")
+        return list(chosen.items())
+
+    def _batch_fact(self, root: nn.Module, name: str) -> tuple | None:
+        """What is known of the sample dimension of a module's inputs: ``("explicit", dim)`` from ``batch_dim``,
+        ``("transformer", dim)`` inside a torch Transformer layer (its ``batch_first``), else None (dim 0)."""
+        if isinstance(self.batch_dim, dict) and name in self.batch_dim:
+            return ("explicit", self.batch_dim[name])
+        if isinstance(self.batch_dim, int):
+            return ("explicit", self.batch_dim)
+        fact, path = None, ""
+        module = root
+        for part in [""] + (name.split(".") if name else []):
+            module = getattr(module, part, None) if part else module
+            first = _batch_first(module) if isinstance(module, nn.Module) else None
+            if first is not None:
+                fact = ("transformer", 0 if first else 1)
+        return fact
+
+    def _root_batch_dim(self, root: nn.Module) -> int:
+        if isinstance(self.batch_dim, int):
+            return self.batch_dim
+        first = _batch_first(root)
+        return 1 if first is False else 0
+
+    def drop_capture(self, cap: LayerCapture, reason: str) -> None:
+        """Stop tracking a layer whose calls turn out to carry no per-sample information: it moves to
+        ``skipped``, with a warning."""
+        cap.remove()
+        self.captures.pop(cap.name, None)
+        self._cache.pop(cap.name, None)
+        self.skipped[cap.name] = reason
+        warnings.warn(f"lipfast: not tracking '{cap.name}': {reason}; it is now in tracker.skipped",
+                      LipfastWarning, stacklevel=2)
 
     def _announce(self, root: nn.Module, optimizer) -> None:
         if self.skipped:  # one line per reason: a ResNet's 20 BatchNorms make one short line
@@ -420,12 +479,16 @@ class Tracker:
     def capturing(self) -> bool:
         return not self._closed and self.step % self.every == 0
 
-    def _on_root_forward(self, module, args) -> None:
+    def _on_root_forward(self, module, args, kwargs) -> None:
         if torch.compiler.is_compiling():  # torch.compile(model) after attach, or a compiled training step
             refuse_compiled("the tracked model's forward")
         if in_backward():  # a checkpoint recomputing the model's forward: the forward it repeats was counted
             return
         self.forward_id += 1
+        # The batch size every layer's sample dimension is checked against: the first tensor argument's.
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        dim = self._root_dim
+        self.batch_size = int(first.shape[dim]) if first is not None and first.dim() > dim else None
         # The backward hooks pass σ_{k+1} of the last step's spectra to the ops as a host number: read the
         # last step back now (on CUDA its copy is queued behind that step's work, so this waits for at most
         # that tail), not once per layer in the middle of the backward pass.
@@ -440,7 +503,7 @@ class Tracker:
         for cap in self.captures.values():
             cap.hook(on)
         if on:
-            self._root_handle = self._root.register_forward_pre_hook(Hook(self._on_root_forward))
+            self._root_handle = self._root.register_forward_pre_hook(Hook(self._on_root_forward), with_kwargs=True)
         else:
             self._root_handle.remove()
             self._root_handle = None
@@ -448,10 +511,12 @@ class Tracker:
     def spectrum_before(self, cap: LayerCapture) -> Spectrum | None:
         """The spectrum of ``cap``'s weight as it is now, from the cache when the weight is unchanged;
         None when the weight holds NaN/Inf (after a non-finite step)."""
+        if cap.adapter.select():  # a grouped convolution whose top block changed: another matrix
+            self._cache.pop(cap.name, None)
         cached = self._cache.get(cap.name)
         if cached is not None and cached.version == cap.weight._version:
             return cached.spec
-        W = _matrix(cap.weight, cap.m)
+        W = cap.adapter.matrix(cap.weight)
         if cached is not None:
             if cached.fingerprint is not None and cached.fingerprint == _fingerprint(W):
                 cached.version, cached.fingerprint = cap.weight._version, None
@@ -484,7 +549,7 @@ class Tracker:
         statistics (on the weight's device, unread: :func:`_fill_host` completes the spectrum from them), in
         one op call; ``(None, None)`` when the step left NaN/Inf in the weight. ΔW is read through the old
         top pair riding along in the new spectrum's GEMMs."""
-        W = _matrix(cap.weight, cap.m)
+        W = cap.adapter.matrix(cap.weight)
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
         m, n = W.shape
         exact = needs_exact(m, n, self.rank)
@@ -549,11 +614,11 @@ class Tracker:
         N = int(proj.shape[0])
         loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
         scale = 1.0 if self.loss_reduction == "sum" else float(N)
-        G = _matrix(grad, cap.m)
+        G = cap.adapter.matrix(grad)
         coef = step_coefficients(self.optimizer, cap.weight)
         known = None
         if coef.known is not None:
-            buf_v1 = _matrix(coef.known, cap.m) @ spec.V[:, 0].to(coef.known.dtype)
+            buf_v1 = cap.adapter.matrix(coef.known) @ spec.V[:, 0].to(coef.known.dtype)
             known = coef.known_scale * (spec.U64[:, 0] @ buf_v1.double())
         # ḡ·v1 and ḡᵀ·u1 from the per-sample sums, so that ḡ is exactly the mean of the G_i whose spread the
         # noise terms measure (gradient clipping or an extra loss term change weight.grad, not the G_i). Under
@@ -672,6 +737,9 @@ class Tracker:
         N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = sums
         N = int(N)
         sigma, sigma2, _ = spec.host
+        # A grouped convolution's matrix is its top block: the next singular value of the whole block-diagonal
+        # weight may be another block's σ1.
+        sigma2 = max(sigma2, cap.adapter.rival)
         sigma_err = _sigma_error(sigma, sigma2, r1, r2)
         flags = []
 
@@ -717,7 +785,7 @@ class Tracker:
                    first_order=first, second_order=second, delta_pred=delta_pred, drift=drift,
                    diffusion_var=diffusion, ito=ito, ito_lo=ito_lo, ito_hi=ito_hi, gap=gap, degenerate=degenerate,
                    residual=spec.residual / sigma if sigma > 0 else 0.0, sigma_err=sigma_err, nonfinite=nonfinite,
-                   flags="")
+                   flags="", group=cap.adapter.group, shared_with=";".join(cap.shared_with))
         if nonfinite:
             flags.append("nonfinite")
             if self.on_nonfinite == "raise":
@@ -744,7 +812,7 @@ class Tracker:
         row = {f: NAN for f in LAYER_FIELDS}
         row.update(step=step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N,
                    lr=step_coefficients(self.optimizer, cap.weight).lr, degenerate=False, nonfinite=True,
-                   flags="nonfinite")
+                   flags="nonfinite", group=cap.adapter.group, shared_with=";".join(cap.shared_with))
         return row
 
     def _reduce_all(self) -> None:
@@ -802,7 +870,7 @@ class Tracker:
         layers = {}
         for name, cached in self._cache.items():
             s = cached.spec
-            W = _matrix(self.captures[name].weight, self.captures[name].m)
+            W = self.captures[name].adapter.matrix(self.captures[name].weight)
             layers[name] = dict(U=s.U, S=s.S, V=s.V, sigma_next=s.sigma_next, residuals=s.residuals,
                                 exact=s.exact, shape=list(s.shape), basis=s.basis, iters=s.iters, Wt_u1=s.Wt_u1,
                                 fingerprint=list(_fingerprint(W)) if cached.version == self.captures[name].weight._version
@@ -862,16 +930,44 @@ def _has_weight(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), Tensor)
 
 
-def _module_reason(name: str, module: nn.Module, keep, owned: set[int]) -> str | None:
-    """Why a module with a ``weight`` is not tracked, or None when it is."""
+def _use_reason(name: str, module: nn.Module, weight: Tensor, keep, owned: set[int]) -> str | None:
+    """Why a supported module's matrix is not tracked, or None when it is."""
     if not keep(name, module):
         return "excluded by the layers argument"
-    reason = unsupported_reason(module)
-    if reason is None and id(module.weight) not in owned:
-        reason = "its weight is not among the optimizer's parameters"
-    if reason is None and not module.weight.requires_grad:
-        reason = "its weight does not require grad (frozen)"
-    return reason
+    if id(weight) not in owned:
+        return "its weight is not among the optimizer's parameters"
+    if not weight.requires_grad:
+        return "its weight does not require grad (frozen)"
+    return None
+
+
+def _batch_first(module: nn.Module) -> bool | None:
+    """``batch_first`` of a torch Transformer module (None for any other module)."""
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        return _batch_first(module.layers[0])
+    if isinstance(module, nn.Transformer):
+        return module.batch_first
+    return None
+
+
+def _check_batch_dim(model: nn.Module, batch_dim) -> int | dict[str, int] | None:
+    if batch_dim is None:
+        return None
+    if isinstance(batch_dim, int) and not isinstance(batch_dim, bool):
+        if batch_dim < 0:
+            raise ValueError(f"Tracker: batch_dim must be an int >= 0 or a dict {{layer name: int >= 0}}, got {batch_dim!r}")
+        return batch_dim
+    if isinstance(batch_dim, dict):
+        names = dict(model.named_modules())
+        for k, v in batch_dim.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Tracker: batch_dim must map layer names to ints >= 0, got {{{k!r}: {v!r}}}")
+            if k not in names:
+                raise ValueError(f"Tracker: batch_dim names {k!r}, which is not a module of the model")
+        return dict(batch_dim)
+    raise TypeError(f"Tracker: batch_dim must be None, an int or a dict {{layer name: int}}, got {type(batch_dim).__name__}")
 
 
 def _parameter_reason(module: nn.Module, pname: str) -> str:
