@@ -23,6 +23,7 @@ What the per-sample numbers mean:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -319,7 +320,11 @@ class Tracker:
         self._root_dim = self._root_batch_dim(root)
         prepare_compile_refusal()  # a forward compiled after attach is refused by the hooks
         self._root_handle = root.register_forward_pre_hook(Hook(self._on_root_forward), with_kwargs=True)
-        self._handles = [
+        # A torch Transformer module knows its layout (batch_first): the batch size its input holds replaces
+        # the guess from the model's input (dim 0) for the layers that run after it starts.
+        self._handles = [module.register_forward_pre_hook(Hook(functools.partial(self._on_layout, dim)))
+                         for module, dim in _outer_layouts(root) if module is not root]
+        self._handles += [
             optimizer.register_step_pre_hook(Hook(self._on_step_pre)),
             optimizer.register_step_post_hook(Hook(self._on_step_post)),
         ]
@@ -443,6 +448,10 @@ class Tracker:
             if first is not None:
                 fact = ("transformer", 0 if first else 1)
         return fact
+
+    def _on_layout(self, dim: int, module, args) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() == 3 and not in_backward():
+            self.batch_size = int(args[0].shape[dim])
 
     def _root_batch_dim(self, root: nn.Module) -> int:
         if isinstance(self.batch_dim, int):
@@ -950,6 +959,19 @@ def _batch_first(module: nn.Module) -> bool | None:
     if isinstance(module, nn.Transformer):
         return module.batch_first
     return None
+
+
+def _outer_layouts(root: nn.Module) -> list[tuple[nn.Module, int]]:
+    """The outermost torch Transformer modules and the dim of their input that holds the samples."""
+    found, inside = [], ()
+    for name, module in root.named_modules():
+        if inside and any(name.startswith(p + ".") for p in inside):
+            continue
+        first = _batch_first(module)
+        if first is not None:
+            found.append((module, 0 if first else 1))
+            inside += (name,)
+    return found
 
 
 def _check_batch_dim(model: nn.Module, batch_dim) -> int | dict[str, int] | None:
