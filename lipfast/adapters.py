@@ -41,9 +41,6 @@ def cat_stats(parts):
     return per_sample + tuple(sum((p[i] for p in parts[1:]), parts[0][i]) for i in (4, 5))
 
 
-def samples(x: Tensor) -> int:
-    """The number of samples of a call's input (sample dimension first; a 1-D input is one sample)."""
-    return x.shape[0] if x.dim() > 1 else 1
 
 
 class Adapter:
@@ -62,6 +59,15 @@ class Adapter:
     def matrix(self, t: Tensor) -> Tensor:
         t = t.detach()
         return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+    def samples(self, x: Tensor) -> int:
+        """The samples of a call's input (sample dimension first; fewer dims than a batch: one sample)."""
+        return x.shape[0] if x.dim() >= self.batched_dims else 1
+
+    def overtaken(self, sigma_next: float) -> bool:
+        """Whether another part of the weight has a larger σ1 than the matrix's after the step (grouped
+        convolutions: another block took the top, a level crossing of the whole weight)."""
+        return False
 
     def select(self) -> bool:
         """Re-choose which part of the weight the matrix is (grouped convolutions); True when it changed."""
@@ -100,8 +106,8 @@ class LinearAdapter(Adapter):
         return X, D
 
     def stats(self, impl, spec, calls, dtype):
-        B = samples(calls[0].x)
-        if any(samples(c.x) != B for c in calls):  # calls on different sample sets: treat them as such
+        B = self.samples(calls[0].x)
+        if any(self.samples(c.x) != B for c in calls):  # calls on different sample sets: treat them as such
             return cat_stats([self.stats(impl, spec, [c], dtype) for c in calls])
         X, D = self._rows(calls, dtype)
         # With the statistics, Σ_i G_i v1 = Dᵀ(X v1) and Σ_i G_iᵀ u1 = Xᵀ(D u1): the gradient's two products from
@@ -178,14 +184,23 @@ class Conv2dAdapter(Adapter):
         rows = W.shape[0] // self.groups
         return W[self.group * rows:(self.group + 1) * rows]
 
+    def _block_sigmas(self) -> Tensor:
+        W = self.weight.detach()
+        blocks = W.reshape(self.groups, W.shape[0] // self.groups, -1).double()
+        return blocks.norm(dim=(1, 2)) if min(blocks.shape[1:]) == 1 else torch.linalg.matrix_norm(blocks, ord=2)
+
+    def overtaken(self, sigma_next):
+        if self.groups == 1:
+            return False
+        sig = self._block_sigmas()
+        sig[self.group] = 0.0
+        return float(sig.max()) > sigma_next
+
     def select(self):
         if self.groups == 1 or self.weight._version == self._version:
             return False
         self._version = self.weight._version
-        W = self.weight.detach()
-        blocks = W.reshape(self.groups, W.shape[0] // self.groups, -1).double()
-        sig = (blocks.norm(dim=(1, 2)) if min(blocks.shape[1:]) == 1
-               else torch.linalg.matrix_norm(blocks, ord=2))
+        sig = self._block_sigmas()
         if not bool(torch.isfinite(sig).all()):  # NaN/Inf weights: keep the block (the tracker flags them)
             return False
         top = sig.topk(2)
@@ -206,8 +221,8 @@ class Conv2dAdapter(Adapter):
         return _as(x, dtype), _as(d, dtype)
 
     def stats(self, impl, spec, calls, dtype):
-        B = samples(calls[0].x) if calls[0].x.dim() == self.batched_dims else 1
-        if any((samples(c.x) if c.x.dim() == self.batched_dims else 1) != B for c in calls[1:]):
+        B = self.samples(calls[0].x)
+        if any(self.samples(c.x) != B for c in calls[1:]):
             return cat_stats([self.stats(impl, spec, [c], dtype) for c in calls])
         if len(calls) == 1:  # the usual case: projections and contraction in one op
             x, d = self._slices(calls[0], dtype)
@@ -240,7 +255,7 @@ class EmbeddingAdapter(Adapter):
     def projections(self, impl, spec, calls, dtype):
         xvec = yvec = None
         for c in calls:
-            tok = c.x.reshape(samples(c.x) if c.x.dim() > 1 else c.x.shape[0], -1)
+            tok = c.x.reshape(c.x.shape[0], -1)
             D = c.d.reshape(tok.shape[0], tok.shape[1], self.n).double()
             if self.module.padding_idx is not None:  # autograd gives the padding row no gradient
                 D = D * (tok != self.module.padding_idx).unsqueeze(-1)

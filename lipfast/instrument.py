@@ -39,12 +39,10 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-import torch.nn.functional as F
-
-from .adapters import (Adapter, AttentionAdapter, cat_stats, conv_geometry, samples,  # noqa: F401
-                       unsupported_reason)
+from .adapters import Adapter, AttentionAdapter, cat_stats, conv_geometry, unsupported_reason  # noqa: F401
 from .adapters import _contract as contract_stats
 
 # ``_saved_tensors_hooks(False)``: the saved-tensor hooks autograd applies right now, (pack, unpack) or None. A
@@ -388,12 +386,12 @@ class LayerCapture:
             impl = self.owner.impl
             uses = {c.use for c in calls}
             if spec is None:  # NaN/Inf weights: nothing is measurable, keep the sample count
-                B = samples(calls[0].x)
+                B = self.uses[calls[0].use].samples(calls[0].x)
                 self.stats.append(tuple(torch.full((B,), float("nan"), dtype=torch.float64, device=self.weight.device)
                                         for _ in range(4)) + (None, None))
             elif len(uses) == 1:
                 self.stats.append(self.uses[calls[0].use].stats(impl, spec, calls, dtype))
-            elif len({samples(c.x) for c in calls}) > 1:  # uses on different sample sets: each its own samples
+            elif len({self.uses[c.use].samples(c.x) for c in calls}) > 1:  # uses on different sample sets: each its own samples
                 self.stats.append(cat_stats([self.uses[c.use].stats(impl, spec, [c], dtype) for c in calls]))
             else:  # a tied Parameter: every use's projections add up before the contraction
                 xvec = yvec = None

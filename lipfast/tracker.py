@@ -784,7 +784,9 @@ class Tracker:
             flags.append("small_gap")
         if step_ratio > self.step_tol:
             flags.append("large_step")
-        if overlap * overlap < 0.5:  # the new top pair is closer to the old pair's complement than to it
+        # The new top pair is closer to the old pair's complement than to it, or (grouped convolutions) another
+        # block of the weight overtook the one the record follows.
+        if overlap * overlap < 0.5 or (spec_after is not None and cap.adapter.overtaken(sigma_next)):
             flags.append("crossing")
         if abs(delta_obs - delta_pred) > self.closure_tol * abs(delta_obs) + CLOSURE_FLOOR * sigma:
             flags.append("closure")

@@ -201,6 +201,13 @@ def test_grouped_conv_follows_the_block_that_takes_the_top():
         with torch.no_grad():
             conv.weight[2 * top:2 * top + 2] /= 3.0
     assert groups == [0, 1]
+    # Another block overtaking the followed one after a step is a level crossing of the whole weight.
+    adapter = tracker.captures["0"].adapter
+    followed = float(torch.linalg.matrix_norm(adapter.matrix(conv.weight), 2))
+    assert not adapter.overtaken(followed)
+    with torch.no_grad():
+        conv.weight[2 - 2 * adapter.group:4 - 2 * adapter.group] *= 10.0
+    assert adapter.overtaken(followed)
     tracker.close()
 
 
