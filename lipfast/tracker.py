@@ -385,8 +385,10 @@ class Tracker:
         for name, module in root.named_modules():
             if isinstance(module, nn.MultiheadAttention):
                 for mname, adapter in attention_adapters(name, module):
-                    part = module.out_proj if mname.endswith("out_proj") else module
-                    reason = _use_reason(name if part is module else mname, part, adapter.weight, keep, owned)
+                    # q/k/v are kept with the MultiheadAttention's name; out_proj with its own or that one
+                    out = mname.endswith("out_proj")
+                    kept = keep(name, module) or (out and keep(mname, module.out_proj))
+                    reason = _use_reason(name, module, adapter.weight, lambda *_: kept, owned)
                     if id(adapter.weight) in seen:
                         reason = "MultiheadAttention with a weight shared with another module: not supported"
                     if reason is None:
