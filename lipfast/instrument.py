@@ -145,7 +145,7 @@ class _LinearListener:
     weight no listener tracks costs one loop over the listeners."""
 
     def __init__(self) -> None:
-        self.original = F.linear
+        self.original = F.linear  # what F.linear was when the first listener came (restored after the last)
         self.listeners: list = []
 
     def _linear(self, input, weight, bias=None):
@@ -156,6 +156,7 @@ class _LinearListener:
 
     def push(self, fn) -> None:
         if not self.listeners:
+            self.original = F.linear
             F.linear = self._linear
         self.listeners.append(fn)
 

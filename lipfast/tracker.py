@@ -220,6 +220,12 @@ class Tracker:
             :mod:`lipfast.reference`: the same algorithm, for cross-checks and benchmarks).
         records_on: under DDP, ``"rank0"`` (records and ``on_record`` on rank 0 of the process group
             only) or ``"all"`` (every rank keeps the same global records). Every rank computes them.
+        batch_dim: which dim of a layer's input holds the samples, where lipfast cannot know it: an int for
+            every layer and the model's input, or ``{module name: int}`` per layer (a MultiheadAttention's
+            maps ignore it: they know their layout). Without it: dim 0, checked against the batch size of the
+            model's first tensor argument, and inside a torch Transformer module its ``batch_first``; a layer
+            whose dim 0 does not hold that many samples while another dim does is refused at its first call,
+            with a message naming this argument.
 
     Accuracy: ``W v1 = σ1 u1`` holds by construction, so ``σ1 = ‖W v1‖`` is never above the true largest
     singular value; ``sigma_err`` is a Kato–Temple bound from the top two pairs' residuals
@@ -251,11 +257,18 @@ class Tracker:
         captures: the tracked layers, ``{qualified name: LayerCapture}`` in module order.
         skipped: every weight matrix of the model that is not tracked, ``{name: reason}`` in module order
             (logged at attach, one line per reason). A module with a ``weight`` that is not tracked (excluded
-            by ``layers``, an unsupported type or Conv2d configuration, a frozen weight, a weight the optimizer
+            by ``layers``, an unsupported type or configuration, a frozen weight, a weight the optimizer
             does not own) is listed under the module's name; any other parameter with 2+ dimensions (LSTM/GRU
-            weights, MultiheadAttention's packed q/k/v projection, a bare ``nn.Parameter`` used by the
-            module's own code) under the parameter's name. A Parameter shared under several names (tied
-            weights) counts once, at its first name; biases and other 1-D parameters are not listed.
+            weights, a bare ``nn.Parameter`` used by the module's own code) under the parameter's name. A
+            Parameter shared under several names (tied weights) counts once, at its first name; biases and
+            other 1-D parameters are not listed. A layer whose input turns out to be shared by every sample
+            (a position embedding called on ``[1, T]``) moves here at its first call, with a warning.
+
+    Layer kinds (:mod:`lipfast.adapters`, the README's table): Linear, Conv1d/Conv2d (grouped and depthwise:
+    the record follows the block with the largest σ1, ``group``), HF Conv1D, Embedding, MultiheadAttention's
+    q/k/v and out_proj (``<module>.q`` ...). A Parameter used by several supported modules (tied weights) has
+    one record, named after the first, its per-sample statistics adding every use; ``shared_with`` names
+    the others.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,

@@ -345,6 +345,24 @@ def test_separate_qkv_weights_and_unbatched_calls():
     tracker.close()
 
 
+def test_f_linear_is_restored_after_each_attention_forward():
+    torch.manual_seed(10)
+    model = Encoder(True).double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    tracker = Tracker(model, opt, **EXACT)
+    original = F.linear
+    x, y = torch.randn(3, 4, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    step(model, opt, (x,), y, ce)
+    assert F.linear is original and tracker.records
+    with pytest.raises(AssertionError, match="embedding dimension"):  # a forward failing inside the attention
+        model(torch.randn(3, 4, 5, dtype=torch.float64))
+    assert F.linear is original
+    with torch.no_grad():  # nothing listens outside a captured forward
+        model(x)
+    assert F.linear is original
+    tracker.close()
+
+
 def test_ambiguous_sample_dimension_is_refused_and_batch_dim_resolves_it():
     class SeqFirst(nn.Module):  # custom code feeding [T, B, n] to a Linear: nothing says dim 1 is the batch
         def __init__(self):
