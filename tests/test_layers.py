@@ -447,3 +447,48 @@ def test_gpt2_every_conv1d_tracked_and_wte_lm_head_one_record():
     assert set(tracker.captures) == set(conv) | {"lm.transformer.wte"}
     assert all(n.endswith(("ln_1", "ln_2", "ln_f", "wpe")) for n in tracker.skipped)
     tracker.close()
+
+
+def test_bert_every_linear_and_embedding_tracked_position_embedding_skipped():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(11)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).double()
+
+    class Logits(nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, ids):
+            return self.bert(input_ids=ids).logits
+
+    wrapped = Logits(model)
+    ids, y = torch.randint(0, 100, (4, 7)), torch.randint(0, 3, (4,))
+    linear = [n for n, m in wrapped.named_modules() if isinstance(m, nn.Linear)]
+    emb = "bert.bert.embeddings"
+    mats = {n: (f"{n}.weight", rows) for n in ("bert.bert.encoder.layer.0.attention.self.query", "bert.classifier")}
+    mats[f"{emb}.word_embeddings"] = (f"{emb}.word_embeddings.weight", lambda t: t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LipfastWarning)
+        tracker, got = run_and_check(wrapped, (ids,), y, ce, mats, steps=1, loop=True, rank=32)
+    assert set(tracker.captures) == set(linear) | {f"{emb}.word_embeddings", f"{emb}.token_type_embeddings"}
+    assert "shared by every sample" in tracker.skipped[f"{emb}.position_embeddings"]
+    assert all(n.endswith("LayerNorm") or n.endswith("position_embeddings") for n in tracker.skipped)
+    tracker.close()
+
+
+def test_torch_transformer_encoder_as_the_model_takes_its_batch_from_batch_first():
+    torch.manual_seed(12)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(6, 2, 8, dropout=0.0), 1,
+                                    enable_nested_tensor=False).double()
+    opt = torch.optim.SGD(encoder.parameters(), lr=LR)
+    tracker = Tracker(encoder, opt, **EXACT)
+    x = torch.randn(9, 4, 6, dtype=torch.float64)  # [T=9, B=4, E]
+    opt.zero_grad()
+    encoder(x).pow(2).mean().backward()
+    opt.step()
+    assert {r["batch"] for r in tracker.records} == {4} and len(tracker.records) == 6
+    tracker.close()
