@@ -492,3 +492,32 @@ def test_torch_transformer_encoder_as_the_model_takes_its_batch_from_batch_first
     opt.step()
     assert {r["batch"] for r in tracker.records} == {4} and len(tracker.records) == 6
     tracker.close()
+
+
+def test_attention_under_non_reentrant_checkpointing_matches_plain():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(Encoder):
+        def forward(self, x):
+            h = checkpoint(self.encoder, x, use_reentrant=False)
+            return self.head(h.mean(dim=1))
+
+    torch.manual_seed(13)
+    plain = Encoder(True).double()
+    ckpt = Checkpointed(True).double()
+    ckpt.load_state_dict(plain.state_dict())
+    x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    got = []
+    for model in (plain, ckpt):
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        tracker = Tracker(model, opt, **EXACT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LipfastWarning)  # no false "had no backward"
+            for _ in range(2):
+                step(model, opt, (x,), y, ce)
+        got.append(tracker.records)
+        tracker.close()
+    assert [r["layer"] for r in got[0]] == [r["layer"] for r in got[1]] and len(got[0]) == 2 * 7
+    for a, b in zip(*got):
+        for f in ALL_FIELDS:
+            assert a[f] == pytest.approx(b[f], rel=1e-9, abs=1e-15), (a["layer"], f)
