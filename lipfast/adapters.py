@@ -112,7 +112,8 @@ class LinearAdapter(Adapter):
         X, D = self._rows(calls, dtype)
         # With the statistics, Σ_i G_i v1 = Dᵀ(X v1) and Σ_i G_iᵀ u1 = Xᵀ(D u1): the gradient's two products from
         # the rows of X and D (B·T rows, where G has m), so the step needs no pass over the gradient itself.
-        return impl.persample_linear(X, D, _as(spec.U, dtype), spec.S, _as(spec.V, dtype), spec.host[2], sums=True)
+        U, V = _as(spec.U, dtype), _as(spec.V, dtype)
+        return impl.persample_linear(X, D, U, spec.S, V, spec.host[2], sums=True)
 
     def projections(self, impl, spec, calls, dtype):
         X, D = self._rows(calls, torch.float64)

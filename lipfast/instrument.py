@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import Adapter, AttentionAdapter, cat_stats, conv_geometry, unsupported_reason  # noqa: F401
+from .adapters import Adapter, AttentionAdapter, cat_stats
 from .adapters import _contract as contract_stats
 
 # ``_saved_tensors_hooks(False)``: the saved-tensor hooks autograd applies right now, (pack, unpack) or None. A
@@ -392,7 +392,7 @@ class LayerCapture:
                                         for _ in range(4)) + (None, None))
             elif len(uses) == 1:
                 self.stats.append(self.uses[calls[0].use].stats(impl, spec, calls, dtype))
-            elif len({self.uses[c.use].samples(c.x) for c in calls}) > 1:  # uses on different sample sets: each its own samples
+            elif len({self.uses[c.use].samples(c.x) for c in calls}) > 1:  # uses on different sample sets
                 self.stats.append(cat_stats([self.uses[c.use].stats(impl, spec, [c], dtype) for c in calls]))
             else:  # a tied Parameter: every use's projections add up before the contraction
                 xvec = yvec = None

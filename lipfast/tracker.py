@@ -455,7 +455,7 @@ class Tracker:
             return ("explicit", self.batch_dim[name])
         if isinstance(self.batch_dim, int):
             return ("explicit", self.batch_dim)
-        fact, path = None, ""
+        fact = None
         module = root
         for part in [""] + (name.split(".") if name else []):
             module = getattr(module, part, None) if part else module

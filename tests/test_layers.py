@@ -10,7 +10,6 @@ gradients come from ``torch.func.vmap(grad)`` through ``functional_call`` on an 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
@@ -521,3 +520,26 @@ def test_attention_under_non_reentrant_checkpointing_matches_plain():
     for a, b in zip(*got):
         for f in ALL_FIELDS:
             assert a[f] == pytest.approx(b[f], rel=1e-9, abs=1e-15), (a["layer"], f)
+
+
+def test_embedding_and_grouped_conv_never_allocate_dense_per_sample_tensors():
+    """No tensor of a tied embedding's [B, V, d] per-sample gradients, nor a grouped convolution's dense
+    [C_out, C_in·k²] block-diagonal matrix, is ever produced (a dispatch mode sees every op's outputs)."""
+    from test_tracker import _LargestAllocation
+
+    torch.manual_seed(14)
+    V, d, B, T = 500, 16, 8, 6
+    lm = TiedLM(V, d)
+    conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=16), nn.Flatten(), nn.Linear(64 * 4 * 4, 3))
+    cases = ((lm, torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T)), lm_loss, B * V * d),
+             (conv, torch.randn(B, 64, 4, 4), torch.randint(0, 3, (B,)), ce, 64 * 64 * 9))
+    for model, x, y, loss_fn, forbidden in cases:
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        tracker = Tracker(model, opt, rank=4)
+        step(model, opt, (x,), y, loss_fn)
+        mode = _LargestAllocation()
+        with mode:
+            step(model, opt, (x,), y, loss_fn)
+        assert len(tracker.records) == 2 * len(tracker.captures) and mode.ops > 0
+        assert mode.numel < forbidden, mode.shape
+        tracker.close()
