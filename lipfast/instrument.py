@@ -314,7 +314,8 @@ class LayerCapture:
                 "every layer) to say which")
         if x.shape[dim] == 1 and B > 1:
             self.owner.drop_capture(self, f"its input {tuple(x.shape)} is shared by every sample of the batch "
-                                    f"({B} samples; a position embedding): it has no per-sample gradients")
+                                    f"({B} samples; a position embedding): its output-gradient arrives summed over "
+                                    "the samples, so their own gradients cannot be formed")
             return None
         return dim  # a call on part of the batch (several calls: the samples add up)
 
