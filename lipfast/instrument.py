@@ -133,6 +133,7 @@ class ForwardGroup:
     """The calls of one layer within one forward pass of the root model (the same samples)."""
 
     calls: list[Call] = field(default_factory=list)
+    batch: int | None = None  # samples in the model's input of that forward pass
 
     def complete(self) -> bool:
         return all(c.d is not None for c in self.calls)
@@ -237,8 +238,6 @@ class LayerCapture:
         if not args or not isinstance(args[0], Tensor):
             return
         dim = self._sample_dim(use, args[0])
-        if dim is None:
-            return
         layout = None if dim == 0 else functools.partial(torch.movedim, source=dim, destination=0)
         self._capture(use, args[0], output, layout, layout)
 
@@ -289,9 +288,8 @@ class LayerCapture:
         dlayout = layout if (lo, hi) == (0, weight.shape[0]) else (lambda t: layout(t[..., lo:hi]))
         self._capture(use, x, out, layout, dlayout)
 
-    def _sample_dim(self, use: int, x: Tensor) -> int | None:
-        """Which dim of a call's input holds the samples; None when the call carries no per-sample information
-        (its input is shared by every sample): the capture is then dropped, with a warning."""
+    def _sample_dim(self, use: int, x: Tensor) -> int:
+        """Which dim of a call's input holds the samples (refused when another dim would fit as well)."""
         adapter = self.uses[use]
         if x.dim() < adapter.batched_dims:
             return 0  # an unbatched call: one sample
@@ -312,12 +310,7 @@ class LayerCapture:
                 f"dim {dim} has {x.shape[dim]} entries, but the model's input holds {B} samples, as dim {others[0]} "
                 f"does. Pass Tracker(..., batch_dim={{'{self.name}': {others[0]}}}) (or batch_dim={others[0]} for "
                 "every layer) to say which")
-        if x.shape[dim] == 1 and B > 1:
-            self.owner.drop_capture(self, f"its input {tuple(x.shape)} is shared by every sample of the batch "
-                                    f"({B} samples; a position embedding): its output-gradient arrives summed over "
-                                    "the samples, so their own gradients cannot be formed")
-            return None
-        return dim  # a call on part of the batch (several calls: the samples add up)
+        return dim  # a call on part of the batch, or shared by all: _covers decides once the group is complete
 
     def _capture(self, use: int, x: Tensor, output, layout, dlayout) -> None:
         owner = self.owner
@@ -337,7 +330,7 @@ class LayerCapture:
         else:  # saved-tensor hooks (a checkpoint, save_on_cpu): keep x only as autograd keeps its saved tensors
             call = Call(x=None, saved=(hooks[1], hooks[0](x)))
         call.use, call.layout, call.dlayout = use, layout, dlayout
-        self.groups.setdefault(owner.forward_id, ForwardGroup()).calls.append(call)
+        self.groups.setdefault(owner.forward_id, ForwardGroup(batch=owner.batch_size)).calls.append(call)
         output.register_hook(functools.partial(self._on_grad, owner.forward_id, call))
 
     def _on_grad(self, forward_id: int, call: Call, grad: Tensor) -> None:
@@ -351,7 +344,7 @@ class LayerCapture:
         if group.complete():
             del self.groups[forward_id]
             self.reduced.add(forward_id)
-            self._reduce(group.calls)
+            self._reduce(group.calls, group.batch)
 
     def _refuse_split(self) -> None:
         """A forward with grad inside backward and no saved-tensor hooks is a reentrant checkpoint's recomputation.
@@ -378,11 +371,37 @@ class LayerCapture:
         self._drop_groups()
         self.reduced.clear()
 
-    def _reduce(self, calls: list[Call]) -> None:
+    def _covers(self, calls: list[Call], batch: int | None) -> bool:
+        """Whether the calls of one forward pass hold the batch's samples along their sample dimension: the same
+        samples in every call, or sample sets adding up to the batch. A layer whose calls hold one row while the
+        batch holds more (an input shared by every sample: a position embedding on [1, T]) has no per-sample
+        gradients: it is dropped, with a warning (False). Any other count is refused."""
+        sizes = [self.uses[c.use].samples(c.x) for c in calls]
+        covered = sizes[0] if len(set(sizes)) == 1 else sum(sizes)
+        explicit = any(self.batch_dims[c.use] is not None and self.batch_dims[c.use][0] == "explicit" for c in calls)
+        if batch is None or covered == batch or explicit:
+            return True
+        if covered == 1:
+            self.owner.drop_capture(self, f"its input holds 1 row where the batch holds {batch} samples: an input "
+                                    "shared by every sample (a position embedding on [1, T]), whose output-gradient "
+                                    "arrives summed over the samples, so their own gradients cannot be formed")
+            return False
+        raise ValueError(
+            f"lipfast: layer '{self.name}''s calls in one forward pass hold {sizes} rows along their sample "
+            f"dimension, where the batch holds {batch} samples; lipfast cannot tell which sample each row belongs to "
+            "(a flattened [B·T, n] input, tokens routed to an expert). Give the layer its input as [B, ..., n], name "
+            "the dim that holds the samples with Tracker(..., batch_dim={'" + self.name + "': dim}), or leave it "
+            "out with layers=")
+
+    def _reduce(self, calls: list[Call], batch: int | None = None) -> None:
         with torch.no_grad():
             for c in calls:  # the sample dimension first (views)
                 if c.layout is not None:
                     c.x, c.d, c.layout = c.layout(c.x), c.dlayout(c.d), None
+            if not self._covers(calls, batch):
+                for c in calls:
+                    c.x = c.d = None
+                return
             spec = self.owner.spectrum_before(self)
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
             impl = self.owner.impl

@@ -225,7 +225,8 @@ class Tracker:
             maps ignore it: they know their layout). Without it: dim 0, checked against the batch size of the
             model's first tensor argument, and inside a torch Transformer module its ``batch_first``; a layer
             whose dim 0 does not hold that many samples while another dim does is refused at its first call,
-            with a message naming this argument.
+            with a message naming this argument; so is a layer whose calls of one forward pass hold neither the
+            batch's samples nor sample sets adding up to it (a flattened ``[B·T, n]`` input).
 
     Accuracy: ``W v1 = σ1 u1`` holds by construction, so ``σ1 = ‖W v1‖`` is never above the true largest
     singular value; ``sigma_err`` is a Kato–Temple bound from the top two pairs' residuals
@@ -262,7 +263,7 @@ class Tracker:
             weights, a bare ``nn.Parameter`` used by the module's own code) under the parameter's name. A
             Parameter shared under several names (tied weights) counts once, at its first name; biases and
             other 1-D parameters are not listed. A layer whose input turns out to be shared by every sample
-            (a position embedding called on ``[1, T]``) moves here at its first call, with a warning.
+            (a position embedding called on ``[1, T]``) moves here at its first backward, with a warning.
 
     Layer kinds (:mod:`lipfast.adapters`, the README's table): Linear, Conv1d/Conv2d (grouped and depthwise:
     the record follows the block with the largest σ1, ``group``), HF Conv1D, Embedding, MultiheadAttention's

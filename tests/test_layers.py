@@ -388,6 +388,24 @@ def test_ambiguous_sample_dimension_is_refused_and_batch_dim_resolves_it():
         Tracker(model, opt, batch_dim="1")
 
 
+def test_a_flattened_input_is_refused():
+    class Flattened(nn.Module):  # [B, T, n] flattened to [B·T, n]: rows are no longer samples
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.reshape(-1, 4)).reshape(x.shape[0], -1, 3).mean(dim=1)
+
+    model = Flattened().double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    tracker = Tracker(model, opt, **EXACT)
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"layer 'fc''s calls in one forward pass hold \[30\] rows .* batch holds 6"):
+        step(model, opt, (x,), y, ce)
+    tracker.close()
+
+
 def test_lstm_weights_are_skipped():
     class Recurrent(nn.Module):
         def __init__(self):
