@@ -561,3 +561,29 @@ def test_embedding_and_grouped_conv_never_allocate_dense_per_sample_tensors():
         assert len(tracker.records) == 2 * len(tracker.captures) and mode.ops > 0
         assert mode.numel < forbidden, mode.shape
         tracker.close()
+
+
+@pytest.mark.parametrize("make", [InvertedResidual, TiedLM, lambda: Encoder(True)], ids=["convs", "tied", "attention"])
+def test_reference_implementation_gives_the_same_records(make):
+    torch.manual_seed(15)
+    model = make().double()
+    if isinstance(model, TiedLM):
+        x, y, loss_fn = torch.randint(0, 11, (5, 4)), torch.randint(0, 11, (5, 4)), lm_loss
+    elif isinstance(model, Encoder):
+        x, y, loss_fn = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5,)), ce
+    else:
+        x, y, loss_fn = torch.randn(5, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (5,)), ce
+    got = []
+    for impl in ("compiled", "reference"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=LR)
+        tracker = Tracker(m, opt, implementation=impl, **EXACT)
+        for _ in range(2):
+            step(m, opt, (x,), y, loss_fn)
+        got.append(tracker.records)
+        tracker.close()
+    assert len(got[0]) == len(got[1]) > 0
+    for a, b in zip(*got):
+        assert (a["layer"], a["group"], a["shared_with"]) == (b["layer"], b["group"], b["shared_with"])
+        for f in ALL_FIELDS:
+            assert a[f] == pytest.approx(b[f], rel=1e-8, abs=1e-14), (a["layer"], f)
