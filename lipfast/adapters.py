@@ -1,6 +1,8 @@
 """One adapter per layer kind: how its calls are captured, which per-sample op computes its statistics, and
 how its weight is read as the matrix ``W [m, n]`` whose σ1 lipfast tracks. :data:`ADAPTERS` is the one table
-the tracker consults; adding a kind means one class here and one line in the table.
+the tracker consults; adding a module kind means one class here and one line in the table. MultiheadAttention
+is the one structural kind: a module holding four maps (:func:`attention_adapters`), whose calls are
+``F.linear`` calls inside its forward (:class:`lipfast.instrument.LayerCapture` listens to them).
 
 Every adapter sees a layer call as ``x`` (its input) and ``d`` (the gradient of its output), both already laid
 out with the sample dimension first (:class:`lipfast.instrument.LayerCapture` moves it there). It gives
@@ -18,7 +20,8 @@ from torch import Tensor, nn
 
 from .functional import Spectrum, contract_projections, conv2d_projections
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "conv_geometry", "is_hf_conv1d", "unsupported_reason"]
+__all__ = ["ADAPTERS", "Adapter", "AttentionAdapter", "Conv2dAdapter", "EmbeddingAdapter", "HFConv1DAdapter",
+           "LinearAdapter", "adapter_for", "attention_adapters", "conv_geometry", "is_hf_conv1d", "unsupported_reason"]
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -39,8 +42,6 @@ def cat_stats(parts):
     if any(p[4] is None for p in parts):
         return per_sample + (None, None)
     return per_sample + tuple(sum((p[i] for p in parts[1:]), parts[0][i]) for i in (4, 5))
-
-
 
 
 class Adapter:
