@@ -321,7 +321,8 @@ def test_transformer_encoder_batch_first_false_and_true_give_identical_records()
     tracker_f.close()
 
 
-def test_separate_qkv_weights_and_unbatched_calls():
+@pytest.mark.parametrize("need_weights", [False, True])  # SDPA, or the explicit bmm path
+def test_separate_qkv_weights(need_weights):
     torch.manual_seed(5)
 
     class Cross(nn.Module):
@@ -331,7 +332,7 @@ def test_separate_qkv_weights_and_unbatched_calls():
             self.head = nn.Linear(6, 3)
 
         def forward(self, q, kv, v):
-            return self.head(self.attn(q, kv, v, need_weights=False)[0].mean(dim=1))
+            return self.head(self.attn(q, kv, v, need_weights=need_weights)[0].mean(dim=1))
 
     model = Cross().double()
     q, k, v = (torch.randn(5, 3, 6, dtype=torch.float64), torch.randn(5, 4, 4, dtype=torch.float64),
@@ -341,6 +342,28 @@ def test_separate_qkv_weights_and_unbatched_calls():
     mats["attn.out_proj"] = ("attn.out_proj.weight", rows)
     tracker, got = run_and_check(model, (q, k, v), y, ce, mats, steps=1, loop=True)
     assert (got[0]["attn.k"]["m"], got[0]["attn.k"]["n"]) == (6, 4)
+    tracker.close()
+
+
+@pytest.mark.parametrize("inputs", ["kv", "qkv"])  # F.linear on the rows [E:3E] (k is v), or on each third
+def test_packed_weights_with_distinct_query_key_value(inputs):
+    torch.manual_seed(16)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, q, k, v):
+            return self.head(self.attn(q, k, k if inputs == "kv" else v)[0].mean(dim=1))
+
+    model = Cross().double()
+    q, k, v = (torch.randn(5, 3, 6, dtype=torch.float64) for _ in range(3))
+    y = torch.randint(0, 3, (5,))
+    mats = {f"attn.{p}": ("attn.in_proj_weight", lambda t, i=i: t[i * 6:(i + 1) * 6]) for i, p in enumerate("qkv")}
+    mats["attn.out_proj"] = ("attn.out_proj.weight", rows)
+    tracker, _ = run_and_check(model, (q, k, v), y, ce, mats, steps=1, loop=True)
     tracker.close()
 
 
