@@ -50,6 +50,9 @@ from .adapters import _contract as contract_stats
 _saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda *_: None)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def in_backward() -> bool:
     """Whether the autograd engine is running a backward pass on this thread."""
     return torch._C._current_graph_task_id() != -1
@@ -200,6 +203,8 @@ class LayerCapture:
         # per micro-batch: proj, hess, hess_lo, hess_hi [B] and Σ_i G_i v1 [m], Σ_i G_iᵀ u1 [n] (or None)
         self.stats: list[tuple] = []
         self.dropped_calls = 0
+        self.uses_checked = False  # Tracker._check_uses ran (once)
+        self.low_precision = self.weight.dtype in _HALF  # a 16-bit weight or captured call (its tolerance)
         self.handles: list | None = None
         self._listening: list = []
         self.hook(True)
@@ -330,6 +335,7 @@ class LayerCapture:
         else:  # saved-tensor hooks (a checkpoint, save_on_cpu): keep x only as autograd keeps its saved tensors
             call = Call(x=None, saved=(hooks[1], hooks[0](x)))
         call.use, call.layout, call.dlayout = use, layout, dlayout
+        self.low_precision = self.low_precision or output.dtype in _HALF
         self.groups.setdefault(owner.forward_id, ForwardGroup(batch=owner.batch_size)).calls.append(call)
         output.register_hook(functools.partial(self._on_grad, owner.forward_id, call))
 

@@ -649,12 +649,35 @@ class Tracker:
         # noise terms measure (gradient clipping or an extra loss term change weight.grad, not the G_i). Under
         # DDP ḡ must be the global batch's, which weight.grad is after DDP's all-reduce.
         products = (gv, gtu) if self._group is None and gv is not None else (None, None)
+        if products[0] is not None and not cap.uses_checked:
+            cap.uses_checked = True
+            self._check_uses(cap, spec, G, gv)
         sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
                                              spec.host[2], scale, loss_factor, *products)
         # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
         # free with the spectrum (W v1 = σ1 u1 for a Ritz pair; Wᵀu1 from its last sweep), after it they
         # ride along in the next spectrum's GEMMs. No copy of W is kept.
         return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor, known=known)
+
+    def _check_uses(self, cap: LayerCapture, spec: Spectrum, G: Tensor, gv: Tensor) -> None:
+        """Once per layer (its first tracked step, one GEMV and a host read): ``weight.grad·v1`` must be the
+        captured calls' ``Σ_i G_i v1``, up to a scale (gradient clipping, the loss reduction) and a multiple of
+        ``u1`` (an L2 penalty adds ``λ W v1 = λσ1 u1``). A part neither explains is a use of the weight lipfast
+        does not see (custom code such as ``x @ weight.T``): warn, since the noise terms cover captured calls only."""
+        g = G.double() @ spec.V64[:, 0]
+        A = torch.stack((gv.double(), spec.U64[:, 0]), dim=1)
+        if g.shape[0] <= 2 or not bool(torch.isfinite(g).all() and torch.isfinite(A).all()):
+            return
+        fit = torch.linalg.lstsq(A, g.unsqueeze(1)).solution
+        left, norm = float((g - (A @ fit).squeeze(1)).norm()), float(g.norm())
+        # Rounding: ~1e-6 of the norm in float32; bfloat16/float16 activations or weights leave ~1e-3.
+        if left > (0.05 if cap.low_precision else 1e-3) * norm:
+            self._warn_once(f"uses:{cap.name}", (
+                f"lipfast: layer '{cap.name}': {left / norm:.1%} of weight.grad·v1 is not explained by the calls the "
+                "tracker captured (nor by a rescaling such as gradient clipping, or an L2 penalty): the weight is also "
+                "used by code lipfast does not see (x @ weight.T, F.linear on it), a loss term on the weight itself "
+                "(other than L2) or a hook changed its gradient. The record's noise terms cover the captured calls only; first_order and second_order use the "
+                "real update."))
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
         try:

@@ -429,6 +429,38 @@ def test_a_flattened_input_is_refused():
     tracker.close()
 
 
+def test_a_use_of_the_weight_the_tracker_cannot_see_is_warned():
+    class Functional(nn.Module):  # the embedding matrix reused by custom code as the output map
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 5)
+            self.mix = nn.Linear(5, 5)
+
+        def forward(self, tokens):
+            return torch.tanh(self.mix(self.emb(tokens))) @ self.emb.weight.T
+
+    torch.manual_seed(17)
+    model = Functional().double()
+    tokens, y = torch.randint(0, 11, (6, 4)), torch.randint(0, 11, (6, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    tracker = Tracker(model, opt, **EXACT)
+    with pytest.warns(LipfastWarning, match=r"layer 'emb': .* not explained by the calls the tracker captured"):
+        step(model, opt, (tokens,), y, lm_loss)
+    tracker.close()
+    # Clipping and an L2 penalty change weight.grad too, and are no unseen use.
+    model = TiedLM().double()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    tracker = Tracker(model, opt, **EXACT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LipfastWarning)
+        opt.zero_grad()
+        (lm_loss(model(tokens), y) + 0.1 * model.emb.weight.pow(2).sum()).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        opt.step()
+    assert tracker.records
+    tracker.close()
+
+
 def test_lstm_weights_are_skipped():
     class Recurrent(nn.Module):
         def __init__(self):
