@@ -64,8 +64,8 @@ def make_case(name: str, quick: bool):
     B = 16 if quick else 64
     torch.manual_seed(0)
     if name == "linear":
-        model, x, what = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)), torch.randn(B, 256, generator=g), "256x256"
-        keep = ("0",)
+        model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+        x, keep, what = torch.randn(B, 256, generator=g), ("0",), "256x256"
     elif name == "conv2d":
         model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), Pool((2, 3)), nn.Linear(32, 10))
         x, keep, what = torch.randn(B, 32, 16, 16, generator=g), ("0",), "32→32, 3x3, 16x16"

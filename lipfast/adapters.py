@@ -108,7 +108,7 @@ class LinearAdapter(Adapter):
 
     def stats(self, impl, spec, calls, dtype):
         B = self.samples(calls[0].x)
-        if any(self.samples(c.x) != B for c in calls):  # calls on different sample sets: treat them as such
+        if any(self.samples(c.x) != B for c in calls):  # calls on different sample sets: each its own samples
             return cat_stats([self.stats(impl, spec, [c], dtype) for c in calls])
         X, D = self._rows(calls, dtype)
         # With the statistics, Σ_i G_i v1 = Dᵀ(X v1) and Σ_i G_iᵀ u1 = Xᵀ(D u1): the gradient's two products from

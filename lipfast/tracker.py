@@ -676,8 +676,8 @@ class Tracker:
                 f"lipfast: layer '{cap.name}': {left / norm:.1%} of weight.grad·v1 is not explained by the calls the "
                 "tracker captured (nor by a rescaling such as gradient clipping, or an L2 penalty): the weight is also "
                 "used by code lipfast does not see (x @ weight.T, F.linear on it), a loss term on the weight itself "
-                "(other than L2) or a hook changed its gradient. The record's noise terms cover the captured calls only; first_order and second_order use the "
-                "real update."))
+                "(other than L2) or a hook changed its gradient. The record's noise terms cover the captured calls "
+                "only; first_order and second_order use the real update."))
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
         try:
@@ -1020,7 +1020,8 @@ def _check_batch_dim(model: nn.Module, batch_dim) -> int | dict[str, int] | None
         return None
     if isinstance(batch_dim, int) and not isinstance(batch_dim, bool):
         if batch_dim < 0:
-            raise ValueError(f"Tracker: batch_dim must be an int >= 0 or a dict {{layer name: int >= 0}}, got {batch_dim!r}")
+            raise ValueError("Tracker: batch_dim must be an int >= 0 or a dict {layer name: int >= 0}, "
+                             f"got {batch_dim!r}")
         return batch_dim
     if isinstance(batch_dim, dict):
         names = dict(model.named_modules())
@@ -1030,7 +1031,8 @@ def _check_batch_dim(model: nn.Module, batch_dim) -> int | dict[str, int] | None
             if k not in names:
                 raise ValueError(f"Tracker: batch_dim names {k!r}, which is not a module of the model")
         return dict(batch_dim)
-    raise TypeError(f"Tracker: batch_dim must be None, an int or a dict {{layer name: int}}, got {type(batch_dim).__name__}")
+    raise TypeError("Tracker: batch_dim must be None, an int or a dict {layer name: int}, "
+                    f"got {type(batch_dim).__name__}")
 
 
 def _parameter_reason(module: nn.Module, pname: str) -> str:
