@@ -146,7 +146,10 @@ class _LinearListener:
     """MultiheadAttention calls ``F.linear`` on its projection weights instead of calling modules. While a
     tracked MultiheadAttention runs its forward, ``torch.nn.functional.linear`` (the name its code looks up) is
     wrapped so that listeners see each call; it is restored when the last such forward returns. A call whose
-    weight no listener tracks costs one loop over the listeners."""
+    weight no listener tracks costs one loop over the listeners. F.linear is process-wide: another thread's
+    calls meanwhile pass through the wrapper too, and are ignored (a listener checks the weight's identity).
+    MultiheadAttention's fused fast path makes no F.linear call; it runs only without grad or in eval mode,
+    where nothing is captured anyway."""
 
     def __init__(self) -> None:
         self.original = F.linear  # what F.linear was when the first listener came (restored after the last)
