@@ -148,8 +148,8 @@ class _LinearListener:
     wrapped so that listeners see each call; it is restored when the last such forward returns. A call whose
     weight no listener tracks costs one loop over the listeners. F.linear is process-wide: another thread's
     calls meanwhile pass through the wrapper too, and are ignored (a listener checks the weight's identity).
-    MultiheadAttention's fused fast path makes no F.linear call; it runs only in eval mode with no grad to its weights,
-    where nothing is captured anyway."""
+    MultiheadAttention's fused fast path makes no F.linear call; it runs only in eval mode with no grad to its
+    weights, where nothing is captured anyway."""
 
     def __init__(self) -> None:
         self.original = F.linear  # what F.linear was when the first listener came (restored after the last)
