@@ -316,9 +316,9 @@ class StepBucket:
 
 
 def describe_tracker(chosen: list, args: dict) -> list:
-    """What must match across ranks: the tracked ``(name, module type, weight shape)`` and the tracker's
-    arguments."""
-    layers = [(name, type(module).__name__, list(module.weight.shape)) for name, module in chosen]
+    """What must match across ranks: the tracked ``(name, module type, weight shape)`` (``chosen``: names and
+    their adapters, :mod:`lipfast.adapters`) and the tracker's arguments."""
+    layers = [(name, type(a.module).__name__, list(a.weight.shape)) for name, a in chosen]
     return [layers, sorted(args.items())]
 
 

@@ -5,7 +5,10 @@ anyway) and a hook on the output tensor receives the output-gradient during back
 call of one forward pass has its gradient, the per-sample statistics are computed and both tensors are
 dropped: what survives until ``optimizer.step()`` is four float64 numbers per sample.
 
-Sample grouping: dim 0 of a layer's input is the sample dimension. Calls of a layer inside one forward
+Sample dimension (:meth:`LayerCapture._sample_dim`): dim 0 of a layer's input, checked against the batch size of
+the model's input, unless the Tracker's ``batch_dim`` names another or the layer sits in a torch Transformer layer
+whose ``batch_first`` is False (dim 1); MultiheadAttention's maps know their layout. A dim that cannot be told
+apart is refused with a message that says how to name it. Sample grouping: calls of a layer inside one forward
 pass of the root model act on the same samples (a layer called twice, weight sharing): their
 contributions to each per-sample gradient add up. Calls from different forward passes (gradient
 accumulation) bring new samples.
@@ -36,13 +39,18 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import Spectrum, conv2d_projections, contract_projections
+from .adapters import Adapter, AttentionAdapter, cat_stats
+from .adapters import _contract as contract_stats
 
 # ``_saved_tensors_hooks(False)``: the saved-tensor hooks autograd applies right now, (pack, unpack) or None. A
 # private function; where a torch lacks it, a checkpointed segment's inputs are held from the forward on.
 _saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda *_: None)
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def in_backward() -> bool:
@@ -118,6 +126,9 @@ class Call:
     x: Tensor | None
     d: Tensor | None = None
     saved: tuple | None = None
+    use: int = 0  # which of the capture's modules made the call (tied weights)
+    layout: object = None  # x -> x with the sample dimension first (None: it is already)
+    dlayout: object = None  # the output-gradient -> the same, and the matrix's part of it
 
 
 @dataclass
@@ -125,80 +136,195 @@ class ForwardGroup:
     """The calls of one layer within one forward pass of the root model (the same samples)."""
 
     calls: list[Call] = field(default_factory=list)
+    batch: int | None = None  # samples in the model's input of that forward pass
 
     def complete(self) -> bool:
         return all(c.d is not None for c in self.calls)
 
 
-def conv_geometry(module: nn.Conv2d) -> tuple | None:
-    """``(kernel, stride, padding, dilation)`` pairs of a Conv2d lipfast supports, else None."""
-    padding = module.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        else:  # "same": symmetric only when every dilation·(kernel−1) is even
-            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-            if any(t % 2 for t in total):
-                return None
-            padding = tuple(t // 2 for t in total)
-    return tuple(module.kernel_size), tuple(module.stride), tuple(padding), tuple(module.dilation)
+class _LinearListener:
+    """MultiheadAttention calls ``F.linear`` on its projection weights instead of calling modules. While a
+    tracked MultiheadAttention runs its forward, ``torch.nn.functional.linear`` (the name its code looks up) is
+    wrapped so that listeners see each call; it is restored when the last such forward returns. A call whose
+    weight no listener tracks costs one loop over the listeners. F.linear is process-wide: another thread's
+    calls meanwhile pass through the wrapper too, and are ignored (a listener checks the weight's identity).
+    MultiheadAttention's fused fast path makes no F.linear call; it runs only in eval mode with no grad to its
+    weights, where nothing is captured anyway."""
+
+    def __init__(self) -> None:
+        self.original = F.linear  # what F.linear was when the first listener came (restored after the last)
+        self.listeners: list = []
+
+    def _linear(self, input, weight, bias=None):
+        out = self.original(input, weight, bias)
+        for fn in tuple(self.listeners):
+            fn(input, weight, out)
+        return out
+
+    def push(self, fn) -> None:
+        if not self.listeners:
+            self.original = F.linear
+            F.linear = self._linear
+        self.listeners.append(fn)
+
+    def pop(self, fn) -> None:
+        self.listeners.remove(fn)
+        if not self.listeners:
+            F.linear = self.original
 
 
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why a module with a weight cannot be tracked, or None when it can."""
-    if isinstance(module, nn.Linear):
-        return None
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
-        if module.padding_mode != "zeros":
-            return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
-        if conv_geometry(module) is None:
-            return "Conv2d with asymmetric padding='same' (even kernel extent)"
-        return None
-    return f"{type(module).__name__} is not a supported layer type (Linear, Conv2d)"
+_LINEAR = _LinearListener()
+
+
+def _seq_first(t: Tensor) -> Tensor:  # [L, B, *] -> [B, L, *]
+    return t.movedim(1, 0)
+
+
+def _unfold_rows(t: Tensor, batch: int) -> Tensor:  # [L·B, *], row l·B + b -> [B, L, *]
+    return t.reshape(-1, batch, t.shape[-1]).movedim(1, 0)
 
 
 class LayerCapture:
-    """Hooks and per-step buffers of one tracked layer."""
+    """Hooks and per-step buffers of one tracked matrix. ``uses`` holds one adapter per module that uses its
+    Parameter (tied weights: an embedding and an output head); ``uses[0]`` defines the matrix and the name."""
 
-    def __init__(self, name: str, module: nn.Module, owner) -> None:
+    def __init__(self, name: str, uses: list[tuple[str, Adapter]], owner, batch_dims: list | None = None) -> None:
         self.name = name
-        self.module = module
-        self.kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
-        self.geometry = conv_geometry(module) if self.kind == "conv2d" else None
-        self.weight: nn.Parameter = module.weight
-        self.m = self.weight.shape[0]
-        self.n = self.weight[0].numel()
+        self.use_names = [n for n, _ in uses]
+        self.uses: list[Adapter] = [a for _, a in uses]
+        self.adapter = self.uses[0]
+        self.module = self.adapter.module
+        self.kind = self.adapter.kind
+        self.weight: nn.Parameter = self.adapter.weight
+        self.m, self.n = self.adapter.m, self.adapter.n
+        # Per use: ("explicit", dim) from batch_dim=, ("transformer", dim) from an enclosing torch Transformer
+        # layer's batch_first, or None (dim 0, checked against the model input's batch size).
+        self.batch_dims = batch_dims or [None] * len(self.uses)
         self.owner = owner
         self.groups: dict[int, ForwardGroup] = {}
         self.reduced: set[int] = set()  # forward ids whose group was reduced since the last step (_refuse_split)
         # per micro-batch: proj, hess, hess_lo, hess_hi [B] and Σ_i G_i v1 [m], Σ_i G_iᵀ u1 [n] (or None)
         self.stats: list[tuple] = []
         self.dropped_calls = 0
-        self.handle = None
+        self.uses_checked = False  # Tracker._check_uses ran (once)
+        self.low_precision = self.weight.dtype in _HALF  # a 16-bit weight or captured call (its tolerance)
+        self.handles: list | None = None
+        self._listening: list = []
         self.hook(True)
 
+    @property
+    def shared_with(self) -> list[str]:
+        """The other modules using this Parameter (tied weights)."""
+        return self.use_names[1:]
+
     def hook(self, on: bool) -> None:
-        """Attach or detach the forward hook (the tracker detaches it over steps it does not track)."""
-        if on and self.handle is None:
-            self.handle = self.module.register_forward_hook(Hook(self._on_forward))
-        elif not on and self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        """Attach or detach the forward hooks (the tracker detaches them over steps it does not track)."""
+        if on and self.handles is None:
+            self.handles = []
+            for i, adapter in enumerate(self.uses):
+                if isinstance(adapter, AttentionAdapter):
+                    self.handles += [
+                        adapter.module.register_forward_pre_hook(Hook(functools.partial(self._on_attention, i)),
+                                                                 with_kwargs=True),
+                        adapter.module.register_forward_hook(Hook(self._after_attention), always_call=True)]
+                else:
+                    self.handles.append(adapter.module.register_forward_hook(
+                        Hook(functools.partial(self._on_forward, i))))
+        elif not on and self.handles is not None:
+            for h in self.handles:
+                h.remove()
+            self.handles = None
+            while self._listening:
+                _LINEAR.pop(self._listening.pop())
 
     # -- hooks -------------------------------------------------------------------------------
-    def _on_forward(self, module: nn.Module, args, output) -> None:
+    def _on_forward(self, use: int, module: nn.Module, args, output) -> None:
         if torch.compiler.is_compiling():
             refuse_compiled(f"the forward of layer '{self.name}'")
-        owner = self.owner
-        if not owner.capturing or not torch.is_grad_enabled():
-            return
-        if not isinstance(output, Tensor) or not output.requires_grad or _is_functorch_wrapped(output):
+        if not self.owner.capturing or not torch.is_grad_enabled():
             return
         if not args or not isinstance(args[0], Tensor):
             return
-        x = args[0].detach()
+        dim = self._sample_dim(use, args[0])
+        layout = None if dim == 0 else functools.partial(torch.movedim, source=dim, destination=0)
+        self._capture(use, args[0], output, layout, layout)
+
+    def _on_attention(self, use: int, module: nn.MultiheadAttention, args, kwargs) -> None:
+        """Before a MultiheadAttention's forward: listen to its F.linear calls (:class:`_LinearListener`)."""
+        if torch.compiler.is_compiling():
+            refuse_compiled(f"the forward of layer '{self.name}'")
+        if not self.owner.capturing or not torch.is_grad_enabled():
+            return
+        query = args[0] if args else kwargs.get("query")
+        batch = 1 if query.dim() == 2 else query.shape[0 if module.batch_first else 1]
+        self._check_attention_batch(module, query, batch)
+        listener = functools.partial(self._on_linear, use, batch)
+        self._listening.append(listener)
+        _LINEAR.push(listener)
+
+    def _after_attention(self, module, args, output) -> None:
+        if self._listening:
+            _LINEAR.pop(self._listening.pop())
+
+    def _check_attention_batch(self, module, query: Tensor, batch: int) -> None:
+        B = self.owner.batch_size
+        if query.dim() == 3 and B is not None and batch != B and B in query.shape[:2]:
+            raise ValueError(
+                f"lipfast: MultiheadAttention '{self.use_names[0].rpartition('.')[0]}' has batch_first="
+                f"{module.batch_first}, so its query {tuple(query.shape)} holds {batch} samples, but the model's "
+                f"input holds {B}; build it with batch_first={not module.batch_first} to match the data it gets")
+
+    def _on_linear(self, use: int, batch: int, x: Tensor, weight: Tensor, out: Tensor) -> None:
+        """An F.linear call inside a tracked MultiheadAttention: capture it when its weight holds this map."""
+        adapter = self.uses[use]
+        param = adapter.weight
+        if weight is not param and weight._base is not param:
+            return
+        first = (weight.storage_offset() - param.storage_offset()) // param.stride(0)
+        if adapter.rows is None:
+            if weight is not param:
+                return
+            lo, hi = 0, param.shape[0]
+        else:
+            lo, hi = adapter.rows[0] - first, adapter.rows[1] - first
+            if lo < 0 or hi > weight.shape[0]:
+                return
+        if x.dim() == 2:  # out_proj: [L·B, E], row l·B + b
+            layout = functools.partial(_unfold_rows, batch=batch)
+        else:
+            layout = _seq_first
+        dlayout = layout if (lo, hi) == (0, weight.shape[0]) else (lambda t: layout(t[..., lo:hi]))
+        self._capture(use, x, out, layout, dlayout)
+
+    def _sample_dim(self, use: int, x: Tensor) -> int:
+        """Which dim of a call's input holds the samples (refused when another dim would fit as well)."""
+        adapter = self.uses[use]
+        if x.dim() < adapter.batched_dims:
+            return 0  # an unbatched call: one sample
+        fact = self.batch_dims[use]
+        if fact is not None and fact[0] == "explicit":
+            if fact[1] >= x.dim():
+                raise ValueError(f"lipfast: batch_dim {fact[1]} for layer '{self.name}', but its input has shape "
+                                 f"{tuple(x.shape)}")
+            return fact[1]
+        dim = fact[1] if fact is not None and x.dim() == 3 else 0
+        B = self.owner.batch_size
+        if B is None or x.shape[dim] == B:
+            return dim
+        others = [j for j in range(x.dim()) if j != dim and x.shape[j] == B]
+        if others:
+            raise ValueError(
+                f"lipfast: cannot tell which dim of layer '{self.name}''s input {tuple(x.shape)} holds the samples: "
+                f"dim {dim} has {x.shape[dim]} entries, but the model's input holds {B} samples, as dim {others[0]} "
+                f"does. Pass Tracker(..., batch_dim={{'{self.name}': {others[0]}}}) (or batch_dim={others[0]} for "
+                "every layer) to say which")
+        return dim  # a call on part of the batch, or shared by all: _covers decides once the group is complete
+
+    def _capture(self, use: int, x: Tensor, output, layout, dlayout) -> None:
+        owner = self.owner
+        if not isinstance(output, Tensor) or not output.requires_grad or _is_functorch_wrapped(output):
+            return
+        x = x.detach()
         hooks = _saved_tensors_hooks(False)
         if hooks is None:  # the usual case: autograd saves x for the weight gradient; holding it costs nothing
             if owner.forward_id in self.reduced and in_backward():
@@ -211,7 +337,9 @@ class LayerCapture:
             return
         else:  # saved-tensor hooks (a checkpoint, save_on_cpu): keep x only as autograd keeps its saved tensors
             call = Call(x=None, saved=(hooks[1], hooks[0](x)))
-        self.groups.setdefault(owner.forward_id, ForwardGroup()).calls.append(call)
+        call.use, call.layout, call.dlayout = use, layout, dlayout
+        self.low_precision = self.low_precision or output.dtype in _HALF
+        self.groups.setdefault(owner.forward_id, ForwardGroup(batch=owner.batch_size)).calls.append(call)
         output.register_hook(functools.partial(self._on_grad, owner.forward_id, call))
 
     def _on_grad(self, forward_id: int, call: Call, grad: Tensor) -> None:
@@ -225,7 +353,7 @@ class LayerCapture:
         if group.complete():
             del self.groups[forward_id]
             self.reduced.add(forward_id)
-            self._reduce(group.calls)
+            self._reduce(group.calls, group.batch)
 
     def _refuse_split(self) -> None:
         """A forward with grad inside backward and no saved-tensor hooks is a reentrant checkpoint's recomputation.
@@ -252,67 +380,65 @@ class LayerCapture:
         self._drop_groups()
         self.reduced.clear()
 
-    def _reduce(self, calls: list[Call]) -> None:
+    def _covers(self, calls: list[Call], batch: int | None) -> bool:
+        """Whether the calls of one forward pass hold the batch's samples along their sample dimension: the same
+        samples in every call, or sample sets adding up to the batch. A layer whose calls hold one row while the
+        batch holds more (an input shared by every sample: a position embedding on [1, T]) has no per-sample
+        gradients: it is dropped, with a warning (False). Any other count is refused."""
+        sizes = [self.uses[c.use].samples(c.x) for c in calls]
+        covered = sizes[0] if len(set(sizes)) == 1 else sum(sizes)
+        explicit = any(self.batch_dims[c.use] is not None and self.batch_dims[c.use][0] == "explicit" for c in calls)
+        if batch is None or covered == batch or explicit:
+            return True
+        if covered == 1:
+            self.owner.drop_capture(self, f"its input holds 1 row where the batch holds {batch} samples: an input "
+                                    "shared by every sample (a position embedding on [1, T]), whose output-gradient "
+                                    "arrives summed over the samples, so their own gradients cannot be formed")
+            return False
+        raise ValueError(
+            f"lipfast: layer '{self.name}''s calls in one forward pass hold {sizes} rows along their sample "
+            f"dimension, where the batch holds {batch} samples; lipfast cannot tell which sample each row belongs to "
+            "(a flattened [B·T, n] input, tokens routed to an expert). Give the layer its input as [B, ..., n], name "
+            "the dim that holds the samples with Tracker(..., batch_dim={'" + self.name + "': dim}), or leave it "
+            "out with layers=")
+
+    def _reduce(self, calls: list[Call], batch: int | None = None) -> None:
         with torch.no_grad():
+            for c in calls:  # the sample dimension first (views)
+                if c.layout is not None:
+                    c.x, c.d, c.layout = c.layout(c.x), c.dlayout(c.d), None
+            if not self._covers(calls, batch):
+                for c in calls:
+                    c.x = c.d = None
+                return
             spec = self.owner.spectrum_before(self)
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            impl = self.owner.impl
+            uses = {c.use for c in calls}
             if spec is None:  # NaN/Inf weights: nothing is measurable, keep the sample count
-                B = calls[0].x.shape[0] if calls[0].x.dim() > 1 else 1
+                B = self.uses[calls[0].use].samples(calls[0].x)
                 self.stats.append(tuple(torch.full((B,), float("nan"), dtype=torch.float64, device=self.weight.device)
                                         for _ in range(4)) + (None, None))
-            elif self.kind == "linear":
-                self.stats.append(self._linear_stats(spec, calls, dtype))
-            else:
-                self.stats.append(self._conv_stats(spec, calls, dtype))
+            elif len(uses) == 1:
+                self.stats.append(self.uses[calls[0].use].stats(impl, spec, calls, dtype))
+            elif len({self.uses[c.use].samples(c.x) for c in calls}) > 1:  # uses on different sample sets
+                self.stats.append(cat_stats([self.uses[c.use].stats(impl, spec, [c], dtype) for c in calls]))
+            else:  # a tied Parameter: every use's projections add up before the contraction
+                xvec = yvec = None
+                for u in sorted(uses):
+                    xv, yv = self.uses[u].projections(impl, spec, [c for c in calls if c.use == u], dtype)
+                    xvec = xv if xvec is None else xvec + xv
+                    yvec = yv if yvec is None else yvec + yv
+                self.stats.append(contract_stats(impl, spec, xvec, yvec))
         for c in calls:  # the output tensors' hooks still reference the calls: let go of the tensors now
             c.x = c.d = None
-
-    def _linear_stats(self, spec: Spectrum, calls: list[Call], dtype):
-        B = calls[0].x.shape[0] if calls[0].x.dim() > 1 else 1
-        xs, ds = [], []
-        for c in calls:
-            if c.x.dim() == 1:  # an unbatched call: one sample
-                xs.append(c.x.reshape(1, 1, -1))
-                ds.append(c.d.reshape(1, 1, -1))
-            else:
-                xs.append(c.x.reshape(c.x.shape[0], -1, self.n))
-                ds.append(c.d.reshape(c.d.shape[0], -1, self.m))
-        if any(x.shape[0] != B for x in xs):  # calls on different sample sets: treat them as such
-            return _cat_stats([self._linear_stats(spec, [c], dtype) for c in calls])
-        # One call (the usual case) needs no concatenation: cat would copy the batch's activations.
-        X = _as(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1), dtype)
-        D = _as(ds[0] if len(ds) == 1 else torch.cat(ds, dim=1), dtype)
-        U, V = _as(spec.U, dtype), _as(spec.V, dtype)
-        # With the statistics, Σ_i G_i v1 = Dᵀ(X v1) and Σ_i G_iᵀ u1 = Xᵀ(D u1): the gradient's two products from
-        # the rows of X and D (B·T rows, where G has m), so the step needs no pass over the gradient itself.
-        return self.owner.impl.persample_linear(X, D, U, spec.S, V, spec.host[2], sums=True)
-
-    def _conv_stats(self, spec: Spectrum, calls: list[Call], dtype):
-        B = calls[0].x.shape[0]
-        if any(c.x.shape[0] != B or c.x.dim() != 4 for c in calls[1:]):
-            return _cat_stats([self._conv_stats(spec, [c], dtype) for c in calls])
-        if len(calls) == 1 and calls[0].x.dim() == 4:  # the usual case: projections and contraction in one op
-            x, d = calls[0].x, calls[0].d
-            return self.owner.impl.persample_conv2d(_as(x, dtype), _as(d, dtype), _as(spec.U, dtype), spec.S,
-                                                    _as(spec.V, dtype), spec.host[2], *self.geometry)
-        # A layer called several times on the same samples: the projections add up before the contraction.
-        xvec = yvec = None
-        for c in calls:
-            x = c.x if c.x.dim() == 4 else c.x.unsqueeze(0)
-            d = c.d if c.d.dim() == 4 else c.d.unsqueeze(0)
-            xv, yv = conv2d_projections(spec, x.to(dtype), d.to(dtype), *self.geometry, impl=self.owner.impl)
-            xvec = xv if xvec is None else xvec + xv
-            yvec = yv if yvec is None else yvec + yv
-        # The tracker flags degenerate steps with its own tolerances (gap_tol, step_tol), as for Linear.
-        ps = contract_projections(spec, xvec, yvec, self.owner.impl, mask=False)
-        return ps.proj, ps.hess, ps.hess_lo, ps.hess_hi, xvec.sum(0), yvec.sum(0)
 
     def take_stats(self):
         """All per-sample statistics since the last step, concatenated, and reset."""
         stats, self.stats = self.stats, []
         if not stats:
             return None
-        return stats[0] if len(stats) == 1 else _cat_stats(stats)
+        return stats[0] if len(stats) == 1 else cat_stats(stats)
 
     def _drop_groups(self) -> None:
         for group in self.groups.values():
@@ -330,16 +456,3 @@ class LayerCapture:
         self.reset()
 
 
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype`` (skipping the dispatch of a no-op ``.to`` on the hot path)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _cat_stats(parts):
-    """Per-sample statistics of several sample sets, one after the other; their gradient products add
-    (None when one part has none: the tracker then reads the gradient)."""
-    per_sample = tuple(torch.cat([p[i] for p in parts]) for i in range(4))
-    if any(p[4] is None for p in parts):
-        return per_sample + (None, None)
-    return per_sample + tuple(sum((p[i] for p in parts[1:]), parts[0][i]) for i in (4, 5))

@@ -290,7 +290,8 @@ def _rows_by_layer(run: runio.Run) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-_KIND_NAMES = {"linear": "Linear", "conv2d": "Conv2d"}
+_KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1d", "conv2d": "Conv2d", "hf_conv1d": "Conv1D (HF)",
+               "embedding": "Embedding", "attention": "attention"}
 
 
 def layer_label(name: str, record: dict) -> str:

@@ -57,10 +57,11 @@ LAYER_COLUMNS = [
     "step", "layer", "kind", "m", "n", "batch", "lr", "sigma", "sigma2", "sigma_next",
     "delta_obs", "first_order", "second_order", "delta_pred", "drift", "diffusion_var",
     "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flag_names",
+    "group", "shared_with",
 ]  # fmt: skip
 # Columns later versions added: a run folder written before them still loads, with NaN in them (it cannot
 # be resumed: its rows would mix two layouts).
-_ADDED_COLUMNS = frozenset({"sigma_err"})
+_ADDED_COLUMNS = frozenset({"sigma_err", "group", "shared_with"})
 # Columns later versions renamed (old name -> new): pandas' DataFrame.flags shadowed ``flags``.
 _RENAMED_COLUMNS = {"flags": "flag_names"}
 NETWORK_COLUMNS = [
@@ -86,9 +87,9 @@ _OWN_FILES = (
 )  # fmt: skip
 _TMP_MARK = ".lipfast-tmp-"
 
-_INT_COLUMNS = frozenset({"step", "m", "n", "batch"})
+_INT_COLUMNS = frozenset({"step", "m", "n", "batch", "group"})
 _BOOL_COLUMNS = frozenset({"degenerate", "nonfinite"})
-_STR_COLUMNS = frozenset({"layer", "kind", "flag_names"})
+_STR_COLUMNS = frozenset({"layer", "kind", "flag_names", "shared_with"})
 STR_COLUMNS = _STR_COLUMNS  # text columns of layers.csv; every other column is numeric
 
 
@@ -405,11 +406,12 @@ def _read_csv(path: Path, columns: list[str]) -> tuple[list[dict], int]:
     lines = text.split("\n")[:-1]  # data ends with "\n"
     reader = csv.reader(lines)
     header = [_RENAMED_COLUMNS.get(c, c) for c in next(reader)]
-    if header != columns and header != [c for c in columns if c not in _ADDED_COLUMNS]:
+    if header != [c for c in columns if c in header] or not set(columns) - set(header) <= _ADDED_COLUMNS:
         raise RunFolderError(
             f"{path}: unexpected CSV header {header!r}; this lipfast expects {columns!r}"
         )
-    missing = {c: math.nan for c in columns if c not in header}
+    # Columns added later, missing from an older run: the values every record of that run would have had.
+    missing = {c: {"group": -1, "shared_with": ""}.get(c, math.nan) for c in columns if c not in header}
     ncol = len(header)
     rows = []
     for lineno, cells in enumerate(reader, start=2):

@@ -23,6 +23,7 @@ What the per-sample numbers mean:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -36,8 +37,8 @@ from torch.nn.utils import parametrize
 from . import distributed, ops, reference
 from .functional import (Spectrum, block_size, compute_spectrum, default_tol, needs_exact, resize_block,
                          with_host_values)
-from .instrument import (COMPILE_ADVICE, Hook, LayerCapture, in_backward, prepare_compile_refusal, refuse_compiled,
-                         unsupported_reason)
+from .adapters import SUPPORTED, adapter_for, attention_adapters
+from .instrument import COMPILE_ADVICE, Hook, LayerCapture, in_backward, prepare_compile_refusal, refuse_compiled
 from .optim import StepCoefficients, step_coefficients
 
 __all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS", "TRUST_FLAGS"]
@@ -46,7 +47,8 @@ logger = logging.getLogger("lipfast")
 
 LAYER_FIELDS = ("step", "layer", "kind", "m", "n", "batch", "lr", "sigma", "sigma2", "sigma_next",
                 "delta_obs", "first_order", "second_order", "delta_pred", "drift", "diffusion_var",
-                "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flag_names")
+                "ito", "ito_lo", "ito_hi", "gap", "degenerate", "residual", "sigma_err", "nonfinite", "flag_names",
+                "group", "shared_with")
 NETWORK_FIELDS = ("step", "log_bound", "log_bound_next", "drift", "diffusion_var", "ito", "loss", "train_acc")
 # Flags that say a step's expansion is not to be trusted; ``degenerate`` is true when any is set (Tracker docs).
 TRUST_FLAGS = ("unconverged", "small_gap", "large_step", "crossing", "closure")
@@ -173,13 +175,6 @@ def _fingerprint(W: Tensor) -> tuple[float, float]:
     return float(Wd.sum()), float(Wd.norm())
 
 
-def _matrix(t: Tensor, m: int) -> Tensor:
-    """``t`` as the ``[m, n]`` matrix of its layer, cut from autograd (a Linear's is one already: no reshape
-    to dispatch, several times a layer and step)."""
-    t = t.detach()
-    return t if t.dim() == 2 else t.reshape(m, -1)
-
-
 class Tracker:
     """Tracks σ1 of every supported layer and the three forces that move it (API.md).
 
@@ -226,6 +221,13 @@ class Tracker:
             :mod:`lipfast.reference`: the same algorithm, for cross-checks and benchmarks).
         records_on: under DDP, ``"rank0"`` (records and ``on_record`` on rank 0 of the process group
             only) or ``"all"`` (every rank keeps the same global records). Every rank computes them.
+        batch_dim: which dim of a layer's input holds the samples, where lipfast cannot know it: an int for
+            every layer and the model's input, or ``{module name: int}`` per layer (a MultiheadAttention's
+            maps ignore it: they know their layout). Without it: dim 0, checked against the batch size of the
+            model's first tensor argument, and inside a torch Transformer module its ``batch_first``; a layer
+            whose dim 0 does not hold that many samples while another dim does is refused at its first call,
+            with a message naming this argument; so is a layer whose calls of one forward pass hold neither the
+            batch's samples nor sample sets adding up to it (a flattened ``[B·T, n]`` input).
 
     Accuracy: ``W v1 = σ1 u1`` holds by construction, so ``σ1 = ‖W v1‖`` is never above the true largest
     singular value; ``sigma_err`` is a Kato–Temple bound from the top two pairs' residuals
@@ -257,11 +259,18 @@ class Tracker:
         captures: the tracked layers, ``{qualified name: LayerCapture}`` in module order.
         skipped: every weight matrix of the model that is not tracked, ``{name: reason}`` in module order
             (logged at attach, one line per reason). A module with a ``weight`` that is not tracked (excluded
-            by ``layers``, an unsupported type or Conv2d configuration, a frozen weight, a weight the optimizer
+            by ``layers``, an unsupported type or configuration, a frozen weight, a weight the optimizer
             does not own) is listed under the module's name; any other parameter with 2+ dimensions (LSTM/GRU
-            weights, MultiheadAttention's packed q/k/v projection, a bare ``nn.Parameter`` used by the
-            module's own code) under the parameter's name. A Parameter shared under several names (tied
-            weights) counts once, at its first name; biases and other 1-D parameters are not listed.
+            weights, a bare ``nn.Parameter`` used by the module's own code) under the parameter's name. A
+            Parameter shared under several names (tied weights) counts once, at its first name; biases and
+            other 1-D parameters are not listed. A layer whose input turns out to be shared by every sample
+            (a position embedding called on ``[1, T]``) moves here at its first backward, with a warning.
+
+    Layer kinds (:mod:`lipfast.adapters`, the README's table): Linear, Conv1d/Conv2d (grouped and depthwise:
+    the record follows the block with the largest σ1, ``group``), HF Conv1D, Embedding, MultiheadAttention's
+    q/k/v and out_proj (``<module>.q`` ...). A Parameter used by several supported modules (tied weights) has
+    one record, named after the first, its per-sample statistics adding every use; ``shared_with`` names
+    the others.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
@@ -270,10 +279,13 @@ class Tracker:
                  gap_tol: float = 1e-3, step_tol: float = 2.0, closure_tol: float = 0.1, iters: int = 16,
                  tol: float | None = None,
                  on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True,
-                 implementation: str = "compiled", records_on: str = "rank0"):
+                 implementation: str = "compiled", records_on: str = "rank0",
+                 batch_dim: int | dict[str, int] | None = None):
         self._check_args(model, optimizer, rank, every, loss_reduction, dataset_size, gap_tol, step_tol,
                          closure_tol, iters, on_nonfinite)
         on_record = _sinks(on_record)  # before the process group's collectives: a bad value fails on every rank
+        self.batch_dim = _check_batch_dim(model, batch_dim)
+        self.batch_size: int | None = None  # samples in the model's current input (the root's forward)
         self._group = distributed.attach(model, records_on)  # None unless DDP-wrapped
         self._records_here = self._group is None or self._group.records_here
         self._inflight: distributed.StepBucket | None = None
@@ -316,14 +328,19 @@ class Tracker:
                 self._group.check_same_model(None)
             raise
         if self._group is not None:
-            self._group.check_same_model(distributed.describe_tracker(chosen, dict(
+            self._group.check_same_model(distributed.describe_tracker([(n, u[0][1]) for n, u in chosen], dict(
                 rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol, implementation=implementation)))
-        for name, module in chosen:
-            self.captures[name] = LayerCapture(name, module, self)
+        for name, uses in chosen:
+            self.captures[name] = LayerCapture(name, uses, self, [self._batch_fact(root, n) for n, _ in uses])
         self._root = root
+        self._root_dim = self._root_batch_dim(root)
         prepare_compile_refusal()  # a forward compiled after attach is refused by the hooks
-        self._root_handle = root.register_forward_pre_hook(Hook(self._on_root_forward))
-        self._handles = [
+        self._root_handle = root.register_forward_pre_hook(Hook(self._on_root_forward), with_kwargs=True)
+        # A torch Transformer module knows its layout (batch_first): the batch size its input holds replaces
+        # the guess from the model's input (dim 0) for the layers that run after it starts.
+        self._handles = [module.register_forward_pre_hook(Hook(functools.partial(self._on_layout, dim)))
+                         for module, dim in _outer_layouts(root) if module is not root]
+        self._handles += [
             optimizer.register_step_pre_hook(Hook(self._on_step_pre)),
             optimizer.register_step_post_hook(Hook(self._on_step_post)),
         ]
@@ -375,33 +392,100 @@ class Tracker:
         else:
             keep = layers or (lambda name, module: True)
         owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        chosen = []
-        # Every parameter counts once, at its first name in module order: one tied to another's (a shared
-        # embedding, a Parameter assigned to two modules) is already tracked or listed there.
+        chosen: dict[str, list] = {}  # capture name -> [(module name, adapter)], one per use of the Parameter
+        tracked: dict[int, str] = {}  # id(Parameter) -> the capture it joins (tied weights)
+        broken: dict[str, str] = {}  # captures with a use lipfast cannot capture: skipped, not half-measured
+        # Every parameter counts once, at its first name in module order: a later module using it (a tied
+        # output head) adds its calls to that record, or is listed there when it cannot.
         seen: set[int] = set()
         for name, module in root.named_modules():
-            if _has_weight(module):
-                reason = _module_reason(name, module, keep, owned)
-                if reason is None:
-                    chosen.append((name, module))
-                elif id(module.weight) not in seen:
-                    self.skipped[name] = reason
-                seen.add(id(module.weight))
-            # The module's other matrices (LSTM, MultiheadAttention, a bare Parameter of custom code): no
-            # layer call lipfast can capture, so they are listed rather than left out silently. 1-D ones
-            # (biases, norm scales) are no operator norm.
+            if isinstance(module, nn.MultiheadAttention):
+                for mname, adapter in attention_adapters(name, module):
+                    # q/k/v are kept with the MultiheadAttention's name; out_proj with its own or that one
+                    out = mname.endswith("out_proj")
+                    kept = keep(name, module) or (out and keep(mname, module.out_proj))
+                    reason = _use_reason(name, module, adapter.weight, lambda *_: kept, owned)
+                    if id(adapter.weight) in seen:
+                        reason = "MultiheadAttention with a weight shared with another module: not supported"
+                    if reason is None:
+                        chosen[mname] = [(mname, adapter)]
+                    else:
+                        self.skipped[mname] = reason
+                seen.update(id(p) for p in module.parameters())
+            elif _has_weight(module):
+                key = id(module.weight)
+                cls, reason = adapter_for(module)
+                if key in tracked:  # a tied Parameter: this module's calls add to the first one's record
+                    first = chosen[tracked[key]][0][1]
+                    use = cls(module) if cls is not None else None
+                    if use is None or use.orientation() != first.orientation():
+                        why = reason or "it reads the Parameter as another matrix"
+                        broken[tracked[key]] = (f"its Parameter is also used by '{name}' ({why}), whose calls "
+                                                "lipfast cannot add to the record")
+                    else:
+                        chosen[tracked[key]].append((name, use))
+                elif key not in seen:
+                    reason = reason or _use_reason(name, module, module.weight, keep, owned)
+                    if reason is None:
+                        chosen[name] = [(name, cls(module))]
+                        tracked[key] = name
+                    else:
+                        self.skipped[name] = reason
+                seen.add(key)
+            # The module's other matrices (LSTM, a bare Parameter of custom code): no layer call lipfast can
+            # capture, so they are listed rather than left out silently. 1-D ones (biases, norm scales) are no
+            # operator norm.
             for pname, param in module.named_parameters(prefix=name, recurse=False):
                 if id(param) not in seen and param.dim() >= 2:
                     self.skipped[pname] = _parameter_reason(module, pname.rpartition(".")[2])
                 seen.add(id(param))
+        for name, reason in broken.items():
+            del chosen[name]
+            self.skipped[name] = reason
         if not chosen:
             detail = ("not tracked, by reason:\n  " + "\n  ".join(_by_reason(self.skipped)) if self.skipped
                       else "it has no modules with weights and no parameters with 2+ dimensions")
             if any("not among the optimizer" in r for r in self.skipped.values()):
                 raise ValueError("Tracker: the optimizer does not own the weights of the model's layers; pass the "
                                  f"optimizer that trains this model; {detail}")
-            raise ValueError(f"Tracker: the model has no layer lipfast can track (Linear, Conv2d with groups=1); {detail}")
-        return chosen
+            raise ValueError(f"Tracker: the model has no layer lipfast can track ({SUPPORTED}); {detail}")
+        return list(chosen.items())
+
+    def _batch_fact(self, root: nn.Module, name: str) -> tuple | None:
+        """What is known of the sample dimension of a module's inputs: ``("explicit", dim)`` from ``batch_dim``,
+        ``("transformer", dim)`` inside a torch Transformer layer (its ``batch_first``), else None (dim 0)."""
+        if isinstance(self.batch_dim, dict) and name in self.batch_dim:
+            return ("explicit", self.batch_dim[name])
+        if isinstance(self.batch_dim, int):
+            return ("explicit", self.batch_dim)
+        fact = None
+        module = root
+        for part in [""] + (name.split(".") if name else []):
+            module = getattr(module, part, None) if part else module
+            first = _batch_first(module) if isinstance(module, nn.Module) else None
+            if first is not None:
+                fact = ("transformer", 0 if first else 1)
+        return fact
+
+    def _on_layout(self, dim: int, module, args) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() == 3 and not in_backward():
+            self.batch_size = int(args[0].shape[dim])
+
+    def _root_batch_dim(self, root: nn.Module) -> int:
+        if isinstance(self.batch_dim, int):
+            return self.batch_dim
+        first = _batch_first(root)
+        return 1 if first is False else 0
+
+    def drop_capture(self, cap: LayerCapture, reason: str) -> None:
+        """Stop tracking a layer whose calls turn out to carry no per-sample information: it moves to
+        ``skipped``, with a warning."""
+        cap.remove()
+        self.captures.pop(cap.name, None)
+        self._cache.pop(cap.name, None)
+        self.skipped[cap.name] = reason
+        warnings.warn(f"lipfast: not tracking '{cap.name}': {reason}; it is now in tracker.skipped",
+                      LipfastWarning, stacklevel=2)
 
     def _announce(self, root: nn.Module, optimizer) -> None:
         if self.skipped:  # one line per reason: a ResNet's 20 BatchNorms make one short line
@@ -422,12 +506,16 @@ class Tracker:
     def capturing(self) -> bool:
         return not self._closed and self.step % self.every == 0
 
-    def _on_root_forward(self, module, args) -> None:
+    def _on_root_forward(self, module, args, kwargs) -> None:
         if torch.compiler.is_compiling():  # torch.compile(model) after attach, or a compiled training step
             refuse_compiled("the tracked model's forward")
         if in_backward():  # a checkpoint recomputing the model's forward: the forward it repeats was counted
             return
         self.forward_id += 1
+        # The batch size every layer's sample dimension is checked against: the first tensor argument's.
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        dim = self._root_dim
+        self.batch_size = int(first.shape[dim]) if first is not None and first.dim() > dim else None
         # The backward hooks pass σ_{k+1} of the last step's spectra to the ops as a host number: read the
         # last step back now (on CUDA its copy is queued behind that step's work, so this waits for at most
         # that tail), not once per layer in the middle of the backward pass.
@@ -442,7 +530,7 @@ class Tracker:
         for cap in self.captures.values():
             cap.hook(on)
         if on:
-            self._root_handle = self._root.register_forward_pre_hook(Hook(self._on_root_forward))
+            self._root_handle = self._root.register_forward_pre_hook(Hook(self._on_root_forward), with_kwargs=True)
         else:
             self._root_handle.remove()
             self._root_handle = None
@@ -450,10 +538,12 @@ class Tracker:
     def spectrum_before(self, cap: LayerCapture) -> Spectrum | None:
         """The spectrum of ``cap``'s weight as it is now, from the cache when the weight is unchanged;
         None when the weight holds NaN/Inf (after a non-finite step)."""
+        if cap.adapter.select():  # a grouped convolution whose top block changed: another matrix
+            self._cache.pop(cap.name, None)
         cached = self._cache.get(cap.name)
         if cached is not None and cached.version == cap.weight._version:
             return cached.spec
-        W = _matrix(cap.weight, cap.m)
+        W = cap.adapter.matrix(cap.weight)
         if cached is not None:
             if cached.fingerprint is not None and cached.fingerprint == _fingerprint(W):
                 cached.version, cached.fingerprint = cap.weight._version, None
@@ -486,7 +576,7 @@ class Tracker:
         statistics (on the weight's device, unread: :func:`_fill_host` completes the spectrum from them), in
         one op call; ``(None, None)`` when the step left NaN/Inf in the weight. ΔW is read through the old
         top pair riding along in the new spectrum's GEMMs."""
-        W = _matrix(cap.weight, cap.m)
+        W = cap.adapter.matrix(cap.weight)
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
         m, n = W.shape
         exact = needs_exact(m, n, self.rank)
@@ -551,22 +641,45 @@ class Tracker:
         N = int(proj.shape[0])
         loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
         scale = 1.0 if self.loss_reduction == "sum" else float(N)
-        G = _matrix(grad, cap.m)
+        G = cap.adapter.matrix(grad)
         coef = step_coefficients(self.optimizer, cap.weight)
         known = None
         if coef.known is not None:
-            buf_v1 = _matrix(coef.known, cap.m) @ spec.V[:, 0].to(coef.known.dtype)
+            buf_v1 = cap.adapter.matrix(coef.known) @ spec.V[:, 0].to(coef.known.dtype)
             known = coef.known_scale * (spec.U64[:, 0] @ buf_v1.double())
         # ḡ·v1 and ḡᵀ·u1 from the per-sample sums, so that ḡ is exactly the mean of the G_i whose spread the
         # noise terms measure (gradient clipping or an extra loss term change weight.grad, not the G_i). Under
         # DDP ḡ must be the global batch's, which weight.grad is after DDP's all-reduce.
         products = (gv, gtu) if self._group is None and gv is not None else (None, None)
+        if products[0] is not None and not cap.uses_checked:
+            cap.uses_checked = True
+            self._check_uses(cap, spec, G, gv)
         sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
                                              spec.host[2], scale, loss_factor, *products)
         # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
         # free with the spectrum (W v1 = σ1 u1 for a Ritz pair; Wᵀu1 from its last sweep), after it they
         # ride along in the next spectrum's GEMMs. No copy of W is kept.
         return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor, known=known)
+
+    def _check_uses(self, cap: LayerCapture, spec: Spectrum, G: Tensor, gv: Tensor) -> None:
+        """Once per layer (its first tracked step, one GEMV and a host read): ``weight.grad·v1`` must be the
+        captured calls' ``Σ_i G_i v1``, up to a scale (gradient clipping, the loss reduction) and a multiple of
+        ``u1`` (an L2 penalty adds ``λ W v1 = λσ1 u1``). A part neither explains is a use of the weight lipfast
+        does not see (custom code such as ``x @ weight.T``): warn, since the noise terms cover captured calls only."""
+        g = G.double() @ spec.V64[:, 0]
+        A = torch.stack((gv.double(), spec.U64[:, 0]), dim=1)
+        if g.shape[0] <= 2 or not bool(torch.isfinite(g).all() and torch.isfinite(A).all()):
+            return
+        fit = torch.linalg.lstsq(A, g.unsqueeze(1)).solution
+        left, norm = float((g - (A @ fit).squeeze(1)).norm()), float(g.norm())
+        # Rounding: ~1e-6 of the norm in float32; bfloat16/float16 activations or weights leave ~1e-3.
+        if left > (0.05 if cap.low_precision else 1e-3) * norm:
+            self._warn_once(f"uses:{cap.name}", (
+                f"lipfast: layer '{cap.name}': {left / norm:.1%} of weight.grad·v1 is not explained by the calls the "
+                "tracker captured (nor by a rescaling such as gradient clipping, or an L2 penalty): the weight is also "
+                "used by code lipfast does not see (x @ weight.T, F.linear on it), a loss term on the weight itself "
+                "(other than L2) or a hook changed its gradient. The record's noise terms cover the captured calls "
+                "only; first_order and second_order use the real update."))
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
         try:
@@ -674,6 +787,9 @@ class Tracker:
         N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = sums
         N = int(N)
         sigma, sigma2, _ = spec.host
+        # A grouped convolution's matrix is its top block: the next singular value of the whole block-diagonal
+        # weight may be another block's σ1.
+        sigma2 = max(sigma2, cap.adapter.rival)
         sigma_err = _sigma_error(sigma, sigma2, r1, r2)
         flags = []
 
@@ -709,7 +825,9 @@ class Tracker:
             flags.append("small_gap")
         if step_ratio > self.step_tol:
             flags.append("large_step")
-        if overlap * overlap < 0.5:  # the new top pair is closer to the old pair's complement than to it
+        # The new top pair is closer to the old pair's complement than to it, or (grouped convolutions) another
+        # block of the weight overtook the one the record follows.
+        if overlap * overlap < 0.5 or (spec_after is not None and cap.adapter.overtaken(sigma_next)):
             flags.append("crossing")
         if abs(delta_obs - delta_pred) > self.closure_tol * abs(delta_obs) + CLOSURE_FLOOR * sigma:
             flags.append("closure")
@@ -719,7 +837,7 @@ class Tracker:
                    first_order=first, second_order=second, delta_pred=delta_pred, drift=drift,
                    diffusion_var=diffusion, ito=ito, ito_lo=ito_lo, ito_hi=ito_hi, gap=gap, degenerate=degenerate,
                    residual=spec.residual / sigma if sigma > 0 else 0.0, sigma_err=sigma_err, nonfinite=nonfinite,
-                   flag_names="")
+                   flag_names="", group=cap.adapter.group, shared_with=";".join(cap.shared_with))
         if nonfinite:
             flags.append("nonfinite")
             if self.on_nonfinite == "raise":
@@ -746,7 +864,7 @@ class Tracker:
         row = {f: NAN for f in LAYER_FIELDS}
         row.update(step=step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N,
                    lr=step_coefficients(self.optimizer, cap.weight).lr, degenerate=False, nonfinite=True,
-                   flag_names="nonfinite")
+                   flag_names="nonfinite", group=cap.adapter.group, shared_with=";".join(cap.shared_with))
         return row
 
     def _reduce_all(self) -> None:
@@ -807,7 +925,7 @@ class Tracker:
         layers = {}
         for name, cached in self._cache.items():
             s = cached.spec
-            W = _matrix(self.captures[name].weight, self.captures[name].m)
+            W = self.captures[name].adapter.matrix(self.captures[name].weight)
             layers[name] = dict(U=s.U, S=s.S, V=s.V, sigma_next=s.sigma_next, residuals=s.residuals,
                                 exact=s.exact, shape=list(s.shape), basis=s.basis, iters=s.iters, Wt_u1=s.Wt_u1,
                                 fingerprint=list(_fingerprint(W)) if cached.version == self.captures[name].weight._version
@@ -895,16 +1013,59 @@ def _has_weight(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), Tensor)
 
 
-def _module_reason(name: str, module: nn.Module, keep, owned: set[int]) -> str | None:
-    """Why a module with a ``weight`` is not tracked, or None when it is."""
+def _use_reason(name: str, module: nn.Module, weight: Tensor, keep, owned: set[int]) -> str | None:
+    """Why a supported module's matrix is not tracked, or None when it is."""
     if not keep(name, module):
         return "excluded by the layers argument"
-    reason = unsupported_reason(module)
-    if reason is None and id(module.weight) not in owned:
-        reason = "its weight is not among the optimizer's parameters"
-    if reason is None and not module.weight.requires_grad:
-        reason = "its weight does not require grad (frozen)"
-    return reason
+    if id(weight) not in owned:
+        return "its weight is not among the optimizer's parameters"
+    if not weight.requires_grad:
+        return "its weight does not require grad (frozen)"
+    return None
+
+
+def _batch_first(module: nn.Module) -> bool | None:
+    """``batch_first`` of a torch Transformer module (None for any other module)."""
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        return _batch_first(module.layers[0])
+    if isinstance(module, nn.Transformer):
+        return module.batch_first
+    return None
+
+
+def _outer_layouts(root: nn.Module) -> list[tuple[nn.Module, int]]:
+    """The outermost torch Transformer modules and the dim of their input that holds the samples."""
+    found, inside = [], ()
+    for name, module in root.named_modules():
+        if inside and any(name.startswith(p + ".") for p in inside):
+            continue
+        first = _batch_first(module)
+        if first is not None:
+            found.append((module, 0 if first else 1))
+            inside += (name,)
+    return found
+
+
+def _check_batch_dim(model: nn.Module, batch_dim) -> int | dict[str, int] | None:
+    if batch_dim is None:
+        return None
+    if isinstance(batch_dim, int) and not isinstance(batch_dim, bool):
+        if batch_dim < 0:
+            raise ValueError("Tracker: batch_dim must be an int >= 0 or a dict {layer name: int >= 0}, "
+                             f"got {batch_dim!r}")
+        return batch_dim
+    if isinstance(batch_dim, dict):
+        names = dict(model.named_modules())
+        for k, v in batch_dim.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Tracker: batch_dim must map layer names to ints >= 0, got {{{k!r}: {v!r}}}")
+            if k not in names:
+                raise ValueError(f"Tracker: batch_dim names {k!r}, which is not a module of the model")
+        return dict(batch_dim)
+    raise TypeError("Tracker: batch_dim must be None, an int or a dict {layer name: int}, "
+                    f"got {type(batch_dim).__name__}")
 
 
 def _parameter_reason(module: nn.Module, pname: str) -> str:

@@ -55,7 +55,8 @@ def fake_training(n_steps=30, layers=("fc1", "fc2"), *, seed=0, degenerate_at=(4
                 "ito_lo": ito * 0.9, "ito_hi": ito * 1.1,
                 "gap": 1e-5 if degenerate else 0.3 + 0.01 * rng.random(),
                 "degenerate": degenerate, "residual": delta - pred, "sigma_err": 1e-7 * s, "nonfinite": False,
-                "flag_names": "degenerate" if degenerate else "",
+                "flag_names": "degenerate" if degenerate else "", "group": -1,
+                "shared_with": "emb" if name == "fc1" else "",
             })  # fmt: skip
             lb += math.log(s)
             lbn += math.log(s_next)
@@ -96,11 +97,11 @@ def assert_rows_equal(got, want, columns):
         assert list(g) == columns
         for c in columns:
             wv = w[c]
-            if c in ("step", "m", "n", "batch"):
+            if c in ("step", "m", "n", "batch", "group"):
                 assert type(g[c]) is int and g[c] == wv
             elif c in ("degenerate", "nonfinite"):
                 assert type(g[c]) is bool and g[c] == wv
-            elif c in ("layer", "kind", "flag_names"):
+            elif c in ("layer", "kind", "flag_names", "shared_with"):
                 assert g[c] == wv
             else:
                 assert type(g[c]) is float
@@ -564,3 +565,14 @@ def test_a_run_written_before_the_sigma_err_column_still_loads(tmp_path, steps):
     assert [r["sigma"] for r in run.layers] == [r["sigma"] for rows, _ in steps[:3] for r in rows]
     with pytest.raises(runio.RunFolderError, match="header"):
         write_run(path, steps[3:4], resume=True, resume_from_step=3)
+
+
+def test_a_run_written_before_the_group_and_shared_with_columns_still_loads(tmp_path, steps):
+    """layers.csv of an older lipfast (sigma_err, but no group/shared_with) loads with their neutral values."""
+    path = write_run(tmp_path / "old", steps[:3])
+    lines = (path / runio.LAYERS_FILE).read_text().splitlines()
+    keep = len(lines[0].split(",")) - 2
+    (path / runio.LAYERS_FILE).write_text("\n".join(",".join(line.split(",")[:keep]) for line in lines) + "\n")
+    run = runio.load_run(path)
+    assert len(run.layers) == 3 * 2
+    assert all(r["group"] == -1 and r["shared_with"] == "" and math.isfinite(r["sigma_err"]) for r in run.layers)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import profile_memory
 from lipfast import LipfastWarning, Tracker, reference
+from lipfast.adapters import SUPPORTED
 from lipfast.tracker import LAYER_FIELDS, NETWORK_FIELDS
 from lipfast import tracker as tracker_module
 
@@ -100,14 +102,15 @@ class ResidualNet(nn.Module):
 
 
 class EmbedNet(nn.Module):
-    """Modules with weights lipfast does not track (Embedding, LayerNorm, grouped Conv) among ones it does."""
+    """Modules with weights lipfast does not track (an Embedding scaling its gradient by frequency, LayerNorm, a
+    reflection-padded Conv) among ones it does."""
 
     def __init__(self):
         super().__init__()
-        self.emb = nn.Embedding(10, 4)
+        self.emb = nn.Embedding(10, 4, scale_grad_by_freq=True)
         self.fc = nn.Linear(4, 6)
         self.norm = nn.LayerNorm(6)
-        self.grouped = nn.Conv2d(2, 2, 1, groups=2)
+        self.reflect = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
         self.head = nn.Linear(6, 3)
 
     def forward(self, tokens):
@@ -605,14 +608,14 @@ def test_unsupported_modules_are_skipped_and_logged(caplog):
         tracker = Tracker(model, opt, **EXACT)
     assert list(tracker.captures) == ["fc", "head"]
     assert tracker.skipped == {
-        "emb": "Embedding is not a supported layer type (Linear, Conv2d)",
-        "norm": "LayerNorm is not a supported layer type (Linear, Conv2d)",
-        "grouped": "Conv2d with groups=2 (only groups=1 is supported)",
+        "emb": "Embedding with scale_grad_by_freq (the gradient scale couples the samples of a batch)",
+        "norm": f"LayerNorm is not a supported layer type ({SUPPORTED})",
+        "reflect": "Conv2d with padding_mode='reflect' (only 'zeros' is supported)",
         "frozen": "its weight does not require grad (frozen)",
     }
     logged = [r for r in caplog.records if r.name == "lipfast"]
     assert len(logged) == 1  # reported once
-    for name in ("emb", "norm", "grouped", "frozen", "Embedding", "LayerNorm", "groups=2"):
+    for name in ("emb", "norm", "reflect", "frozen", "scale_grad_by_freq", "LayerNorm", "padding_mode"):
         assert name in logged[0].getMessage()
     # The tracked layers match the ground truth ([B, T, n] input to fc).
     x, y = batch(model, 6)
@@ -623,7 +626,7 @@ def test_unsupported_modules_are_skipped_and_logged(caplog):
 
 LSTM = "a recurrent layer's weight (LSTM): not supported"
 BARE = "a bare Parameter used by the module's own code: lipfast sees no layer call to capture"
-LAYER_NORM = "LayerNorm is not a supported layer type (Linear, Conv2d)"
+LAYER_NORM = f"LayerNorm is not a supported layer type ({SUPPORTED})"
 
 
 class RecurrentNet(nn.Module):
@@ -650,25 +653,19 @@ class BareProjection(nn.Module):
         return (x @ self.proj) * self.scale
 
 
-def test_multihead_attention_projection_is_listed():
+def test_multihead_attention_maps_are_tracked_by_name():
     model = nn.Sequential()
     model.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(6, 2, 8, batch_first=True), 1,
                                           enable_nested_tensor=False)
     model.cross = nn.MultiheadAttention(6, 2, kdim=4, vdim=4)  # separate q/k/v weights
     model.head = nn.Linear(6, 3)
     tracker = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), **EXACT)
-    # out_proj is a Linear subclass: kept as a tracked layer, as before.
-    assert list(tracker.captures) == ["encoder.layers.0.self_attn.out_proj", "encoder.layers.0.linear1",
-                                      "encoder.layers.0.linear2", "cross.out_proj", "head"]
-    separate = "MultiheadAttention's separate q/k/v projections: not supported yet"
-    assert tracker.skipped == {
-        "encoder.layers.0.self_attn.in_proj_weight": "MultiheadAttention's packed q/k/v projection: not supported yet",
-        "encoder.layers.0.norm1": LAYER_NORM,
-        "encoder.layers.0.norm2": LAYER_NORM,
-        "cross.q_proj_weight": separate,
-        "cross.k_proj_weight": separate,
-        "cross.v_proj_weight": separate,
-    }
+    attn = "encoder.layers.0.self_attn"
+    assert list(tracker.captures) == [f"{attn}.q", f"{attn}.k", f"{attn}.v", f"{attn}.out_proj",
+                                      "encoder.layers.0.linear1", "encoder.layers.0.linear2",
+                                      "cross.q", "cross.k", "cross.v", "cross.out_proj", "head"]
+    assert {(c.m, c.n) for n, c in tracker.captures.items() if n.startswith("cross.")} == {(6, 6), (6, 4)}
+    assert tracker.skipped == {"encoder.layers.0.norm1": LAYER_NORM, "encoder.layers.0.norm2": LAYER_NORM}
     tracker.close()
 
 
@@ -688,11 +685,12 @@ def test_lstm_weights_are_listed_and_the_linear_tracked():
 def test_lstm_only_model_names_the_lstm_weights():
     model = nn.Sequential()
     model.emb = nn.Embedding(10, 4)
+    model.emb.weight.requires_grad_(False)
     model.gru = nn.GRU(4, 5)
     model.lstm = nn.LSTM(5, 5)
     with pytest.raises(ValueError, match=(
-            r"no layer lipfast can track \(Linear, Conv2d with groups=1\); not tracked, by reason:\n"
-            r"  Embedding is not a supported layer type \(Linear, Conv2d\) — 1: emb\n"
+            rf"no layer lipfast can track \({re.escape(SUPPORTED)}\); not tracked, by reason:\n"
+            r"  its weight does not require grad \(frozen\) — 1: emb\n"
             r"  a recurrent layer's weight \(GRU\): not supported — 2: gru.weight_ih_l0, gru.weight_hh_l0\n"
             r"  a recurrent layer's weight \(LSTM\): not supported — 2: lstm.weight_ih_l0, lstm.weight_hh_l0$")):
         Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -719,8 +717,16 @@ def test_tied_weights_are_listed_once():
     model.b.proj = model.a.proj
     model.fc = nn.Linear(4, 3)
     tracker = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), **EXACT)
+    assert list(tracker.captures) == ["emb", "fc"]  # one record for the tied pair, named after the first
+    assert tracker.captures["emb"].shared_with == ["out"]
+    assert tracker.skipped == {"a.proj": BARE}
+    tracker.close()
+    # A tied use lipfast cannot capture: the pair is skipped, never measured without it.
+    model.bag = nn.EmbeddingBag(10, 4)
+    model.bag.weight = model.emb.weight
+    tracker = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), **EXACT)
     assert list(tracker.captures) == ["fc"]
-    assert tracker.skipped == {"emb": "Embedding is not a supported layer type (Linear, Conv2d)", "a.proj": BARE}
+    assert tracker.skipped["emb"].startswith("its Parameter is also used by 'bag' (EmbeddingBag is not a supported")
     tracker.close()
 
 
@@ -744,9 +750,9 @@ def test_skipped_modules_are_logged_one_line_per_reason(caplog):
     [logged] = [r for r in caplog.records if r.name == "lipfast"]
     assert logged.getMessage().splitlines() == [
         "lipfast: not tracking 8 module(s) or parameter(s) (see tracker.skipped), by reason:",
-        "  BatchNorm1d is not a supported layer type (Linear, Conv2d) — 6: 1, 4, 7 … and 3 more",
+        f"  BatchNorm1d is not a supported layer type ({SUPPORTED}) — 6: 1, 4, 7 … and 3 more",
         "  its weight does not require grad (frozen) — 1: 3",
-        "  LayerNorm is not a supported layer type (Linear, Conv2d) — 1: 18",
+        f"  LayerNorm is not a supported layer type ({SUPPORTED}) — 1: 18",
     ]
     tracker.close()
 
@@ -1153,12 +1159,13 @@ def test_no_per_sample_gradient_is_ever_allocated(memory_profiles):
 # Bad input and edge cases
 # ----------------------------------------------------------------------------------------------------
 def test_model_without_supported_layers():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
+    model = nn.Sequential(nn.EmbeddingBag(10, 4), nn.LayerNorm(4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sup = re.escape(SUPPORTED)
     with pytest.raises(ValueError, match=(
-            r"no layer lipfast can track \(Linear, Conv2d with groups=1\); not tracked, by reason:\n"
-            r"  Embedding is not a supported layer type \(Linear, Conv2d\) — 1: 0\n"
-            r"  LayerNorm is not a supported layer type \(Linear, Conv2d\) — 1: 1$")):
+            rf"no layer lipfast can track \({sup}\); not tracked, by reason:\n"
+            rf"  EmbeddingBag is not a supported layer type \({sup}\) — 1: 0\n"
+            rf"  LayerNorm is not a supported layer type \({sup}\) — 1: 1$")):
         Tracker(model, opt)
     bare = nn.Sequential(nn.Tanh())
     with pytest.raises(ValueError, match="it has no modules with weights"):
