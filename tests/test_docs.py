@@ -30,7 +30,7 @@ def _text_files() -> list[Path]:
 
 
 def _resolve(name: str) -> Path | None:
-    """A cited document: a path from the root (``docs/X.md``), or a bare name found at the root or in docs/."""
+    """A cited document: a path from the root (under ``docs/``), or a bare name found at the root or in docs/."""
     for candidate in (ROOT / name, ROOT / "docs" / name):
         if candidate.is_file():
             return candidate
