@@ -311,6 +311,10 @@ class LayerCapture:
         B = self.owner.batch_size
         if B is None or x.shape[dim] == B:
             return dim
+        if x.shape[dim] == 1:
+            # One row for the whole batch (position ids [1, T] broadcast over it): shared by every sample, even when
+            # another dim happens to equal B (T == B); _covers moves the layer to skipped with a warning.
+            return dim
         others = [j for j in range(x.dim()) if j != dim and x.shape[j] == B]
         if others:
             raise ValueError(

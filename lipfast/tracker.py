@@ -340,10 +340,9 @@ class Tracker:
         # the guess from the model's input (dim 0) for the layers that run after it starts.
         self._handles = [module.register_forward_pre_hook(Hook(functools.partial(self._on_layout, dim)))
                          for module, dim in _outer_layouts(root) if module is not root]
-        self._handles += [
-            optimizer.register_step_pre_hook(Hook(self._on_step_pre)),
-            optimizer.register_step_post_hook(Hook(self._on_step_post)),
-        ]
+        # (kept by name: an integration whose framework runs backward inside optimizer.step() moves it)
+        self._step_pre_handle = optimizer.register_step_pre_hook(Hook(self._on_step_pre))
+        self._handles += [self._step_pre_handle, optimizer.register_step_post_hook(Hook(self._on_step_post))]
         self._announce(root, optimizer)
 
     # -- attach ----------------------------------------------------------------------------------

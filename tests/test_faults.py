@@ -410,7 +410,7 @@ def _rows(step: int, names=("a", "b")) -> tuple[list[dict], dict]:
     for j, name in enumerate(names):
         row = {c: float(step + j) / 7 for c in runio.LAYER_COLUMNS}
         row.update(step=step, layer=name, kind="linear", m=3, n=2, batch=4, degenerate=False, nonfinite=False,
-                   flag_names="", ito=math.nan)
+                   flag_names="", ito=math.nan, group=-1, shared_with="")
         layers.append(row)
     net = {c: float(step) / 3 for c in runio.NETWORK_COLUMNS}
     net["step"] = step

@@ -642,3 +642,30 @@ def test_reference_implementation_gives_the_same_records(make):
         assert (a["layer"], a["group"], a["shared_with"]) == (b["layer"], b["group"], b["shared_with"])
         for f in ALL_FIELDS:
             assert a[f] == pytest.approx(b[f], rel=1e-8, abs=1e-14), (a["layer"], f)
+
+
+def test_a_row_shared_by_the_batch_is_skipped_even_when_its_length_equals_the_batch():
+    """Position ids [1, T] with T == B: dim 1 has the batch's size by coincidence; the one row is shared by every
+    sample (moved to skipped with a warning), not an ambiguity that stops training."""
+    class WithPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(20, 5), nn.Embedding(8, 5), nn.Linear(5, 3)
+
+        def forward(self, ids):
+            return self.head(self.tok(ids) + self.pos(torch.arange(ids.shape[1])[None])).mean(dim=1)
+
+    torch.manual_seed(3)
+    model = WithPositions().double()
+    ids, y = torch.randint(0, 20, (6, 6)), torch.randint(0, 3, (6,))  # B == T == 6
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Tracker(model, opt, **EXACT) as tracker:
+            for _ in range(2):
+                opt.zero_grad()
+                ce(model(ids), y).backward()
+                opt.step()
+    assert "shared by every sample" in tracker.skipped["pos"]
+    assert any(issubclass(w.category, LipfastWarning) and "pos" in str(w.message) for w in caught)
+    assert {r["layer"] for r in tracker.records} == {"tok", "head"}

@@ -85,7 +85,7 @@ class LipfastCallback(_pl.Callback):
         # Lightning runs forward and backward inside optimizer.step(closure), after torch's step pre-hooks: the
         # tracker's pre-step work (which needs the backward done) moves to on_before_optimizer_step, which
         # Lightning calls after the closure and before the update. Its post-step hook stays.
-        tracker._handles[0].remove()
+        tracker._step_pre_handle.remove()
         self.run_dir = run_dir if write_here else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -93,7 +93,10 @@ class LipfastCallback(_pl.Callback):
         if tracker is not None:
             # A new forward pass: the tracker counts them from the module's forward pre-hook, which does not fire
             # when Lightning calls training_step directly (single device).
-            tracker._on_root_forward(pl_module, ())
+            # The batch's first tensor is what the layers' sample dimension is checked against.
+            args = tuple(batch.values()) if isinstance(batch, dict) else (
+                tuple(batch) if isinstance(batch, (list, tuple)) else (batch,))
+            tracker._on_root_forward(pl_module, args, {})
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         tracker = self._run.tracker
