@@ -175,6 +175,10 @@ class LayerCapture:
         self.reduced: set[int] = set()  # forward ids whose group was reduced since the last step (_refuse_split)
         # per micro-batch: proj, hess, hess_lo, hess_hi [B] and Σ_i G_i v1 [m], Σ_i G_iᵀ u1 [n] (or None)
         self.stats: list[tuple] = []
+        # Adaptive optimizers (MATH.md §7): the statistics need the step's preconditioner P, known only at the
+        # step, so complete groups are held (inputs and output-gradients) until flush(precond) instead of reduced.
+        self.defer = False
+        self.held: list[list[Call]] = []
         self.dropped_calls = 0
         self.handle = None
         self.hook(True)
@@ -225,7 +229,10 @@ class LayerCapture:
         if group.complete():
             del self.groups[forward_id]
             self.reduced.add(forward_id)
-            self._reduce(group.calls)
+            if self.defer:
+                self.held.append(group.calls)
+            else:
+                self._reduce(group.calls)
 
     def _refuse_split(self) -> None:
         """A forward with grad inside backward and no saved-tensor hooks is a reentrant checkpoint's recomputation.
@@ -241,18 +248,26 @@ class LayerCapture:
             "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), which the tracker supports in full.")
 
     # -- statistics --------------------------------------------------------------------------
-    def flush(self) -> None:
+    def flush(self, precond: Tensor | None = None) -> None:
         """Before the step: finish groups whose calls got only part of their gradients (an output
-        unused by the loss has zero gradient) and drop forward passes that had no backward."""
+        unused by the loss has zero gradient) and drop forward passes that had no backward. With ``defer``,
+        reduce the held groups too, with the step's preconditioner ``precond`` [m, n] (None: no gradient,
+        nothing to reduce)."""
+        held, self.held = self.held, []
         for group in self.groups.values():
             calls = [c for c in group.calls if c.d is not None]
             self.dropped_calls += len(group.calls) - len(calls)
             if calls:
-                self._reduce(calls)
+                held.append(calls)
+        for calls in held:
+            if not self.defer or precond is not None:
+                self._reduce(calls, precond)
+            for c in calls:
+                c.x = c.d = None
         self._drop_groups()
         self.reduced.clear()
 
-    def _reduce(self, calls: list[Call]) -> None:
+    def _reduce(self, calls: list[Call], precond: Tensor | None = None) -> None:
         with torch.no_grad():
             spec = self.owner.spectrum_before(self)
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
@@ -260,6 +275,8 @@ class LayerCapture:
                 B = calls[0].x.shape[0] if calls[0].x.dim() > 1 else 1
                 self.stats.append(tuple(torch.full((B,), float("nan"), dtype=torch.float64, device=self.weight.device)
                                         for _ in range(4)) + (None, None))
+            elif precond is not None:
+                self.stats.append(self._preconditioned_stats(spec, calls, dtype, _as(precond, dtype)))
             elif self.kind == "linear":
                 self.stats.append(self._linear_stats(spec, calls, dtype))
             else:
@@ -307,6 +324,35 @@ class LayerCapture:
         ps = contract_projections(spec, xvec, yvec, self.owner.impl, mask=False)
         return ps.proj, ps.hess, ps.hess_lo, ps.hess_hi, xvec.sum(0), yvec.sum(0)
 
+    def _preconditioned_stats(self, spec: Spectrum, calls: list[Call], dtype, P: Tensor):
+        """The statistics of the preconditioned per-sample gradients P ⊙ G_i (MATH.md §7), same layout as
+        :meth:`_linear_stats`. Calls on different sample sets are reduced one by one; several calls on the same
+        samples join along the position axis (their contributions to each G_i add up)."""
+        B = calls[0].x.shape[0] if calls[0].x.dim() > 1 else 1
+        if len(calls) > 1 and any((c.x.shape[0] if c.x.dim() > 1 else 1) != B for c in calls):
+            return _cat_stats([self._preconditioned_stats(spec, [c], dtype, P) for c in calls])
+        U, V, impl = _as(spec.U, dtype), _as(spec.V, dtype), self.owner.impl
+        if self.kind == "conv2d" and len(calls) == 1 and calls[0].x.dim() == 4:
+            return impl.persample_conv2d_precond(_as(calls[0].x, dtype), _as(calls[0].d, dtype), P, U, spec.S, V,
+                                                 spec.host[2], *self.geometry)
+        xs, ds = zip(*(self._rows(c) for c in calls))
+        X = _as(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1), dtype)
+        D = _as(ds[0] if len(ds) == 1 else torch.cat(ds, dim=1), dtype)
+        return impl.persample_linear_precond(X, D, P, U, spec.S, V, spec.host[2])
+
+    def _rows(self, c: Call) -> tuple[Tensor, Tensor]:
+        """A call's ``(X [B, T, n], D [B, T, m])``: a Linear's leading dims flattened into positions, a Conv2d's
+        input unfolded (the multi-call case only; one call goes to the conv op, which unfolds in chunks)."""
+        if self.kind == "linear":
+            if c.x.dim() == 1:
+                return c.x.reshape(1, 1, -1), c.d.reshape(1, 1, -1)
+            return c.x.reshape(c.x.shape[0], -1, self.n), c.d.reshape(c.d.shape[0], -1, self.m)
+        x = c.x if c.x.dim() == 4 else c.x.unsqueeze(0)
+        d = c.d if c.d.dim() == 4 else c.d.unsqueeze(0)
+        k, s, p, dil = self.geometry
+        cols = torch.nn.functional.unfold(x, k, dilation=dil, padding=p, stride=s)  # [B, n, T]
+        return cols.mT, d.reshape(d.shape[0], self.m, -1).mT
+
     def take_stats(self):
         """All per-sample statistics since the last step, concatenated, and reset."""
         stats, self.stats = self.stats, []
@@ -319,6 +365,10 @@ class LayerCapture:
             for c in group.calls:
                 c.x = c.d = c.saved = None
         self.groups.clear()
+        for calls in self.held:
+            for c in calls:
+                c.x = c.d = None
+        self.held = []
 
     def reset(self) -> None:
         self._drop_groups()

@@ -38,7 +38,7 @@ from .functional import (Spectrum, block_size, compute_spectrum, default_tol, ne
                          with_host_values)
 from .instrument import (COMPILE_ADVICE, Hook, LayerCapture, in_backward, prepare_compile_refusal, refuse_compiled,
                          unsupported_reason)
-from .optim import StepCoefficients, step_coefficients
+from .optim import StepCoefficients, find_group, is_adaptive, is_modelled, step_coefficients
 
 __all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS", "TRUST_FLAGS"]
 
@@ -249,8 +249,11 @@ class Tracker:
       are derivatives at the current W.
     - ``nonfinite``: NaN/Inf in the gradient or the weights after the step (forces NaN).
     - ``single_sample``: one sample in the step: no noise terms (NaN).
-    - ``sgd_equivalent``: the optimizer is not SGD: the forces are those of an SGD step with its learning
-      rate (``first_order``/``second_order`` use the real update).
+    - ``sgd_equivalent``: the optimizer is none lipfast models (SGD, Adam, AdamW, RMSprop, Adagrad, by exact
+      class): the forces are those of an SGD step with its learning rate (``first_order``/``second_order`` use
+      the real update). For the adaptive ones the forces are those of the step with its preconditioner P frozen
+      (MATH.md §7; :mod:`lipfast.optim`), and each tracked layer's inputs and output-gradients are held from
+      its backward until ``optimizer.step()`` (P needs the whole mini-batch gradient).
 
     Attributes:
         captures: the tracked layers, ``{qualified name: LayerCapture}`` in module order.
@@ -318,6 +321,8 @@ class Tracker:
                 rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol, implementation=implementation)))
         for name, module in chosen:
             self.captures[name] = LayerCapture(name, module, self)
+            # Adaptive optimizers: per-sample statistics wait for the step's preconditioner (MATH.md §7).
+            self.captures[name].defer = is_adaptive(optimizer)
         self._root = root
         prepare_compile_refusal()  # a forward compiled after attach is refused by the hooks
         self._root_handle = root.register_forward_pre_hook(Hook(self._on_root_forward))
@@ -411,9 +416,11 @@ class Tracker:
                 "so each per-sample 'gradient' D_iᵀX_i is sample i's share of the batch gradient rather than the "
                 "gradient of its own loss. first/second_order and delta_pred stay exact; drift, diffusion_var and "
                 "ito then describe the spread of those shares (see the Tracker docs).", LipfastWarning, stacklevel=3)
-        if not isinstance(optimizer, torch.optim.SGD):
-            logger.warning("lipfast: %s is not SGD; drift/diffusion_var/ito are reported as for plain SGD with the "
-                           "group's learning rate, first/second_order use the real update", type(optimizer).__name__)
+        if not is_modelled(optimizer):
+            self._warn_once("sgd_equivalent", f"lipfast: {type(optimizer).__name__} is not an optimizer lipfast models "
+                            "(SGD, Adam, AdamW, RMSprop, Adagrad); drift/diffusion_var/ito are reported as for plain SGD "
+                            "with the group's learning rate and flagged sgd_equivalent; first/second_order use the "
+                            "real update")
 
     # -- hooks -----------------------------------------------------------------------------------
     @property
@@ -517,12 +524,14 @@ class Tracker:
         self._read_back(deliver=False)
         if not self.capturing:
             for cap in self.captures.values():
-                if cap.groups or cap.stats:  # left over from a tracked step whose optimizer step never came
+                if cap.groups or cap.stats or cap.held:  # left over from a tracked step whose optimizer step never came
                     cap.reset()
             return
         with torch.no_grad():
             for name, cap in self.captures.items():
-                cap.flush()
+                # The coming step's coefficients first: an adaptive optimizer's P completes the deferred reduction.
+                coef = step_coefficients(self.optimizer, cap.weight)
+                cap.flush(None if coef.precond is None else _matrix(coef.precond, cap.m))
                 if cap.dropped_calls:
                     self._warn_once("no_backward", f"lipfast: {cap.dropped_calls} forward call(s) of '{name}' had no "
                                     "backward before optimizer.step(); their inputs were discarded (wrap evaluation "
@@ -538,19 +547,19 @@ class Tracker:
                 if spec is None:
                     self._pending[name] = dict(nonfinite_weights=True, N=int(stats[0].shape[0]))
                     continue
-                self._pending[name] = self._prepare(cap, spec, stats, grad)
+                self._pending[name] = self._prepare(cap, spec, stats, grad, coef)
             if self._group is not None:  # every rank, every tracked step, even with nothing pending here
                 self._inflight = self._group.launch(list(self.captures), self._pending, self._logged)
 
-    def _prepare(self, cap: LayerCapture, spec: Spectrum, stats, grad: Tensor) -> dict:
+    def _prepare(self, cap: LayerCapture, spec: Spectrum, stats, grad: Tensor, coef: StepCoefficients) -> dict:
         """Everything that needs the state before the step: the gradient's reductions, the momentum
-        buffer's projection, and float64 projections of W that the step's ΔW will be read from."""
+        buffer's projection, and float64 projections of W that the step's ΔW will be read from. For an
+        adaptive optimizer every gradient is the preconditioned P ⊙ G (the statistics are already)."""
         proj, hess, hess_lo, hess_hi, gv, gtu = stats
         N = int(proj.shape[0])
         loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
         scale = 1.0 if self.loss_reduction == "sum" else float(N)
         G = _matrix(grad, cap.m)
-        coef = step_coefficients(self.optimizer, cap.weight)
         known = None
         if coef.known is not None:
             buf_v1 = _matrix(coef.known, cap.m) @ spec.V[:, 0].to(coef.known.dtype)
@@ -559,6 +568,8 @@ class Tracker:
         # noise terms measure (gradient clipping or an extra loss term change weight.grad, not the G_i). Under
         # DDP ḡ must be the global batch's, which weight.grad is after DDP's all-reduce.
         products = (gv, gtu) if self._group is None and gv is not None else (None, None)
+        if coef.precond is not None and products[0] is None:
+            G = _matrix(coef.precond, cap.m).to(G.dtype) * G
         sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
                                              spec.host[2], scale, loss_factor, *products)
         # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
@@ -743,7 +754,7 @@ class Tracker:
                                      "(on_nonfinite='raise')")
         row = {f: NAN for f in LAYER_FIELDS}
         row.update(step=step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N,
-                   lr=step_coefficients(self.optimizer, cap.weight).lr, degenerate=False, nonfinite=True,
+                   lr=float(find_group(self.optimizer, cap.weight)["lr"]), degenerate=False, nonfinite=True,
                    flags="nonfinite")
         return row
 
