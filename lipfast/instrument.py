@@ -3,7 +3,11 @@
 Per forward call of a tracked layer the input is kept (autograd keeps it for the weight gradient
 anyway) and a hook on the output tensor receives the output-gradient during backward. As soon as every
 call of one forward pass has its gradient, the per-sample statistics are computed and both tensors are
-dropped: what survives until ``optimizer.step()`` is four float64 numbers per sample.
+dropped: what survives until ``optimizer.step()`` is four float64 numbers per sample. Under an adaptive
+optimizer (Adam, AdamW, RMSprop, Adagrad: ``LayerCapture.defer``) the statistics need the step's
+preconditioner P, which depends on the whole mini-batch gradient: the completed groups' inputs and
+output-gradients are held until the pre-step hook reduces them with P (about one more copy of the tracked
+layers' activations, plus their output-gradients, for every micro-batch of the step; MATH.md §7).
 
 Sample grouping: dim 0 of a layer's input is the sample dimension. Calls of a layer inside one forward
 pass of the root model act on the same samples (a layer called twice, weight sharing): their

@@ -54,7 +54,24 @@ class SequenceNet(nn.Module):
         return self.head(torch.tanh(self.embed(x)).mean(dim=1))
 
 
-ARCHS = {"mlp": (mlp, (5,)), "cnn": (cnn, (2, 7, 7)), "seq": (lambda: SequenceNet().double(), (5, 4))}
+class SharedNet(nn.Module):
+    """A Linear and a Conv2d each called twice in one forward (weight sharing: the calls' contributions to a
+    sample's gradient add up, the multi-call route of the deferred reduction)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(8, 8)  # min(m, n) <= rank 8: exact spectra, as the ground truth
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+        h = F.adaptive_avg_pool2d(h, 2).flatten(1)
+        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(h)))))
+
+
+ARCHS = {"mlp": (mlp, (5,)), "cnn": (cnn, (2, 7, 7)), "seq": (lambda: SequenceNet().double(), (5, 4)),
+         "shared": (lambda: SharedNet().double(), (2, 5, 5))}
 
 
 def make(arch: str, seed: int = 0):
@@ -171,6 +188,21 @@ def test_forces_match_per_sample_ground_truth(arch, opt_name):
                 assert_forces(r, want[r["layer"]])
                 # The known step and the fresh part together are the realised first order.
                 assert math.isclose(r["drift"], r["first_order"], rel_tol=1e-9, abs_tol=1e-15)
+    tracker.close()
+
+
+def test_held_inputs_are_released_at_the_step():
+    model, shape = make("cnn")
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    tracker = Tracker(model, opt, **EXACT)
+    x, y = batch(shape, 4)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    held = {name: cap.held for name, cap in tracker.captures.items()}
+    assert all(len(h) == 1 and h[0][0].x is not None for h in held.values())  # held until the step
+    opt.step()
+    assert all(not cap.held and not cap.groups for cap in tracker.captures.values())
+    assert all(c.x is None and c.d is None for h in held.values() for c in h[0])
     tracker.close()
 
 
