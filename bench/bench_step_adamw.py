@@ -10,6 +10,7 @@ Variants, each on its own copy of the same model (same initialisation), timed in
 Correctness first: the compiled AdamW records of a step must match the reference tracker's.
 
 Usage: python bench/bench_step_adamw.py [--quick] [--threads 2] [--cases mlp,cnn] [--min-run-time S]
+(each measurement lasts 4·S, default S = 0.5; ``--min-run-time 0.1`` keeps the script near two minutes)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
-from bench_step import make_case, run_cases, sgd_step, time_variants  # noqa: E402
+from bench_step import make_case, run_cases, sgd_step  # noqa: E402
 
 import lipfast  # noqa: E402
 
@@ -68,7 +69,10 @@ def run_case(name: str, args, min_run_time: float) -> list[H.Result]:
     impls = [variant("plain sgd", "sgd"), variant("tracked sgd", "sgd", "rank 8, every step", rank=8),
              variant("plain adamw", "adamw"), variant("tracked adamw", "adamw", "rank 8, every step", rank=8),
              variant("reference adamw", "adamw", "same algorithm, plain torch", rank=8, implementation="reference")]
-    return time_variants(name, X, impls, args, min_run_time)
+    # No every=10 variant here: plain rounds (block_multiple 1), five of them, so that the whole script stays
+    # within about two minutes on the shared 2-core machine.
+    config = H.Config(name=f"{name} B={X.shape[0]}", params={"batch": X.shape[0]})
+    return H.time_interleaved(config, impls, min_run_time=min_run_time, rounds=3 if args.quick else 5, warmup=3)
 
 
 def main() -> int:

@@ -74,7 +74,7 @@ TORCH_LIBRARY(lipfast, m) {
         "-> (Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)");
   // persample_conv2d_precond: the same for a Conv2d (groups=1, zero padding): x [B, C_in, H, W],
   //   grad_out [B, C_out, H', W'], P [C_out, C_in·kh·kw] (the reshaped weight's shape), geometry as pairs.
-  //   Through the unfolded input, in chunks of samples (csrc/composite/persample_precond.cpp).
+  //   One convolution and kh·kw GEMMs, nothing unfolded (csrc/composite/persample_precond.cpp).
   m.def("persample_conv2d_precond(Tensor x, Tensor grad_out, Tensor P, Tensor U, Tensor S, Tensor V, "
         "float sigma_next, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor proj, "
         "Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)");

@@ -346,7 +346,9 @@ class LayerCapture:
 
     def _rows(self, c: Call) -> tuple[Tensor, Tensor]:
         """A call's ``(X [B, T, n], D [B, T, m])``: a Linear's leading dims flattened into positions, a Conv2d's
-        input unfolded (the multi-call case only; one call goes to the conv op, which unfolds in chunks)."""
+        input unfolded: only for a Conv2d called several times on the same samples, whose contributions must add
+        up before the contraction (kh·kw times the input's memory; one call goes to the conv op, which never
+        unfolds)."""
         if self.kind == "linear":
             if c.x.dim() == 1:
                 return c.x.reshape(1, 1, -1), c.d.reshape(1, 1, -1)

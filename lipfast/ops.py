@@ -302,8 +302,9 @@ def persample_conv2d_precond(x: Tensor, grad_out: Tensor, P: Tensor, U: Tensor, 
                              sigma_next: float, kernel_size, stride, padding, dilation):
     """:func:`persample_linear_precond` for a Conv2d (groups=1, zero padding): ``x [B, C_in, H, W]``,
     ``grad_out [B, C_out, H', W']``, ``P [C_out, C_in·kh·kw]`` (the reshaped weight's shape), geometry as pairs.
-    Through the unfolded input, in chunks of samples of at most 2²³ unfolded elements (about three such
-    buffers are alive at once, whatever the batch). Same outputs as :func:`persample_linear_precond`."""
+    Never unfolds the input: one convolution with the filters ``P ⊙ v1ᵀ`` and, per kernel offset, a GEMM with
+    that offset's ``[C_out, C_in]`` slice of ``P`` against the shifted input (extra memory: the size of
+    ``grad_out`` plus twice ``[B, C_in, H', W']``). Same outputs as :func:`persample_linear_precond`."""
     return torch.ops.lipfast.persample_conv2d_precond.default(
         _d(x), _d(grad_out), _d(P), _d(U), _d(S), _d(V), float(sigma_next), list(kernel_size), list(stride),
         list(padding), list(dilation))
