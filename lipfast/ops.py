@@ -318,7 +318,8 @@ def _precond_fake(B, m, n, like):
 
 @torch.library.register_fake("lipfast::persample_linear_precond")
 def _persample_linear_precond_fake(X, D, P, U, S, V, sigma_next):
-    torch._check(X.dim() == 3 and D.dim() == 3 and P.dim() == 2, lambda: "persample_linear_precond: X, D [B, T, *], P [m, n]")
+    torch._check(X.dim() == 3 and D.dim() == 3 and P.dim() == 2,
+                 lambda: "persample_linear_precond: X, D [B, T, *], P [m, n]")
     return _precond_fake(X.shape[0], D.shape[2], X.shape[2], X)
 
 

@@ -52,7 +52,8 @@ class StepCoefficients:
     known: Tensor | None  # the momentum buffer whose multiple known_scale·buffer is the deterministic part of ΔW
     exact: bool           # False for optimizers lipfast models as plain SGD
     known_scale: float = 0.0  # (kept apart so that only the buffer's projection, not a scaled copy, is formed)
-    precond: Tensor | None = None  # adaptive optimizers: Peff (param's shape); the fresh part of −ΔW is fresh·Peff⊙ḡ
+    # Adaptive optimizers: Peff = η·c̃·P (param's shape); the fresh part of −ΔW is fresh·Peff⊙ḡ.
+    precond: Tensor | None = None
 
 
 ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad)

@@ -524,7 +524,8 @@ class Tracker:
         self._read_back(deliver=False)
         if not self.capturing:
             for cap in self.captures.values():
-                if cap.groups or cap.stats or cap.held:  # left over from a tracked step whose optimizer step never came
+                # Left over from a tracked step whose optimizer step never came:
+                if cap.groups or cap.stats or cap.held:
                     cap.reset()
             return
         with torch.no_grad():
