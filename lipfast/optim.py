@@ -156,10 +156,11 @@ def _adam(group: dict, state: dict, g: Tensor, lr):
     if group.get("amsgrad", False) and state.get("max_exp_avg_sq") is not None:
         v = torch.maximum(state["max_exp_avg_sq"], v)
     bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-    P = 1 / (v.sqrt() / bc2 ** 0.5 + group["eps"])
+    # In place on v, a temporary: the pre-step hook's peak holds few weight-sized tensors at a time.
+    P = v.sqrt_().div_(bc2 ** 0.5).add_(group["eps"]).reciprocal_()
     m = state.get("exp_avg")
-    known = -(lr * beta1 / bc1) * m * P if m is not None else None
-    return (lr * (1 - beta1) / bc1) * P, known
+    known = m * P * (-(lr * beta1 / bc1)) if m is not None else None
+    return P.mul_(lr * (1 - beta1) / bc1), known
 
 
 def _rmsprop(group: dict, state: dict, g: Tensor, lr):
@@ -170,11 +171,11 @@ def _rmsprop(group: dict, state: dict, g: Tensor, lr):
         ga = state.get("grad_avg")
         ga = g * (1 - alpha) if ga is None else ga.lerp(g, 1 - alpha)
         s = s.addcmul(ga, ga, value=-1)
-    P = 1 / (s.sqrt() + group["eps"])
+    P = s.sqrt_().add_(group["eps"]).reciprocal_()
     mu = group.get("momentum", 0.0)
     buf = state.get("momentum_buffer")
     known = -(lr * mu) * buf if mu > 0 and buf is not None else None
-    return lr * P, known
+    return P.mul_(lr), known
 
 
 def _adagrad(group: dict, state: dict, g: Tensor, lr):
@@ -182,5 +183,4 @@ def _adagrad(group: dict, state: dict, g: Tensor, lr):
     clr = lr / (1 + (t - 1) * group["lr_decay"])
     acc = state.get("sum")
     acc = g * g + group["initial_accumulator_value"] if acc is None else acc.addcmul(g, g)
-    P = 1 / (acc.sqrt() + group["eps"])
-    return clr * P, None
+    return acc.sqrt_().add_(group["eps"]).reciprocal_().mul_(clr), None

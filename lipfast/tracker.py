@@ -23,6 +23,7 @@ What the per-sample numbers mean:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -576,6 +577,9 @@ class Tracker:
         # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
         # free with the spectrum (W v1 = σ1 u1 for a Ritz pair; Wᵀu1 from its last sweep), after it they
         # ride along in the next spectrum's GEMMs. No copy of W is kept.
+        # The record needs coef's scalars only: let go of its weight-sized tensors (P, the known step) before
+        # the step, rather than hold them until the records are read.
+        coef = dataclasses.replace(coef, known=None, precond=None)
         return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor, known=known)
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
