@@ -360,6 +360,22 @@ def test_persample_linear_precond_matches_twin_and_dense(dtype, B, T, m, n, k):
             torch.testing.assert_close(got[1], reference.hessian_form_dense(W, E))
 
 
+_COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,T", [(0, 2), (1, 1), (6, 1), (5, 3)])
+def test_persample_linear_precond_composite_matches_cpu_kernel(dtype, B, T):
+    """The composite kernel (what CUDA runs) against the CPU kernel, on the CPU."""
+    torch.manual_seed(7 + B)
+    X, D, P = torch.randn(B, T, 9, dtype=dtype), torch.randn(B, T, 6, dtype=dtype), torch.rand(6, 9, dtype=dtype)
+    U, S, V, sn = _spectrum(6, 9, 4, dtype)
+    op = torch.ops.lipfast.persample_linear_precond.default
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for a, b in zip(op.redispatch(_COMPOSITE, X, D, P, U, S, V, sn), op(X, D, P, U, S, V, sn)):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_persample_linear_precond_takes_noncontiguous_inputs():
     X, D = torch.randn(4, 3, 10, dtype=torch.float64)[..., ::2], torch.randn(3, 4, 6, dtype=torch.float64).transpose(0, 1)
     P = torch.rand(5, 6, dtype=torch.float64).mT

@@ -87,7 +87,8 @@ def test_cuda_kernels_are_registered():
     for op in ("persample_linear", "hessian_contract", "subspace_iteration", "gradient_statistics",
                "update_statistics"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lipfast::{op}", "CUDA"), op
-    for op in ("subspace_iteration", "gradient_statistics", "update_statistics", "track_update"):  # composite
+    for op in ("subspace_iteration", "gradient_statistics", "update_statistics", "track_update",
+               "persample_linear_precond", "persample_conv2d_precond"):  # composite
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lipfast::{op}", "CompositeExplicitAutograd"), op
 
 
