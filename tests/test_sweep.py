@@ -252,8 +252,9 @@ def test_experiments_script_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = doc.read_text(encoding="utf-8")
     for heading in ("## 1. Pathwise", "### 1b. Flagged steps", "## 2. Batch size", "## 3. Label noise",
-                    "## 4. Initialisation scale", "## 5. Sampling trajectories", "## 6. Weight decay"):
+                    "## 4. Initialisation scale", "## 5. Sampling trajectories", "## 6. Weight decay",
+                    "## 7. SGD against AdamW"):
         assert heading in text, heading
     pngs = sorted(figures.glob("*.png"))
-    assert len(pngs) == 7 and all(p.stat().st_size <= 80 * 1024 for p in pngs)
+    assert len(pngs) == 8 and all(p.stat().st_size <= 80 * 1024 for p in pngs)
     assert all(f"figures/{p.name}" in text for p in pngs)
