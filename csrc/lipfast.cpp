@@ -66,6 +66,18 @@ TORCH_LIBRARY(lipfast, m) {
   m.def("persample_conv2d(Tensor x, Tensor grad_out, Tensor U, Tensor S, Tensor V, float sigma_next, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor proj, Tensor hess, "
         "Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)");
+  // persample_linear_precond: persample_linear.sums for the preconditioned per-sample gradients
+  //   E_i = P ⊙ G_i (MATH.md §7): X [B, T, n], D [B, T, m], P [m, n] (X's dtype), U [m, k], S [k], V [n, k].
+  //   Returns proj [B] = u1ᵀE_i v1, hess, hess_lo, hess_hi [B] = H[E_i, E_i], Gv1 [m] = Σ_i E_i v1,
+  //   Gtu1 [n] = Σ_i E_iᵀ u1, all float64. Two GEMMs with P; no E_i or G_i is formed.
+  m.def("persample_linear_precond(Tensor X, Tensor D, Tensor P, Tensor U, Tensor S, Tensor V, float sigma_next) "
+        "-> (Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)");
+  // persample_conv2d_precond: the same for a Conv2d (groups=1, zero padding): x [B, C_in, H, W],
+  //   grad_out [B, C_out, H', W'], P [C_out, C_in·kh·kw] (the reshaped weight's shape), geometry as pairs.
+  //   One convolution and kh·kw GEMMs, nothing unfolded (csrc/composite/persample_precond.cpp).
+  m.def("persample_conv2d_precond(Tensor x, Tensor grad_out, Tensor P, Tensor U, Tensor S, Tensor V, "
+        "float sigma_next, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor proj, "
+        "Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)");
 }
 
 namespace {
@@ -83,7 +95,7 @@ void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 TORCH_LIBRARY_IMPL(lipfast, Autograd, m) {
   for (const char* name : {"subspace_iteration", "hessian_contract", "persample_linear", "persample_linear.sums",
                            "gradient_statistics", "update_statistics", "track_update", "conv2d_projections",
-                           "persample_conv2d"}) {
+                           "persample_conv2d", "persample_linear_precond", "persample_conv2d_precond"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_below_autograd>());
   }
 }

@@ -40,6 +40,9 @@ void check_persample_conv2d_inputs(const at::Tensor& x, const at::Tensor& grad_o
                                    const at::Tensor& S, const at::Tensor& V, at::IntArrayRef kernel_size,
                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
 
+void check_persample_linear_precond_inputs(const at::Tensor& X, const at::Tensor& D, const at::Tensor& P,
+                                           const at::Tensor& U, const at::Tensor& S, const at::Tensor& V);
+
 // --- composite kernels, for the CUDA kernels' fallbacks ------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 subspace_iteration_composite(const at::Tensor& W, const at::Tensor& V0, int64_t k, int64_t max_iters, double tol,

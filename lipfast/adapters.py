@@ -84,6 +84,13 @@ class Adapter:
     def projections(self, impl, spec: Spectrum, calls: list, dtype) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    # Under an adaptive optimizer (MATH.md §7): the statistics of P ⊙ G_i with P [m, n] in ``matrix``'s layout.
+    # A kind without them is tracked with SGD's terms and its records flagged sgd_equivalent.
+    supports_precond = False
+
+    def precond_stats(self, impl, spec: Spectrum, calls: list, dtype, P: Tensor) -> tuple:
+        raise NotImplementedError(f"lipfast: no preconditioned statistics for layer kind '{self.kind}'")
+
 
 # -- linear maps on [B, ..., n] inputs ---------------------------------------------------------------------------
 class LinearAdapter(Adapter):
@@ -115,6 +122,15 @@ class LinearAdapter(Adapter):
         # the rows of X and D (B·T rows, where G has m), so the step needs no pass over the gradient itself.
         U, V = _as(spec.U, dtype), _as(spec.V, dtype)
         return impl.persample_linear(X, D, U, spec.S, V, spec.host[2], sums=True)
+
+    supports_precond = True
+
+    def precond_stats(self, impl, spec, calls, dtype, P):
+        B = self.samples(calls[0].x)
+        if any(self.samples(c.x) != B for c in calls):  # calls on different sample sets
+            return cat_stats([self.precond_stats(impl, spec, [c], dtype, P) for c in calls])
+        X, D = self._rows(calls, dtype)  # several calls on the same samples: positions joined, contributions add
+        return impl.persample_linear_precond(X, D, P, _as(spec.U, dtype), spec.S, _as(spec.V, dtype), spec.host[2])
 
     def projections(self, impl, spec, calls, dtype):
         X, D = self._rows(calls, torch.float64)
@@ -232,6 +248,26 @@ class Conv2dAdapter(Adapter):
                                          *self.geometry)
         # A layer called several times on the same samples: the projections add up before the contraction.
         return super().stats(impl, spec, calls, dtype)
+
+    supports_precond = True
+
+    def precond_stats(self, impl, spec, calls, dtype, P):
+        B = self.samples(calls[0].x)
+        if any(self.samples(c.x) != B for c in calls[1:]):
+            return cat_stats([self.precond_stats(impl, spec, [c], dtype, P) for c in calls])
+        U, V = _as(spec.U, dtype), _as(spec.V, dtype)
+        if len(calls) == 1:  # the op never unfolds the input
+            x, d = self._slices(calls[0], dtype)
+            return impl.persample_conv2d_precond(x, d, P, U, spec.S, V, spec.host[2], *self.geometry)
+        # Several calls on the same samples: their contributions to each G_i add up before the contraction, here
+        # through the unfolded input (kh·kw times its memory, for this rare case only).
+        k, stride, pad, dil = self.geometry
+        xs, ds = [], []
+        for c in calls:
+            x, d = self._slices(c, dtype)
+            xs.append(torch.nn.functional.unfold(x, k, dilation=dil, padding=pad, stride=stride).mT)
+            ds.append(d.reshape(d.shape[0], d.shape[1], -1).mT)
+        return impl.persample_linear_precond(torch.cat(xs, 1), torch.cat(ds, 1), P, U, spec.S, V, spec.host[2])
 
     def projections(self, impl, spec, calls, dtype):
         xvec = yvec = None

@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    from .train import OPTIMIZERS, TrainConfig
 
     defaults = TrainConfig()
     g = p.add_argument_group("training options (also settable in --config FILE, TOML, same names)")
@@ -41,6 +41,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         help_text = _HELP.get(f.name, "") + f" (default: {default})"
         if isinstance(default, bool):
             g.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "optimizer":
+            g.add_argument(flag, dest=f.name, default=None, choices=OPTIMIZERS, help=help_text)
         elif f.name == "widths":
             g.add_argument(flag, dest=f.name, default=None, type=int, nargs="+", metavar="W", help=help_text)
         else:
@@ -61,8 +63,9 @@ _HELP = {
     "label_noise": "symmetric label-noise rate in [0, 1)",
     "label_smoothing": "cross-entropy label smoothing in [0, 1)",
     "mixup": "Mixup with lambda ~ Beta(ALPHA, ALPHA) per step (0: off)",
+    "optimizer": "sgd | adam | adamw (lipfast models all three exactly: docs/MATH.md §7)",
     "batch_size": "samples per step",
-    "lr": "SGD learning rate",
+    "lr": "learning rate",
     "momentum": "SGD heavy-ball momentum",
     "nesterov": "Nesterov momentum",
     "weight_decay": "SGD weight decay",

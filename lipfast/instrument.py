@@ -3,7 +3,11 @@
 Per forward call of a tracked layer the input is kept (autograd keeps it for the weight gradient
 anyway) and a hook on the output tensor receives the output-gradient during backward. As soon as every
 call of one forward pass has its gradient, the per-sample statistics are computed and both tensors are
-dropped: what survives until ``optimizer.step()`` is four float64 numbers per sample.
+dropped: what survives until ``optimizer.step()`` is four float64 numbers per sample. Under an adaptive
+optimizer (Adam, AdamW, RMSprop, Adagrad: ``LayerCapture.defer``) the statistics need the step's
+preconditioner P, which depends on the whole mini-batch gradient: the completed groups' inputs and
+output-gradients are held until the pre-step hook reduces them with P (about one more copy of the tracked
+layers' activations, plus their output-gradients, for every micro-batch of the step; MATH.md §7).
 
 Sample dimension (:meth:`LayerCapture._sample_dim`): dim 0 of a layer's input, checked against the batch size of
 the model's input, unless the Tracker's ``batch_dim`` names another or the layer sits in a torch Transformer layer
@@ -205,6 +209,10 @@ class LayerCapture:
         self.reduced: set[int] = set()  # forward ids whose group was reduced since the last step (_refuse_split)
         # per micro-batch: proj, hess, hess_lo, hess_hi [B] and Σ_i G_i v1 [m], Σ_i G_iᵀ u1 [n] (or None)
         self.stats: list[tuple] = []
+        # Adaptive optimizers (MATH.md §7): the statistics need the step's preconditioner P, known only at the
+        # step, so complete groups are held (inputs and output-gradients) until flush(precond) instead of reduced.
+        self.defer = False
+        self.held: list[tuple[list[Call], int | None]] = []  # (a forward pass's calls, the batch size then)
         self.dropped_calls = 0
         self.uses_checked = False  # Tracker._check_uses ran (once)
         self.low_precision = self.weight.dtype in _HALF  # a 16-bit weight or captured call (its tolerance)
@@ -357,7 +365,10 @@ class LayerCapture:
         if group.complete():
             del self.groups[forward_id]
             self.reduced.add(forward_id)
-            self._reduce(group.calls, group.batch)
+            if self.defer:  # an adaptive optimizer: reduced at the step, with its preconditioner
+                self.held.append((group.calls, group.batch))
+            else:
+                self._reduce(group.calls, group.batch)
 
     def _refuse_split(self) -> None:
         """A forward with grad inside backward and no saved-tensor hooks is a reentrant checkpoint's recomputation.
@@ -373,14 +384,22 @@ class LayerCapture:
             "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), which the tracker supports in full.")
 
     # -- statistics --------------------------------------------------------------------------
-    def flush(self) -> None:
+    def flush(self, precond: Tensor | None = None) -> None:
         """Before the step: finish groups whose calls got only part of their gradients (an output
-        unused by the loss has zero gradient) and drop forward passes that had no backward."""
+        unused by the loss has zero gradient) and drop forward passes that had no backward. With ``defer``,
+        reduce the held groups too, with the step's preconditioner ``precond`` [m, n] (None: no gradient,
+        nothing to reduce)."""
+        held, self.held = self.held, []
         for group in self.groups.values():
             calls = [c for c in group.calls if c.d is not None]
             self.dropped_calls += len(group.calls) - len(calls)
             if calls:
-                self._reduce(calls)
+                held.append((calls, None))
+        for calls, batch in held:
+            if not self.defer or precond is not None:
+                self._reduce(calls, batch, precond)
+            for c in calls:
+                c.x = c.d = None
         self._drop_groups()
         self.reduced.clear()
 
@@ -406,7 +425,7 @@ class LayerCapture:
             "the dim that holds the samples with Tracker(..., batch_dim={'" + self.name + "': dim}), or leave it "
             "out with layers=")
 
-    def _reduce(self, calls: list[Call], batch: int | None = None) -> None:
+    def _reduce(self, calls: list[Call], batch: int | None = None, precond: Tensor | None = None) -> None:
         with torch.no_grad():
             for c in calls:  # the sample dimension first (views)
                 if c.layout is not None:
@@ -423,6 +442,8 @@ class LayerCapture:
                 B = self.uses[calls[0].use].samples(calls[0].x)
                 self.stats.append(tuple(torch.full((B,), float("nan"), dtype=torch.float64, device=self.weight.device)
                                         for _ in range(4)) + (None, None))
+            elif precond is not None:  # an adaptive optimizer: the statistics of P ⊙ G_i (MATH.md §7)
+                self.stats.append(self.uses[calls[0].use].precond_stats(impl, spec, calls, dtype, _as(precond, dtype)))
             elif len(uses) == 1:
                 self.stats.append(self.uses[calls[0].use].stats(impl, spec, calls, dtype))
             elif len({self.uses[c.use].samples(c.x) for c in calls}) > 1:  # uses on different sample sets
@@ -449,6 +470,10 @@ class LayerCapture:
             for c in group.calls:
                 c.x = c.d = c.saved = None
         self.groups.clear()
+        for calls, _ in self.held:
+            for c in calls:
+                c.x = c.d = None
+        self.held = []
 
     def reset(self) -> None:
         self._drop_groups()

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics", "update_statistics",
-           "track_update", "conv2d_projections", "persample_conv2d"]
+           "track_update", "conv2d_projections", "persample_conv2d", "persample_linear_precond",
+           "persample_conv2d_precond"]
 
 
 def _d(t: Tensor) -> Tensor:
@@ -278,3 +279,52 @@ def _persample_linear_sums_fake(X, D, U, S, V, sigma_next):
     f64 = dict(dtype=torch.float64, device=X.device)
     return (*_persample_linear_fake(X, D, U, S, V, sigma_next), torch.empty((D.shape[2],), **f64),
             torch.empty((X.shape[2],), **f64))
+
+
+def persample_linear_precond(X: Tensor, D: Tensor, P: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float):
+    """Per-sample statistics of the preconditioned gradients ``E_i = P ⊙ G_i`` of a Linear layer (MATH.md §7),
+    never forming ``G_i = D_iᵀ X_i``: two GEMMs with ``P``, ``Y = (X ⊙ v1) Pᵀ`` and ``Z = (D ⊙ u1) P``.
+
+    Args:
+        X: ``[B, T, n]`` layer inputs. D: ``[B, T, m]`` per-sample output-gradients.
+        P: ``[m, n]`` elementwise preconditioner (X's dtype). U: ``[m, k]``, S: ``[k]``, V: ``[n, k]``.
+        sigma_next: ``σ_{k+1}``, or ``0`` when the spectrum is exact.
+
+    Returns:
+        ``(proj, hess, hess_lo, hess_hi)`` ``[B]`` (``u1ᵀE_i v1`` and ``H[E_i, E_i]``) and ``Σ_i E_i v1 [m]``,
+        ``Σ_i E_iᵀ u1 [n]``, all float64.
+    """
+    return torch.ops.lipfast.persample_linear_precond.default(_d(X), _d(D), _d(P), _d(U), _d(S), _d(V),
+                                                              float(sigma_next))
+
+
+def persample_conv2d_precond(x: Tensor, grad_out: Tensor, P: Tensor, U: Tensor, S: Tensor, V: Tensor,
+                             sigma_next: float, kernel_size, stride, padding, dilation):
+    """:func:`persample_linear_precond` for a Conv2d (groups=1, zero padding): ``x [B, C_in, H, W]``,
+    ``grad_out [B, C_out, H', W']``, ``P [C_out, C_in·kh·kw]`` (the reshaped weight's shape), geometry as pairs.
+    Never unfolds the input: one convolution with the filters ``P ⊙ v1ᵀ`` and, per kernel offset, a GEMM with
+    that offset's ``[C_out, C_in]`` slice of ``P`` against the shifted input (extra memory: the size of
+    ``grad_out`` plus twice ``[B, C_in, H', W']``). Same outputs as :func:`persample_linear_precond`."""
+    return torch.ops.lipfast.persample_conv2d_precond.default(
+        _d(x), _d(grad_out), _d(P), _d(U), _d(S), _d(V), float(sigma_next), list(kernel_size), list(stride),
+        list(padding), list(dilation))
+
+
+def _precond_fake(B, m, n, like):
+    f64 = dict(dtype=torch.float64, device=like.device)
+    return tuple(like.new_empty((B,), **f64) for _ in range(4)) + (like.new_empty((m,), **f64),
+                                                                  like.new_empty((n,), **f64))
+
+
+@torch.library.register_fake("lipfast::persample_linear_precond")
+def _persample_linear_precond_fake(X, D, P, U, S, V, sigma_next):
+    torch._check(X.dim() == 3 and D.dim() == 3 and P.dim() == 2,
+                 lambda: "persample_linear_precond: X, D [B, T, *], P [m, n]")
+    return _precond_fake(X.shape[0], D.shape[2], X.shape[2], X)
+
+
+@torch.library.register_fake("lipfast::persample_conv2d_precond")
+def _persample_conv2d_precond_fake(x, grad_out, P, U, S, V, sigma_next, kernel_size, stride, padding, dilation):
+    torch._check(x.dim() == 4 and grad_out.dim() == 4 and P.dim() == 2,
+                 lambda: "persample_conv2d_precond: x, grad_out 4-d, P [C_out, C_in·kh·kw]")
+    return _precond_fake(x.shape[0], P.shape[0], P.shape[1], x)

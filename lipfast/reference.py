@@ -70,6 +70,28 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     return (a[:, 0], *hess, x.sum(0), y.sum(0)) if sums else (a[:, 0], *hess)
 
 
+def persample_linear_precond(X: Tensor, D: Tensor, P: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float):
+    """Twin of ``lipfast::persample_linear_precond`` (MATH.md §7): the statistics of ``E_i = P ⊙ G_i`` from
+    ``Y = (X ⊙ v1) Pᵀ`` and ``Z = (D ⊙ u1) P``, then ``x_i = Σ_t D_it ⊙ Y_it``, ``y_i = Σ_t X_it ⊙ Z_it``."""
+    X, D, P, U, V = (t.to(torch.float64) for t in (X, D, P, U, V))
+    Y = (X * V[:, 0]) @ P.mT                      # [B, T, m]
+    Z = (D * U[:, 0]) @ P                         # [B, T, n]
+    x = (D * Y).sum(1)                            # E_i v1
+    y = (X * Z).sum(1)                            # E_iᵀ u1
+    a, b = x @ U, y @ V
+    hess = hessian_contract(a, b, (x * x).sum(-1), (y * y).sum(-1), S, sigma_next)
+    return (a[:, 0], *hess, x.sum(0), y.sum(0))
+
+
+def persample_conv2d_precond(x: Tensor, grad_out: Tensor, P: Tensor, U: Tensor, S: Tensor, V: Tensor,
+                             sigma_next: float, kernel_size, stride, padding, dilation):
+    """Twin of ``lipfast::persample_conv2d_precond``: the Linear twin on the unfolded input."""
+    B = x.shape[0]
+    cols = F.unfold(x.to(torch.float64), kernel_size, dilation=dilation, padding=padding, stride=stride)  # [B, n, T]
+    D = grad_out.to(torch.float64).reshape(B, grad_out.shape[1], -1)                                       # [B, m, T]
+    return persample_linear_precond(cols.mT, D.mT, P, U, S, V, sigma_next)
+
+
 def spectrum_exact(W: Tensor, k: int):
     """LAPACK truncated SVD in float64: ``(U [m,k], S [k], V [n,k], sigma_next)``."""
     U, S, Vh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)

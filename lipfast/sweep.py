@@ -59,7 +59,7 @@ __all__ = [
     "loglog_slope",
 ]
 
-FACTORS: tuple[str, ...] = ("label_noise", "batch_size", "init_scale", "data_seed", "weight_decay")
+FACTORS: tuple[str, ...] = ("label_noise", "batch_size", "init_scale", "data_seed", "weight_decay", "optimizer")
 """The options a sweep can vary."""
 
 SWEEP_FILE = "sweep.json"
@@ -161,6 +161,8 @@ def parse_values(factor: str, values: Sequence[Any] | None, *, seeds: int = 1,
                              f"initialisation is fixed): give --values or --seeds, not both (got --seeds {seeds})")
     elif values is None or len(values) == 0:
         raise ValueError(f"--values is required for --factor {factor}")
+    if factor == "optimizer":  # categorical: names, compared on the same seeds
+        return _parse_names(values)
     ok, expected = _FACTOR_RULES[factor]
     out: list = []
     for raw in values:
@@ -170,6 +172,19 @@ def parse_values(factor: str, values: Sequence[Any] | None, *, seeds: int = 1,
         if v in out:
             raise ValueError(f"--values for {factor} has {raw!r} twice")
         out.append(v)
+    return out
+
+
+def _parse_names(values: Sequence[Any]) -> list[str]:
+    from .train import OPTIMIZERS
+
+    out: list[str] = []
+    for raw in values:
+        if raw not in OPTIMIZERS:
+            raise ValueError(f"--values for optimizer must be names among {', '.join(OPTIMIZERS)}, got {raw!r}")
+        if raw in out:
+            raise ValueError(f"--values for optimizer has {raw!r} twice")
+        out.append(raw)
     return out
 
 
@@ -191,8 +206,8 @@ def _parse_number(raw: Any, *, integer: bool) -> int | float | None:
     return v
 
 
-def _fmt_value(v: int | float) -> str:
-    return str(v) if isinstance(v, int) else format(v, "g")
+def _fmt_value(v: int | float | str) -> str:
+    return str(v) if isinstance(v, (int, str)) else format(v, "g")
 
 
 @dataclass(frozen=True)
@@ -830,7 +845,7 @@ def _markdown(spec: dict, groups: list, layers: list[str], table: dict, fits: di
                  f"{list(base['widths'])}, lr {base['lr']}, batch {base['batch_size']}, "
                  f"steps {base['steps'] if base['steps'] is not None else str(base['epochs']) + ' epochs'}, "
                  f"label noise {base['label_noise']}, init scale {base['init_scale']}, "
-                 f"weight decay {base['weight_decay']}, rank {base['rank']}.")
+                 f"weight decay {base['weight_decay']}, optimizer {base.get('optimizer', 'sgd')}, rank {base['rank']}.")
     lines += ["", "Cells: mean ± std over the runs of a value (std with n−1; none for a single run).", ""]
     lines += ["## Network (log K = Σ log σ_ℓ; forces in log space)", ""]
     lines.append("| " + " | ".join([factor, "n"] + _NET_COLUMNS) + " |")
@@ -1015,7 +1030,7 @@ def _write_figures(out: Path, spec: dict, per_run: list[dict], groups: list, lay
 
 
 def _x_positions(factor: str, values: list) -> tuple[list[float], bool]:
-    if factor == "data_seed":
+    if factor in ("data_seed", "optimizer"):  # labels, not a scale
         return list(range(len(values))), False
     return [float(v) for v in values], True
 

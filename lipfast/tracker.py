@@ -23,6 +23,7 @@ What the per-sample numbers mean:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -39,7 +40,7 @@ from .functional import (Spectrum, block_size, compute_spectrum, default_tol, ne
                          with_host_values)
 from .adapters import SUPPORTED, adapter_for, attention_adapters
 from .instrument import COMPILE_ADVICE, Hook, LayerCapture, in_backward, prepare_compile_refusal, refuse_compiled
-from .optim import StepCoefficients, step_coefficients
+from .optim import StepCoefficients, find_group, is_adaptive, is_modelled, step_coefficients
 
 __all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS", "TRUST_FLAGS"]
 
@@ -252,8 +253,11 @@ class Tracker:
       are derivatives at the current W.
     - ``nonfinite``: NaN/Inf in the gradient or the weights after the step (forces NaN).
     - ``single_sample``: one sample in the step: no noise terms (NaN).
-    - ``sgd_equivalent``: the optimizer is not SGD: the forces are those of an SGD step with its learning
-      rate (``first_order``/``second_order`` use the real update).
+    - ``sgd_equivalent``: the optimizer is none lipfast models (SGD, Adam, AdamW, RMSprop, Adagrad, by exact
+      class): the forces are those of an SGD step with its learning rate (``first_order``/``second_order`` use
+      the real update). For the adaptive ones the forces are those of the step with its preconditioner P frozen
+      (MATH.md §7; :mod:`lipfast.optim`), and each tracked layer's inputs and output-gradients are held from
+      its backward until ``optimizer.step()`` (P needs the whole mini-batch gradient).
 
     Attributes:
         captures: the tracked layers, ``{qualified name: LayerCapture}`` in module order.
@@ -330,8 +334,12 @@ class Tracker:
         if self._group is not None:
             self._group.check_same_model(distributed.describe_tracker([(n, u[0][1]) for n, u in chosen], dict(
                 rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol, implementation=implementation)))
+        adaptive = is_adaptive(optimizer)
         for name, uses in chosen:
-            self.captures[name] = LayerCapture(name, uses, self, [self._batch_fact(root, n) for n, _ in uses])
+            cap = self.captures[name] = LayerCapture(name, uses, self, [self._batch_fact(root, n) for n, _ in uses])
+            # Adaptive optimizers: per-sample statistics wait for the step's preconditioner (MATH.md §7); a kind
+            # without preconditioned statistics (and a tied Parameter) is reported with SGD's terms, flagged.
+            cap.defer = adaptive and len(cap.uses) == 1 and cap.adapter.supports_precond
         self._root = root
         self._root_dim = self._root_batch_dim(root)
         prepare_compile_refusal()  # a forward compiled after attach is refused by the hooks
@@ -496,9 +504,11 @@ class Tracker:
                 "so each per-sample 'gradient' D_iᵀX_i is sample i's share of the batch gradient rather than the "
                 "gradient of its own loss. first/second_order and delta_pred stay exact; drift, diffusion_var and "
                 "ito then describe the spread of those shares (see the Tracker docs).", LipfastWarning, stacklevel=3)
-        if not isinstance(optimizer, torch.optim.SGD):
-            logger.warning("lipfast: %s is not SGD; drift/diffusion_var/ito are reported as for plain SGD with the "
-                           "group's learning rate, first/second_order use the real update", type(optimizer).__name__)
+        if not is_modelled(optimizer):
+            self._warn_once("sgd_equivalent", f"lipfast: {type(optimizer).__name__} is not an optimizer lipfast models "
+                            "(SGD, Adam, AdamW, RMSprop, Adagrad); drift/diffusion_var/ito are reported as for plain SGD "
+                            "with the group's learning rate and flagged sgd_equivalent; first/second_order use the "
+                            "real update")
 
     # -- hooks -----------------------------------------------------------------------------------
     @property
@@ -608,12 +618,24 @@ class Tracker:
         self._read_back(deliver=False)
         if not self.capturing:
             for cap in self.captures.values():
-                if cap.groups or cap.stats:  # left over from a tracked step whose optimizer step never came
+                # Left over from a tracked step whose optimizer step never came:
+                if cap.groups or cap.stats or cap.held:
                     cap.reset()
             return
         with torch.no_grad():
             for name, cap in self.captures.items():
-                cap.flush()
+                # The coming step's coefficients first: an adaptive optimizer's P completes the deferred reduction.
+                coef = step_coefficients(self.optimizer, cap.weight)
+                if coef.precond is not None and not cap.defer:
+                    # A kind with no preconditioned statistics (an embedding) or a tied Parameter: SGD's terms at
+                    # the group's learning rate, flagged sgd_equivalent (first/second_order use the real update).
+                    coef = dataclasses.replace(coef, fresh=coef.lr, decay=0.0, known=None, known_scale=0.0,
+                                               exact=False, precond=None)
+                    self._warn_once(f"precond:{name}", f"lipfast: layer '{name}' ({cap.kind}"
+                                    f"{', a tied Parameter' if len(cap.uses) > 1 else ''}) has no preconditioned "
+                                    f"statistics under {type(self.optimizer).__name__}: its forces are reported as for "
+                                    "plain SGD and flagged sgd_equivalent")
+                cap.flush(None if coef.precond is None else cap.adapter.matrix(coef.precond))
                 if cap.dropped_calls:
                     self._warn_once("no_backward", f"lipfast: {cap.dropped_calls} forward call(s) of '{name}' had no "
                                     "backward before optimizer.step(); their inputs were discarded (wrap evaluation "
@@ -629,19 +651,19 @@ class Tracker:
                 if spec is None:
                     self._pending[name] = dict(nonfinite_weights=True, N=int(stats[0].shape[0]))
                     continue
-                self._pending[name] = self._prepare(cap, spec, stats, grad)
+                self._pending[name] = self._prepare(cap, spec, stats, grad, coef)
             if self._group is not None:  # every rank, every tracked step, even with nothing pending here
                 self._inflight = self._group.launch(list(self.captures), self._pending, self._logged)
 
-    def _prepare(self, cap: LayerCapture, spec: Spectrum, stats, grad: Tensor) -> dict:
+    def _prepare(self, cap: LayerCapture, spec: Spectrum, stats, grad: Tensor, coef: StepCoefficients) -> dict:
         """Everything that needs the state before the step: the gradient's reductions, the momentum
-        buffer's projection, and float64 projections of W that the step's ΔW will be read from."""
+        buffer's projection, and float64 projections of W that the step's ΔW will be read from. For an
+        adaptive optimizer every gradient is the preconditioned P ⊙ G (the statistics are already)."""
         proj, hess, hess_lo, hess_hi, gv, gtu = stats
         N = int(proj.shape[0])
         loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
         scale = 1.0 if self.loss_reduction == "sum" else float(N)
         G = cap.adapter.matrix(grad)
-        coef = step_coefficients(self.optimizer, cap.weight)
         known = None
         if coef.known is not None:
             buf_v1 = cap.adapter.matrix(coef.known) @ spec.V[:, 0].to(coef.known.dtype)
@@ -650,14 +672,19 @@ class Tracker:
         # noise terms measure (gradient clipping or an extra loss term change weight.grad, not the G_i). Under
         # DDP ḡ must be the global batch's, which weight.grad is after DDP's all-reduce.
         products = (gv, gtu) if self._group is None and gv is not None else (None, None)
-        if products[0] is not None and not cap.uses_checked:
-            cap.uses_checked = True
+        if coef.precond is None and products[0] is not None and not cap.uses_checked:
+            cap.uses_checked = True  # (under an adaptive optimizer gv is Σ (P ⊙ G_i) v1, not weight.grad's)
             self._check_uses(cap, spec, G, gv)
+        if coef.precond is not None and products[0] is None:
+            G = cap.adapter.matrix(coef.precond).to(G.dtype) * G
         sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
                                              spec.host[2], scale, loss_factor, *products)
         # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
         # free with the spectrum (W v1 = σ1 u1 for a Ritz pair; Wᵀu1 from its last sweep), after it they
         # ride along in the next spectrum's GEMMs. No copy of W is kept.
+        # The record needs coef's scalars only: let go of its weight-sized tensors (P, the known step) before
+        # the step, rather than hold them until the records are read.
+        coef = dataclasses.replace(coef, known=None, precond=None)
         return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor, known=known)
 
     def _check_uses(self, cap: LayerCapture, spec: Spectrum, G: Tensor, gv: Tensor) -> None:
@@ -862,7 +889,7 @@ class Tracker:
                                      "(on_nonfinite='raise')")
         row = {f: NAN for f in LAYER_FIELDS}
         row.update(step=step, layer=cap.name, kind=cap.kind, m=cap.m, n=cap.n, batch=N,
-                   lr=step_coefficients(self.optimizer, cap.weight).lr, degenerate=False, nonfinite=True,
+                   lr=float(find_group(self.optimizer, cap.weight)["lr"]), degenerate=False, nonfinite=True,
                    flag_names="nonfinite", group=cap.adapter.group, shared_with=";".join(cap.shared_with))
         return row
 

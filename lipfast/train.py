@@ -1,4 +1,4 @@
-"""One tracked training run into a run folder: data, model, SGD, the tracker, checkpoints, resume.
+"""One tracked training run into a run folder: data, model, optimizer (SGD, Adam, AdamW), the tracker, checkpoints, resume.
 
 Plain functions, no framework: :func:`train` drives :class:`lipfast.Tracker` and streams its records
 into :class:`lipfast.runio.RunWriter` as each step completes, so an interrupted run keeps every
@@ -70,6 +70,7 @@ class TrainConfig:
     mixup: float = 0.0
     batch_size: int = 32
     lr: float = 0.05
+    optimizer: str = "sgd"
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -131,7 +132,10 @@ class TrainConfig:
         _check(_is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing",
                self.label_smoothing, "a number in [0, 1)")
         _check(_is_num(self.mixup) and self.mixup >= 0, "mixup", self.mixup, "a number >= 0 (0: off)")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}")
         _check(_is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        _check(self.optimizer == "sgd" or self.momentum == 0, "momentum", self.momentum,
+               f"0 with optimizer '{self.optimizer}' (Adam's β₁ is its momentum)")
         _check(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(_is_num(self.test_fraction) and 0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
         _check(_is_num(self.gap_tol) and self.gap_tol >= 0, "gap_tol", self.gap_tol, "a number >= 0")
@@ -157,6 +161,19 @@ class TrainConfig:
             _check(False, "device", self.device, "a torch device such as 'cpu' or 'cuda'")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device: '{self.device}' was asked for but torch sees no CUDA device")
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    """The run's optimizer: SGD (momentum, Nesterov, weight decay), Adam (coupled weight decay) or AdamW
+    (decoupled), PyTorch's defaults otherwise (betas 0.9/0.999, eps 1e-8)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                               weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _is_int(v) -> bool:
@@ -353,8 +370,7 @@ def _run(config: TrainConfig, out: Path, writer: runio.RunWriter | None, state, 
             print("lipfast: batchnorm under data parallelism on CPU normalises each rank's slice (SyncBatchNorm "
                   "needs CUDA): the records differ from a single process's", file=sys.stderr, flush=True)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                          weight_decay=config.weight_decay)
+    opt = make_optimizer(config, model.parameters())
     per_epoch = n_train // config.batch_size
     total = config.steps if config.steps is not None else config.epochs * per_epoch
     progress = _Progress()

@@ -45,6 +45,15 @@ EXPECTED_SCHEMAS = {
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor proj, Tensor hess, "
         "Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)"
     ),
+    "persample_linear_precond": (
+        "lipfast::persample_linear_precond(Tensor X, Tensor D, Tensor P, Tensor U, Tensor S, Tensor V, "
+        "float sigma_next) -> (Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)"
+    ),
+    "persample_conv2d_precond": (
+        "lipfast::persample_conv2d_precond(Tensor x, Tensor grad_out, Tensor P, Tensor U, Tensor S, Tensor V, "
+        "float sigma_next, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor proj, "
+        "Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)"
+    ),
 }
 
 

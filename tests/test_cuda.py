@@ -77,7 +77,8 @@ def test_cuda_kernels_are_registered():
     for op in ("persample_linear", "hessian_contract", "subspace_iteration", "gradient_statistics",
                "update_statistics"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lipfast::{op}", "CUDA"), op
-    for op in ("subspace_iteration", "gradient_statistics", "update_statistics", "track_update"):  # composite
+    for op in ("subspace_iteration", "gradient_statistics", "update_statistics", "track_update",
+               "persample_linear_precond", "persample_conv2d_precond"):  # composite
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lipfast::{op}", "CompositeExplicitAutograd"), op
 
 
@@ -616,4 +617,62 @@ def test_tracked_step_does_not_synchronise(arch):
     assert len(records) == 4 * layers and [n["step"] for n in tracker.network] == [0, 1, 2, 3]
     assert all(math.isfinite(r["sigma"]) and math.isfinite(r["ito"]) for r in records)
     assert all(math.isfinite(n["loss"]) for n in tracker.network)
+    tracker.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adaptive optimizers (issue 19): the preconditioned ops on CUDA, and a tracked AdamW step without a sync
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+def test_precond_ops_match_cpu(dtype):
+    torch.manual_seed(0)
+    X, D, P = torch.randn(9, 3, 12, dtype=dtype), torch.randn(9, 3, 7, dtype=dtype), torch.rand(7, 12, dtype=dtype)
+    U, S, Vh = torch.linalg.svd(torch.randn(7, 12, dtype=F64), full_matrices=False)
+    U, V = U[:, :5].to(dtype), Vh.mT[:, :5].to(dtype)
+    cpu = ops.persample_linear_precond(X, D, P, U, S[:5], V, float(S[5]))
+    gpu = ops.persample_linear_precond(X.cuda(), D.cuda(), P.cuda(), U.cuda(), S[:5].cuda(), V.cuda(), float(S[5]))
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-5)
+    x, d, Pc = torch.randn(4, 3, 8, 8, dtype=dtype), torch.randn(4, 5, 4, 4, dtype=dtype), torch.rand(5, 27, dtype=dtype)
+    U, S, Vh = torch.linalg.svd(torch.randn(5, 27, dtype=F64), full_matrices=False)
+    geo = ((3, 3), (2, 2), (1, 1), (1, 1))
+    cpu = ops.persample_conv2d_precond(x, d, Pc, U.to(dtype), S, Vh.mT.to(dtype), 0.0, *geo)
+    gpu = ops.persample_conv2d_precond(x.cuda(), d.cuda(), Pc.cuda(), U.to(dtype).cuda(), S.cuda(),
+                                       Vh.mT.to(dtype).cuda(), 0.0, *geo)
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(capturable=True), dict(fused=True)],
+                         ids=["default", "capturable", "fused"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_tracked_adamw_step_does_not_synchronise(arch, variant):
+    """P, the known step and the preconditioned statistics are formed from the optimizer state on the device;
+    a capturable or fused AdamW keeps its step count there, and the tracker reads it as a tensor."""
+    torch.manual_seed(0)
+    if arch == "mlp":
+        model, shape = models.build_model("mlp", (100,), 10, widths=(64, 32), seed=0), (100,)
+    else:
+        model, shape = models.build_model("cnn", (3, 12, 12), 10, widths=(16, 32), seed=0), (3, 12, 12)
+    model = model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **variant)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, *shape, generator=g).cuda()
+    y = torch.randint(0, 10, (32,), generator=g).cuda()
+    tracker = lipfast.Tracker(model, opt, rank=4, gap_tol=0, step_tol=math.inf)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with _no_synchronisation():
+        step()
+    records = tracker.records
+    assert all("sgd_equivalent" not in r["flags"] and math.isfinite(r["ito"]) for r in records)
+    for r in records:  # the frozen P is the step's own: the known step plus the fresh part is the first order
+        assert math.isclose(r["drift"], r["first_order"], rel_tol=1e-2, abs_tol=1e-6), r
     tracker.close()

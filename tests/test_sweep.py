@@ -166,6 +166,23 @@ def test_sweep_data_seed_fixes_the_initialisation_and_compares_with_the_sde_band
     assert "Spread across data orders" in (out / "sweep_table.md").read_text(encoding="utf-8")
 
 
+def test_sweep_over_the_optimizer(tmp_path, capsys):
+    """--factor optimizer: one run per optimizer on the same seeds, labelled (not numeric) x positions."""
+    out = tmp_path / "opt"
+    assert main(["sweep", "--factor", "optimizer", "--values", "sgd", "adamw", "--out", str(out), "--quiet",
+                 "--lr", "0.01", *TINY]) == 0
+    capsys.readouterr()
+    spec = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
+    assert spec["values"] == ["sgd", "adamw"]
+    runs = [runio.load_run(out / r["path"]) for r in spec["runs"]]
+    assert [r.config["optimizer"] for r in runs] == ["sgd", "adamw"]
+    assert runs[0].layers[0]["sigma"] == runs[1].layers[0]["sigma"]  # same initialisation
+    assert all("sgd_equivalent" not in r["flags"] for r in runs[1].layers)
+    assert "| adamw |" in (out / "sweep_table.md").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="optimizer must be names among sgd, adam, adamw, got 'lion'"):
+        sweep.parse_values("optimizer", ["sgd", "lion"])
+
+
 def test_loglog_slope_recovers_an_exponent():
     b = np.array([8, 16, 32, 64])
     fit = sweep.loglog_slope(b, 3.0 / b)
@@ -235,8 +252,10 @@ def test_experiments_script_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = doc.read_text(encoding="utf-8")
     for heading in ("## 1. Pathwise", "### 1b. Flagged steps", "## 2. Batch size", "## 3. Label noise",
-                    "## 4. Initialisation scale", "## 5. Sampling trajectories", "## 6. Weight decay"):
+                    "## 4. Initialisation scale", "## 5. Sampling trajectories", "## 6. Weight decay",
+                    "## 7. Ensembles over sampling", "## 8. BatchNorm + Mixup", "## 9. Growth past convergence",
+                    "## 10. SGD against AdamW"):
         assert heading in text, heading
     pngs = sorted(figures.glob("*.png"))
-    assert len(pngs) == 7 and all(p.stat().st_size <= 80 * 1024 for p in pngs)
+    assert len(pngs) == 11 and all(p.stat().st_size <= 80 * 1024 for p in pngs)
     assert all(f"figures/{p.name}" in text for p in pngs)

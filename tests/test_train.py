@@ -77,6 +77,7 @@ def test_defaults_validate_and_round_trip_through_a_mapping():
     ("nesterov", True, "nesterov"),  # without momentum
     ("n_samples", 1, "n_samples"),
     ("batch_size", True, "batch_size"),  # a bool is not an int
+    ("optimizer", "lion", "optimizer"),
 ])  # fmt: skip
 def test_bad_options_raise_config_error_naming_them(name, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -194,6 +195,28 @@ def test_sgd_options_are_used_and_recorded(tmp_path):
         if name == "label_noise":
             # same data, same init, same first batch: only the labels (hence the loss) differ
             assert run.network[0]["loss"] != base.network[0]["loss"]
+
+
+def test_adam_options_are_refused_with_momentum():
+    with pytest.raises(ConfigError, match=r"momentum.*0 with optimizer 'adamw'"):
+        TrainConfig.from_mapping({"optimizer": "adamw", "momentum": 0.9})
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adaptive_optimizer_runs_resume_and_are_modelled(tmp_path, optimizer):
+    """--optimizer adam/adamw: config.json has it, no record is sgd_equivalent, drift = first_order (the
+    frozen preconditioner makes the known step plus the fresh part the whole first order), and a resumed
+    run (Adam's moments and step count come back) equals an uninterrupted one."""
+    cfg = tiny(steps=6, checkpoint_every=3, optimizer=optimizer, lr=0.003, weight_decay=0.01)
+    ref = _uninterrupted(tmp_path, cfg)
+    assert ref.config["optimizer"] == optimizer
+    assert all("sgd_equivalent" not in r["flags"] for r in ref.layers)
+    for r in ref.layers:
+        assert math.isclose(r["drift"], r["first_order"], rel_tol=1e-3, abs_tol=1e-7), r
+    out = tmp_path / "resumed"
+    train(cfg, out, quiet=True, report=False, max_steps=4)
+    train(cfg, out, resume=True, quiet=True, report=False)
+    assert_same_records(runio.load_run(out).layers, ref.layers, "layers.csv")
 
 
 def test_weight_decay_adds_its_drift_term(tmp_path):
