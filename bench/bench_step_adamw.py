@@ -49,7 +49,7 @@ def check_correctness(model, X, y) -> None:
         records.append(tracker.records)
         tracker.close()
     for r, ref in zip(*records):
-        assert "sgd_equivalent" not in r["flags"], r["flags"]
+        assert "sgd_equivalent" not in r["flag_names"], r["flag_names"]
         for f in ("drift", "diffusion_var", "ito"):
             H.assert_close(torch.tensor(r[f]), torch.tensor(ref[f]), rtol=1e-3, atol=1e-9,
                            what=f"{r['layer']}.{f} vs reference")

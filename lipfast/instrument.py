@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from .adapters import Adapter, AttentionAdapter, cat_stats
 from .adapters import _contract as contract_stats
+from .adapters import _as
 
 # ``_saved_tensors_hooks(False)``: the saved-tensor hooks autograd applies right now, (pack, unpack) or None. A
 # private function; where a torch lacks it, a checkpointed segment's inputs are held from the forward on.

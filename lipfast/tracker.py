@@ -635,6 +635,10 @@ class Tracker:
                                     f"{', a tied Parameter' if len(cap.uses) > 1 else ''}) has no preconditioned "
                                     f"statistics under {type(self.optimizer).__name__}: its forces are reported as for "
                                     "plain SGD and flagged sgd_equivalent")
+                if coef.precond is not None:
+                    # The matrix first (a grouped convolution re-chooses its block when the weight changed), then P
+                    # read in its layout: the deferred reduction runs on that block.
+                    self.spectrum_before(cap)
                 cap.flush(None if coef.precond is None else cap.adapter.matrix(coef.precond))
                 if cap.dropped_calls:
                     self._warn_once("no_backward", f"lipfast: {cap.dropped_calls} forward call(s) of '{name}' had no "

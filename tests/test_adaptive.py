@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lipfast import LipfastWarning, Tracker, ops, reference
@@ -70,8 +70,23 @@ class SharedNet(nn.Module):
         return self.head(torch.tanh(self.fc(torch.tanh(self.fc(h)))))
 
 
+class KindsNet(nn.Module):
+    """The layer kinds beyond Linear and Conv2d that have preconditioned statistics: a grouped Conv2d (its record
+    follows the top block) and a Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.conv1d = nn.Conv1d(6, 4, 3, stride=2)
+        self.head = nn.Linear(4 * 12, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.grouped(x)).flatten(2)  # [B, 6, 25]
+        return self.head(torch.tanh(self.conv1d(h)).flatten(1))
+
+
 ARCHS = {"mlp": (mlp, (5,)), "cnn": (cnn, (2, 7, 7)), "seq": (lambda: SequenceNet().double(), (5, 4)),
-         "shared": (lambda: SharedNet().double(), (2, 5, 5))}
+         "shared": (lambda: SharedNet().double(), (2, 5, 5)), "kinds": (lambda: KindsNet().double(), (4, 5, 5))}
 
 
 def make(arch: str, seed: int = 0):
@@ -91,7 +106,29 @@ def train_step(model, opt, x, y, reduction="mean"):
 
 
 def tracked_names(model) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+
+
+def _frozen_block(module: nn.Module):
+    """:func:`_block` with the block chosen now (before the step), applied later."""
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return lambda t: t
+    rows = module.weight.shape[0] // groups
+    j = int(torch.linalg.matrix_norm(module.weight.detach().reshape(groups, rows, -1), ord=2).argmax())
+    return lambda t: t[..., j * rows:(j + 1) * rows, :]
+
+
+def _block(module: nn.Module, t: Tensor) -> Tensor:
+    """``t`` ([..., C_out, n], the reshaped weight or its per-sample gradients) restricted to the block a grouped
+    convolution's record follows: the group whose block of the weight has the largest σ1."""
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return t
+    rows = module.weight.shape[0] // groups
+    W = module.weight.detach().reshape(groups, rows, -1)
+    j = int(torch.linalg.matrix_norm(W, ord=2).argmax())
+    return t[..., j * rows:(j + 1) * rows, :]
 
 
 def persample_grads(model, x, y, names):
@@ -130,19 +167,21 @@ def expected(model, opt, x, y, names, reduction="mean", dataset_size=None):
     B = x.shape[0]
     G = persample_grads(model, x, y, names)
     mods = dict(model.named_modules())
-    before = {n: mods[n].weight.detach().reshape(mods[n].weight.shape[0], -1).clone() for n in names}
+    G = {n: _block(mods[n], G[n]) for n in names}
+    before = {n: _block(mods[n], mods[n].weight.detach().reshape(mods[n].weight.shape[0], -1)).clone() for n in names}
+    blocks = {n: _frozen_block(mods[n]) for n in names}  # the block chosen before the step, as the tracker does
     train_step(model, opt, x, y, reduction)
     fpc = 1.0 if dataset_size is None else (dataset_size - B) / (dataset_size - 1)
     out = {}
     for n in names:
         W = before[n]
         P, c = preconditioner_after(opt, mods[n].weight)
-        P = P.reshape(W.shape)
+        P = blocks[n](P.reshape(P.shape[0], -1))
         c = c * (B if reduction == "sum" else 1.0)
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         E = P * G[n]
         s = torch.einsum("m,bmn,n->b", U[:, 0], E, Vh[0])
-        dW = mods[n].weight.detach().reshape(W.shape) - W
+        dW = blocks[n](mods[n].weight.detach().reshape(mods[n].weight.shape[0], -1)) - W
         out[n] = dict(drift=float(U[:, 0] @ dW @ Vh[0]),
                       diffusion_var=c * c * float(s.var(unbiased=True)) / B * fpc,
                       ito=c * c / (2 * B * (B - 1)) * fpc * float(reference.hessian_form_dense(W, E - E.mean(0)).sum()))
@@ -184,7 +223,7 @@ def test_forces_match_per_sample_ground_truth(arch, opt_name):
             x, y = batch(shape, 7)
             want = expected(model, opt, x, y, names)
             for r in (r for r in tracker.records if r["step"] == step):
-                assert "sgd_equivalent" not in r["flags"]
+                assert "sgd_equivalent" not in r["flag_names"]
                 assert_forces(r, want[r["layer"]])
                 # The known step and the fresh part together are the realised first order.
                 assert math.isclose(r["drift"], r["first_order"], rel_tol=1e-9, abs_tol=1e-15)
@@ -199,10 +238,11 @@ def test_held_inputs_are_released_at_the_step():
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     held = {name: cap.held for name, cap in tracker.captures.items()}
-    assert all(len(h) == 1 and h[0][0].x is not None for h in held.values())  # held until the step
+    # held until the step: one forward pass's calls (with the batch size then) per layer
+    assert all(len(h) == 1 and h[0][0][0].x is not None for h in held.values())
     opt.step()
     assert all(not cap.held and not cap.groups for cap in tracker.captures.values())
-    assert all(c.x is None and c.d is None for h in held.values() for c in h[0])
+    assert all(c.x is None and c.d is None for h in held.values() for c in h[0][0])
     tracker.close()
 
 
@@ -318,7 +358,7 @@ def test_unsupported_optimizer_warns_once_naming_it(make_opt):
     name = type(opt).__name__
     ours = [w for w in caught if issubclass(w.category, LipfastWarning) and "sgd_equivalent" in str(w.message)]
     assert len(ours) == 1 and name in str(ours[0].message)
-    assert all("sgd_equivalent" in r["flags"].split(";") for r in tracker.records)
+    assert all("sgd_equivalent" in r["flag_names"].split(";") for r in tracker.records)
 
 
 def test_adam_subclass_is_not_taken_for_adam():
@@ -420,3 +460,21 @@ def test_precond_ops_name_the_bad_argument():
     U, S, V, sn = _spectrum(4, 18, 2, torch.float32)
     with pytest.raises(RuntimeError, match=r"persample_conv2d_precond: P must have the reshaped weight's shape"):
         ops.persample_conv2d_precond(x, d, torch.rand(4, 17), U, S, V, sn, (3, 3), (1, 1), (1, 1), (1, 1))
+
+
+def test_a_kind_without_preconditioned_statistics_is_flagged_not_silently_wrong():
+    """An Embedding (and a tied Parameter) under AdamW: SGD's terms, every record flagged sgd_equivalent and one
+    warning naming the layer; the Linear beside it is modelled exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(12, 6), nn.Flatten(), nn.Linear(18, 3)).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    with pytest.warns(LipfastWarning, match=r"layer '0' \(embedding\) has no preconditioned statistics under AdamW"):
+        with Tracker(model, opt, **EXACT) as tracker:
+            for _ in range(2):
+                ids, y = torch.randint(0, 12, (5, 3)), torch.randint(0, 3, (5,))
+                train_step(model, opt, ids, y)
+    by_layer = {}
+    for r in tracker.records:
+        by_layer.setdefault(r["layer"], []).append(r)
+    assert all("sgd_equivalent" in r["flag_names"].split(";") for r in by_layer["0"])
+    assert all("sgd_equivalent" not in r["flag_names"] for r in by_layer["2"])
