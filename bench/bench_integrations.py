@@ -43,6 +43,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|litlogger|GPU available).*")
 # BERT's position embeddings take a [1, T] input shared by every sample: the tracker skips them, and says so.
 warnings.filterwarnings("ignore", message="lipfast: not tracking '.*position_embeddings'", category=lipfast.LipfastWarning)
+warnings.filterwarnings("ignore", message="lipfast: layer '.*embeddings.*' .embedding. has no preconditioned",
+                        category=lipfast.LipfastWarning)
 
 
 def _have(name: str) -> bool:

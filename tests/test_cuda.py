@@ -672,7 +672,7 @@ def test_tracked_adamw_step_does_not_synchronise(arch, variant):
     with _no_synchronisation():
         step()
     records = tracker.records
-    assert all("sgd_equivalent" not in r["flags"] and math.isfinite(r["ito"]) for r in records)
+    assert all("sgd_equivalent" not in r["flag_names"] and math.isfinite(r["ito"]) for r in records)
     for r in records:  # the frozen P is the step's own: the known step plus the fresh part is the first order
         assert math.isclose(r["drift"], r["first_order"], rel_tol=1e-2, abs_tol=1e-6), r
     tracker.close()

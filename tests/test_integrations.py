@@ -41,7 +41,11 @@ def _train(model, opt, tracker, steps, batch=8, seed=0):
 
 
 # BERT's position embeddings take a [1, T] input shared by every sample: the tracker skips them and says so once.
-pytestmark = pytest.mark.filterwarnings("ignore:lipfast. not tracking '.*position_embeddings':lipfast.LipfastWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:lipfast. not tracking '.*position_embeddings':lipfast.LipfastWarning"),
+    # ... and under the Trainer's AdamW its token embeddings keep SGD's terms (flagged sgd_equivalent): said once.
+    pytest.mark.filterwarnings("ignore:lipfast. layer '.*embeddings.*' .embedding. has no preconditioned:lipfast.LipfastWarning"),
+]
 
 
 def _linear_names(model: nn.Module, prefix: str = "") -> set[str]:

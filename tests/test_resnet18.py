@@ -26,6 +26,7 @@ STEPS = 30
 CHECK_EVERY = 2   # exact σ1 of every layer at every second step (LAPACK on 512x4608 is the slow part)
 
 
+@pytest.mark.slow  # ~1.5 min on 2 cores: in CI through .ci/run's slow pass
 def test_resnet18_sigma_is_accurate_or_flagged_and_forces_are_finite():
     torch.manual_seed(0)
     model = ResNet18()

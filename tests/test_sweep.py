@@ -177,7 +177,7 @@ def test_sweep_over_the_optimizer(tmp_path, capsys):
     runs = [runio.load_run(out / r["path"]) for r in spec["runs"]]
     assert [r.config["optimizer"] for r in runs] == ["sgd", "adamw"]
     assert runs[0].layers[0]["sigma"] == runs[1].layers[0]["sigma"]  # same initialisation
-    assert all("sgd_equivalent" not in r["flags"] for r in runs[1].layers)
+    assert all("sgd_equivalent" not in r["flag_names"] for r in runs[1].layers)
     assert "| adamw |" in (out / "sweep_table.md").read_text(encoding="utf-8")
     with pytest.raises(ValueError, match="optimizer must be names among sgd, adam, adamw, got 'lion'"):
         sweep.parse_values("optimizer", ["sgd", "lion"])

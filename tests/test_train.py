@@ -210,7 +210,7 @@ def test_adaptive_optimizer_runs_resume_and_are_modelled(tmp_path, optimizer):
     cfg = tiny(steps=6, checkpoint_every=3, optimizer=optimizer, lr=0.003, weight_decay=0.01)
     ref = _uninterrupted(tmp_path, cfg)
     assert ref.config["optimizer"] == optimizer
-    assert all("sgd_equivalent" not in r["flags"] for r in ref.layers)
+    assert all("sgd_equivalent" not in r["flag_names"] for r in ref.layers)
     for r in ref.layers:
         assert math.isclose(r["drift"], r["first_order"], rel_tol=1e-3, abs_tol=1e-7), r
     out = tmp_path / "resumed"
