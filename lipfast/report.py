@@ -457,7 +457,7 @@ def _make_figures(run: runio.Run, sim: dict | None, quantiles: Sequence[float]) 
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no network records", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(r"network bound $\log K = \sum_\ell \log \sigma_1(W_\ell)$")
+    ax.set_title("network bound log K = Σ log σ₁ over the layers")
     ax.set_xlabel("step")
     ax.set_ylabel("log K")
     figs["log_bound.png"] = _png(fig)
