@@ -330,9 +330,29 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("lipfast: interrupted; every completed step's records are in the run folder (resume with "
-              "lipfast train --resume --out DIR)", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except Exception as exc:
+        # Ctrl-C inside a class body being created (torch imports torch._dynamo lazily when an optimizer is made)
+        # reaches us wrapped: "Error calling __set_name__ ..." with the KeyboardInterrupt as its cause.
+        if _caused_by_interrupt(exc):
+            return _interrupted()
+        raise
+
+
+def _interrupted() -> int:
+    print("lipfast: interrupted; every completed step's records are in the run folder (resume with "
+          "lipfast train --resume --out DIR)", file=sys.stderr)
+    return 130
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _unknown_arguments(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:

@@ -257,6 +257,26 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, monkey
     assert got.config == want.config
 
 
+def test_ctrl_c_wrapped_by_a_class_creation_is_still_an_interrupt(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while Python creates a class (torch's lazy import of torch._dynamo when the optimizer is made)
+    arrives as "RuntimeError: Error calling __set_name__ ..." caused by the KeyboardInterrupt: the same one line
+    and status 130 as a plain Ctrl-C, not a traceback (found by the random fault loop)."""
+    def interrupted_optimizer(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Error calling __set_name__ on 'cached_property' instance") from exc
+
+    monkeypatch.setattr(lipfast.train, "make_optimizer", interrupted_optimizer)
+    rc = main(["train", "--out", str(tmp_path / "run"), *TINY, "--no-report"])
+    _, err = capsys.readouterr()
+    assert rc == 130 and len(err.splitlines()) == 1 and "--resume" in err and "Traceback" not in err
+    with pytest.raises(RuntimeError, match="not an interrupt"):  # any other error still propagates
+        monkeypatch.setattr(lipfast.train, "make_optimizer", lambda *a, **k: (_ for _ in ()).throw(
+            RuntimeError("not an interrupt")))
+        main(["train", "--out", str(tmp_path / "run2"), *TINY, "--no-report"])
+
+
 def test_resume_can_extend_a_finished_run(tmp_path, capsys):
     ref, out = tmp_path / "straight", tmp_path / "run"
     assert main(["train", "--out", str(ref), *TINY, "--steps", "7", "--no-report"]) == 0
