@@ -385,6 +385,8 @@ def _dispatch(args) -> int:
         print(f"lipfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except (ValueError, RunFolderError, RunWriteError, DatasetUnavailable, FileNotFoundError, ImportError) as exc:
+        if _caused_by_interrupt(exc):  # a Ctrl-C wrapped on its way (an import it interrupted): main says so
+            raise
         print(f"lipfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
