@@ -78,6 +78,12 @@ def find_group(optimizer: torch.optim.Optimizer, param: Tensor) -> dict | None:
     return None
 
 
+def sgd_equivalent(lr: float) -> StepCoefficients:
+    """The terms of a plain SGD step with learning rate ``lr``: what a step lipfast does not model is reported
+    as (the records are flagged ``sgd_equivalent``)."""
+    return StepCoefficients(lr=lr, fresh=lr, decay=0.0, known=None, exact=False)
+
+
 def step_coefficients(optimizer: torch.optim.Optimizer, param: Tensor) -> StepCoefficients:
     """Coefficients of the coming step for ``param`` (call before ``optimizer.step()`` runs)."""
     group = find_group(optimizer, param)
@@ -85,7 +91,7 @@ def step_coefficients(optimizer: torch.optim.Optimizer, param: Tensor) -> StepCo
     if is_adaptive(optimizer):
         return _adaptive_coefficients(optimizer, group, param, lr)
     if not isinstance(optimizer, torch.optim.SGD):
-        return StepCoefficients(lr=lr, fresh=lr, decay=0.0, known=None, exact=False)
+        return sgd_equivalent(lr)
     mu = float(group.get("momentum", 0.0))
     damp = float(group.get("dampening", 0.0))
     nesterov = bool(group.get("nesterov", False))

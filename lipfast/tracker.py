@@ -40,7 +40,7 @@ from .functional import (Spectrum, block_size, compute_spectrum, default_tol, ne
                          with_host_values)
 from .adapters import SUPPORTED, adapter_for, attention_adapters
 from .instrument import COMPILE_ADVICE, Hook, LayerCapture, in_backward, prepare_compile_refusal, refuse_compiled
-from .optim import StepCoefficients, find_group, is_adaptive, is_modelled, step_coefficients
+from .optim import StepCoefficients, find_group, is_adaptive, is_modelled, sgd_equivalent, step_coefficients
 
 __all__ = ["Tracker", "LipfastWarning", "LAYER_FIELDS", "NETWORK_FIELDS", "TRUST_FLAGS"]
 
@@ -629,8 +629,7 @@ class Tracker:
                 if coef.precond is not None and not cap.defer:
                     # A kind with no preconditioned statistics (an embedding) or a tied Parameter: SGD's terms at
                     # the group's learning rate, flagged sgd_equivalent (first/second_order use the real update).
-                    coef = dataclasses.replace(coef, fresh=coef.lr, decay=0.0, known=None, known_scale=0.0,
-                                               exact=False, precond=None)
+                    coef = sgd_equivalent(coef.lr)
                     self._warn_once(f"precond:{name}", f"lipfast: layer '{name}' ({cap.kind}"
                                     f"{', a tied Parameter' if len(cap.uses) > 1 else ''}) has no preconditioned "
                                     f"statistics under {type(self.optimizer).__name__}: its forces are reported as for "

@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lipfast import LipfastWarning, Tracker, ops, reference
@@ -110,25 +110,14 @@ def tracked_names(model) -> list[str]:
 
 
 def _frozen_block(module: nn.Module):
-    """:func:`_block` with the block chosen now (before the step), applied later."""
+    """A function restricting ``[..., C_out, n]`` tensors (the reshaped weight, its per-sample gradients, P) to the
+    block a grouped convolution's record follows: the group whose block of the weight has the largest σ1 now."""
     groups = getattr(module, "groups", 1)
     if groups == 1:
         return lambda t: t
     rows = module.weight.shape[0] // groups
     j = int(torch.linalg.matrix_norm(module.weight.detach().reshape(groups, rows, -1), ord=2).argmax())
     return lambda t: t[..., j * rows:(j + 1) * rows, :]
-
-
-def _block(module: nn.Module, t: Tensor) -> Tensor:
-    """``t`` ([..., C_out, n], the reshaped weight or its per-sample gradients) restricted to the block a grouped
-    convolution's record follows: the group whose block of the weight has the largest σ1."""
-    groups = getattr(module, "groups", 1)
-    if groups == 1:
-        return t
-    rows = module.weight.shape[0] // groups
-    W = module.weight.detach().reshape(groups, rows, -1)
-    j = int(torch.linalg.matrix_norm(W, ord=2).argmax())
-    return t[..., j * rows:(j + 1) * rows, :]
 
 
 def persample_grads(model, x, y, names):
@@ -167,9 +156,9 @@ def expected(model, opt, x, y, names, reduction="mean", dataset_size=None):
     B = x.shape[0]
     G = persample_grads(model, x, y, names)
     mods = dict(model.named_modules())
-    G = {n: _block(mods[n], G[n]) for n in names}
-    before = {n: _block(mods[n], mods[n].weight.detach().reshape(mods[n].weight.shape[0], -1)).clone() for n in names}
     blocks = {n: _frozen_block(mods[n]) for n in names}  # the block chosen before the step, as the tracker does
+    G = {n: blocks[n](G[n]) for n in names}
+    before = {n: blocks[n](mods[n].weight.detach().reshape(mods[n].weight.shape[0], -1)).clone() for n in names}
     train_step(model, opt, x, y, reduction)
     fpc = 1.0 if dataset_size is None else (dataset_size - B) / (dataset_size - 1)
     out = {}

@@ -51,10 +51,20 @@ def scalars(rows: list[dict], net: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def check_every(name: str, value, who: str) -> None:
-    """``value`` is None or an int >= 0 (a logging period; 0: never)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"{who}: {name} must be None or an int >= 0, got {value!r}")
+RUN_SUBDIR = "lipfast"  # the run folder inside the framework's output folder (output_dir, default_root_dir)
+
+
+def check_callback_options(out, log_every, who: str) -> None:
+    """A callback's own arguments: ``out`` None or a path, ``log_every`` None or an int >= 0 (0: never)."""
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"{who}: out must be a path or None, got {type(out).__name__}")
+    if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0):
+        raise ValueError(f"{who}: log_every must be None or an int >= 0, got {log_every!r}")
+
+
+def run_folder(out, framework_dir: str) -> str:
+    """Where a callback writes its run folder: ``out``, else ``RUN_SUBDIR`` inside the framework's folder."""
+    return os.fspath(out) if out is not None else os.path.join(framework_dir, RUN_SUBDIR)
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:

@@ -7,7 +7,7 @@ import os
 
 from torch import nn
 
-from ._common import TrackedRun, check_every, log_due, run_config, scalars, unwrap_optimizer
+from ._common import TrackedRun, check_callback_options, log_due, run_config, run_folder, scalars, unwrap_optimizer
 
 __all__ = ["LipfastCallback"]
 
@@ -24,8 +24,6 @@ def _lightning():
 
 
 _pl = _lightning()
-
-RUN_SUBDIR = "lipfast"  # the run folder inside default_root_dir
 
 
 class LipfastCallback(_pl.Callback):
@@ -54,9 +52,7 @@ class LipfastCallback(_pl.Callback):
     """
 
     def __init__(self, out: str | os.PathLike | None = None, *, log_every: int | None = None, **tracker_kwargs):
-        if out is not None and not isinstance(out, (str, os.PathLike)):
-            raise TypeError(f"LipfastCallback: out must be a path or None, got {type(out).__name__}")
-        check_every("log_every", log_every, "LipfastCallback")
+        check_callback_options(out, log_every, "LipfastCallback")
         self.out = out
         self.log_every = log_every
         self._run = TrackedRun(tracker_kwargs, "LipfastCallback")
@@ -75,7 +71,7 @@ class LipfastCallback(_pl.Callback):
         optimizer = unwrap_optimizer(trainer.optimizers[0])
         wrapped = trainer.strategy.model
         tracked = wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else pl_module
-        run_dir = os.fspath(self.out) if self.out is not None else os.path.join(trainer.default_root_dir, RUN_SUBDIR)
+        run_dir = run_folder(self.out, trainer.default_root_dir)
         write_here = trainer.is_global_zero
         config = run_config("lightning", self._run.kwargs, model=type(pl_module).__name__,
                             optimizer=type(optimizer).__name__, accumulate_grad_batches=trainer.accumulate_grad_batches,

@@ -8,13 +8,11 @@ import sys
 import torch
 from torch import nn
 
-from ._common import TrackedRun, check_every, log_due, require, run_config, scalars
+from ._common import TrackedRun, check_callback_options, log_due, require, run_config, run_folder, scalars
 
 _transformers = require("transformers", "hf", "lipfast.integrations.transformers")
 
 __all__ = ["LipfastCallback"]
-
-RUN_SUBDIR = "lipfast"  # the run folder inside output_dir (which also holds the Trainer's checkpoints)
 
 
 class LipfastCallback(_transformers.TrainerCallback):
@@ -48,9 +46,7 @@ class LipfastCallback(_transformers.TrainerCallback):
     """
 
     def __init__(self, out: str | os.PathLike | None = None, *, log_every: int | None = None, **tracker_kwargs):
-        if out is not None and not isinstance(out, (str, os.PathLike)):
-            raise TypeError(f"LipfastCallback: out must be a path or None, got {type(out).__name__}")
-        check_every("log_every", log_every, "LipfastCallback")
+        check_callback_options(out, log_every, "LipfastCallback")
         self.out = out
         self.log_every = log_every
         self._run = TrackedRun(tracker_kwargs, "LipfastCallback")
@@ -72,7 +68,7 @@ class LipfastCallback(_transformers.TrainerCallback):
         wrapped = getattr(self._trainer, "model_wrapped", None)
         ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel) and wrapped.module is model
         tracked = wrapped if ddp else model
-        run_dir = os.fspath(self.out) if self.out is not None else os.path.join(args.output_dir, RUN_SUBDIR)
+        run_dir = run_folder(self.out, args.output_dir)
         write_here = state.is_world_process_zero
         config = run_config("transformers.Trainer", self._run.kwargs, model=type(model).__name__,
                             optimizer=type(optimizer).__name__, learning_rate=args.learning_rate,
