@@ -15,4 +15,11 @@ inline int64_t block_size(int64_t k, int64_t r) { return std::min(r, k + 1 + std
 // spectra. The rule of lipfast.functional.TRACKED_PAIRS.
 inline int64_t tracked_pairs(int64_t k) { return std::min<int64_t>(2, k + 1); }
 
+// The step's second-order term solves its unknown tail (lipfast::hessian_tail) inside lipfast::track_update:
+// at most this many conjugate-gradient steps (each reads W once), stopping when the tail's bracket is within
+// this relative width. Measured on flat spectra (a random initialisation: σ_{k+1} ≈ 0.97 σ1) it takes ~20 steps;
+// with a gap of 20% about 6 (MATH.md §1).
+constexpr int64_t kTailMaxSteps = 32;
+constexpr double kTailTol = 1e-3;
+
 }  // namespace lipfast

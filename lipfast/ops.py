@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["subspace_iteration", "hessian_contract", "persample_linear", "gradient_statistics", "update_statistics",
-           "track_update", "conv2d_projections", "persample_conv2d", "persample_linear_precond",
+           "hessian_tail", "track_update", "conv2d_projections", "persample_conv2d", "persample_linear_precond",
            "persample_conv2d_precond"]
 
 
@@ -127,6 +127,26 @@ def update_statistics(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sig
         _d(x), _d(y), _d(U), _d(S), _d(V), float(sigma_next))
 
 
+def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float,
+                 max_iters: int = 32, tol: float = 1e-3) -> Tensor:
+    """The unknown tail of ``H[E,E]`` (MATH.md §1, "Truncated spectrum") solved by conjugate gradients
+    instead of bracketed.
+
+    Args:
+        W: ``[m, n]`` the matrix; x: ``[m]`` ``E v1`` and y: ``[n]`` ``Eᵀ u1`` (float64); U, S, V: its top-k
+            triplets; sigma_next: an upper bound of the other singular values (``σ_{k+1}``).
+        max_iters: conjugate-gradient steps at most (each reads W once); tol: stop when the bracket's
+            width is below ``tol`` times its lower end.
+
+    Returns:
+        float64 ``[5]``: the tail's value, its lower and upper bound, the steps taken, and the unknown
+        mass ``R``. With no step taken these are ``R/σ1`` and the truncation bracket ``R/(σ1 ± σ_{k+1})``;
+        ``core_k`` plus the value is ``H[E,E]``.
+    """
+    return torch.ops.lipfast.hessian_tail.default(
+        _d(W), _d(x), _d(y), _d(U), _d(S), _d(V), float(sigma_next), int(max_iters), float(tol))
+
+
 def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,
                  max_iters: int, tol: float, exact: bool):
     """One tracked layer after an optimizer step (MATH.md §2, §5), in one call.
@@ -229,6 +249,12 @@ def _gradient_statistics_fake(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_ne
                               Gtu1=None):
     torch._check(G.dim() == 2, lambda: f"G must have shape [m, n], got {tuple(G.shape)}")
     return torch.empty((11,), dtype=torch.float64, device=G.device)
+
+
+@torch.library.register_fake("lipfast::hessian_tail")
+def _hessian_tail_fake(W, x, y, U, S, V, sigma_next, max_iters, tol):
+    torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
+    return torch.empty((5,), dtype=torch.float64, device=W.device)
 
 
 @torch.library.register_fake("lipfast::update_statistics")

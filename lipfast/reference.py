@@ -197,6 +197,45 @@ def update_statistics(x: Tensor, y: Tensor, U, S, V, sigma_next: float) -> Tenso
     return torch.cat([first[None], second, finite[None], x.norm()[None], y.norm()[None]])
 
 
+def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float,
+                 max_iters: int = 32, tol: float = 1e-3) -> Tensor:
+    """Twin of ``lipfast::hessian_tail``: conjugate gradients on ``σ1 I − [[0, W], [Wᵀ, 0]]`` off the known pairs."""
+    U64, V64, s1 = U.to(torch.float64), V.to(torch.float64), float(S[0])
+
+    def project(z1, z2):
+        return z1 - U64 @ (U64.mT @ z1), z2 - V64 @ (V64.mT @ z2)
+
+    def apply(p1, p2):
+        return project(s1 * p1 - (W @ p2.to(W.dtype)).double(), s1 * p2 - (W.mT @ p1.to(W.dtype)).double())
+
+    r1, r2 = project(x.double(), y.double())
+    p1, p2 = r1.clone(), r2.clone()
+    rr = float(r1 @ r1 + r2 @ r2)
+    mass, inv_hi, inv_lo = rr, 1.0 / (s1 - sigma_next), 1.0 / (s1 + sigma_next)
+    T, steps = 0.0, 0
+
+    def meets_tol():
+        return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo)
+
+    if s1 > sigma_next and not meets_tol():
+        for _ in range(max_iters):
+            q1, q2 = apply(p1, p2)
+            pq = float(p1 @ q1 + p2 @ q2)
+            if not pq > 0:
+                break
+            alpha = rr / pq
+            T += alpha * rr
+            r1, r2 = r1 - alpha * q1, r2 - alpha * q2
+            rr_new = float(r1 @ r1 + r2 @ r2)
+            beta, rr = rr_new / rr, rr_new
+            steps += 1
+            if meets_tol():
+                break
+            p1, p2 = r1 + beta * p1, r2 + beta * p2
+    return torch.tensor([T + rr / s1, T + rr * inv_lo, T + rr * inv_hi, steps, mass], dtype=torch.float64,
+                        device=W.device)
+
+
 def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,
                  max_iters: int, tol: float, exact: bool):
     """Twin of ``lipfast::track_update``: the new spectrum and the step's update statistics."""
@@ -226,6 +265,10 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     x = W_v1[:, 0] - U[:, 0].to(torch.float64) * S64[0]
     y = Wt_u1_new_probe[:, 0] - Wt_u1.to(torch.float64)
     upd = update_statistics(x, y, U, S64, V, sigma_next)
+    tail = hessian_tail(W, x, y, U, S64, V, sigma_next, 32, 1e-3)  # the kernels' kTailMaxSteps, kTailTol
+    s1, mass = float(S64[0]), tail[4]
+    truncated = torch.stack([mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)])
+    upd = torch.cat([upd[:1], upd[1:4] + 0.5 * (tail[:3] - truncated), upd[4:]])
     s2 = Sn[1] if kk > 1 else sigma_next_new
     stats = torch.cat([upd, Sn[:1], s2.reshape(1), sigma_next_new.reshape(1), res.max().reshape(1),
                        torch.as_tensor(it, dtype=torch.float64, device=Sn.device).reshape(1)])

@@ -48,6 +48,15 @@ SubspaceResult call_subspace_iteration(const at::Tensor& W, const at::Tensor& V0
   return op.call(W, V0, k, max_iters, tol, right, left);
 }
 
+at::Tensor call_hessian_tail(const at::Tensor& W, const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
+                             const at::Tensor& S, const at::Tensor& V, double sigma_next) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lipfast::hessian_tail", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, double, int64_t, double)>();
+  return op.call(W, x, y, U, S, V, sigma_next, kTailMaxSteps, kTailTol);
+}
+
 at::Tensor call_update_statistics(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U, const at::Tensor& S,
                                   const at::Tensor& V, double sigma_next) {
   static auto op = c10::Dispatcher::singleton()
@@ -114,7 +123,14 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
   const auto S64 = S.to(at::kDouble);
   const auto x = W_v1.select(1, 0) - U.select(1, 0).to(at::kDouble) * S64.select(0, 0);
   const auto y = Wt_u1n_probe.select(1, 0) - Wt_u1.to(at::kDouble);
-  const auto upd = call_update_statistics(x, y, U, S64, V, sigma_next);
+  auto upd = call_update_statistics(x, y, U, S64, V, sigma_next);
+  // ½H[ΔW,ΔW]'s unknown tail solved instead of estimated: replace ½R/σ1 and the bracket's ½R/(σ1 ± σ_{k+1}) by
+  // the solved tail and its bracket (unchanged when the solve takes no step). The solve runs on W after the
+  // step, a difference of the expansion's own third order (MATH.md §1).
+  const auto tail = call_hessian_tail(W, x, y, U, S64, V, sigma_next);
+  const auto s1 = S64.select(0, 0), mass = tail.select(0, 4);
+  const auto truncated = at::stack({mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)});
+  upd = at::cat({upd.slice(0, 0, 1), upd.slice(0, 1, 4) + 0.5 * (tail.slice(0, 0, 3) - truncated), upd.slice(0, 4)});
   const auto s2 = kk > 1 ? Sn.select(0, 1) : sigma_next_new;
   const auto stats = at::cat({upd, Sn.slice(0, 0, 1), s2.reshape({1}), sigma_next_new.reshape({1}),
                               res.max().reshape({1}), iters.to(at::kDouble).reshape({1})});

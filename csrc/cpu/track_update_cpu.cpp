@@ -24,6 +24,9 @@ subspace_iteration_cpu(const at::Tensor& W, const at::Tensor& V0, int64_t k, int
                        const c10::optional<at::Tensor>& right, const c10::optional<at::Tensor>& left);
 at::Tensor update_statistics_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U, const at::Tensor& S,
                                  const at::Tensor& V, double sigma_next);
+at::Tensor hessian_tail_cpu(const at::Tensor& W, const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
+                            const at::Tensor& S, const at::Tensor& V, double sigma_next, int64_t max_iters,
+                            double tol);
 
 namespace {
 
@@ -189,6 +192,13 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
   auto stats = at::empty({12}, f64);
   double* st = stats.data_ptr<double>();
   std::copy(upd.data_ptr<double>(), upd.data_ptr<double>() + 7, st);
+  // ½H[ΔW,ΔW]'s unknown tail solved instead of estimated, as in the composite kernel.
+  const auto tail = hessian_tail_cpu(W, x, y, U, S, V, sigma_next, kTailMaxSteps, kTailTol);
+  const double* tl = tail.data_ptr<double>();
+  const double mass = tl[4];
+  st[1] += 0.5 * (tl[0] - mass / s1_old);
+  st[2] += 0.5 * (tl[1] - mass / (s1_old + sigma_next));
+  st[3] += 0.5 * (tl[2] - mass / (s1_old - sigma_next));
   const double* sn = Sn.data_ptr<double>();
   const double* pr = res.data_ptr<double>();
   st[7] = sn[0];

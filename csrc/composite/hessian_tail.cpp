@@ -1,0 +1,94 @@
+// lipfast::hessian_tail, composite kernel (what CUDA runs): the second-order term's unknown tail by conjugate
+// gradients (MATH.md §1, "Truncated spectrum"), written with ATen ops and a fixed number of steps so that it
+// never reads a value back to the host (no synchronisation; a converged iteration keeps its value through
+// the remaining steps). The CPU kernel (csrc/cpu/hessian_tail_cpu.cpp) runs the same iteration as loops and
+// stops as soon as the bracket meets the tolerance.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "op_interfaces.h"
+
+namespace lipfast {
+
+// Shared with the CPU kernel.
+void check_hessian_tail_inputs(const at::Tensor& W, const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
+                               const at::Tensor& S, const at::Tensor& V, int64_t max_iters, double tol) {
+  constexpr const char* op = "lipfast::hessian_tail";
+  LIPFAST_CHECK_DIM("lipfast::hessian_tail", W, "W", 2, "[m, n]");
+  LIPFAST_CHECK_FLOAT("lipfast::hessian_tail", W, "W");
+  LIPFAST_CHECK_DIM("lipfast::hessian_tail", x, "x", 1, "[m]");
+  LIPFAST_CHECK_DIM("lipfast::hessian_tail", y, "y", 1, "[n]");
+  const int64_t m = W.size(0), n = W.size(1);
+  LIPFAST_CHECK(x.size(0) == m, op, ": x must have shape [m=", m, "] (W's rows), got ", x.sizes());
+  LIPFAST_CHECK(y.size(0) == n, op, ": y must have shape [n=", n, "] (W's columns), got ", y.sizes());
+  LIPFAST_CHECK(U.dim() == 2 && U.size(0) == m && U.size(1) >= 1, op, ": U must have shape [m=", m,
+                ", k >= 1], got ", U.sizes());
+  LIPFAST_CHECK(V.dim() == 2 && V.size(0) == n && V.size(1) == U.size(1), op, ": V must have shape [n=", n,
+                ", k=", U.size(1), "], got ", V.sizes());
+  LIPFAST_CHECK(S.dim() == 1 && S.size(0) == U.size(1), op, ": S must have shape [k=", U.size(1), "], got ",
+                S.sizes());
+  for (const auto& [t, name] : {std::pair{&x, "x"}, std::pair{&y, "y"}, std::pair{&U, "U"}, std::pair{&S, "S"},
+                                 std::pair{&V, "V"}}) {
+    LIPFAST_CHECK(t->device() == W.device(), op, ": ", name, " must be on ", W.device(), " (W's device), got ",
+                  t->device());
+  }
+  LIPFAST_CHECK(max_iters >= 0, op, ": max_iters must be >= 0, got ", max_iters);
+  LIPFAST_CHECK(tol >= 0.0, op, ": tol must be >= 0, got ", tol);
+}
+
+namespace {
+
+at::Tensor hessian_tail(const at::Tensor& W,  // [m, n] the matrix whose unknown singular pairs are solved for
+                        const at::Tensor& x,  // [m] float64, E v1
+                        const at::Tensor& y,  // [n] float64, Eᵀ u1
+                        const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,  // the k known triplets
+                        double sigma_next, int64_t max_iters, double tol) {
+  check_hessian_tail_inputs(W, x, y, U, S, V, max_iters, tol);
+  const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), x64 = x.to(at::kDouble), y64 = y.to(at::kDouble);
+  const auto s1 = S.select(0, 0).to(at::kDouble);  // a 0-dim tensor: nothing is read back to the host
+  const auto dtype = W.scalar_type();
+  // The residual of [x; y] off the known pairs, and the operator M = σ1 I − [[0, W], [Wᵀ, 0]] on that space.
+  auto project = [&](const at::Tensor& z1, const at::Tensor& z2) {
+    return std::pair{z1 - at::mv(U64, at::mv(U64.t(), z1)), z2 - at::mv(V64, at::mv(V64.t(), z2))};
+  };
+  auto apply = [&](const at::Tensor& p1, const at::Tensor& p2) {
+    const auto Wp2 = at::mv(W, p2.to(dtype)).to(at::kDouble), Wtp1 = at::mv(W.t(), p1.to(dtype)).to(at::kDouble);
+    return project(s1 * p1 - Wp2, s1 * p2 - Wtp1);
+  };
+  auto [b1, b2] = project(x64, y64);
+  // On the unknown pairs M's eigenvalues σ1 ∓ σ_j lie in [σ1 − σ_{k+1}, σ1 + σ_{k+1}] (σ1 for a null space):
+  // what CG has not summed yet, rᵀM⁻¹r, lies in [‖r‖²/(σ1 + σ_{k+1}), ‖r‖²/(σ1 − σ_{k+1})]. Before the first
+  // step (r = b) that is the truncation bracket of MATH.md §1, and ‖r‖²/σ1 its estimate.
+  const auto inv_hi = 1.0 / (s1 - sigma_next), inv_lo = 1.0 / (s1 + sigma_next);
+  auto T = at::zeros({}, s1.options()), steps = at::zeros({}, s1.options());
+  auto r1 = b1.clone(), r2 = b2.clone(), p1 = b1.clone(), p2 = b2.clone();
+  auto rr = b1.dot(b1) + b2.dot(b2);
+  const auto mass = rr.clone();
+  auto meets_tol = [&](const at::Tensor& T, const at::Tensor& rr) { return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo); };
+  // Nothing to solve when σ1 does not clear the unknown pairs, or the truncated bracket already meets tol.
+  auto active = (s1 > sigma_next).logical_and(meets_tol(T, rr).logical_not());
+  for (int64_t it = 0; it < max_iters; ++it) {
+    auto [q1, q2] = apply(p1, p2);
+    const auto pq = p1.dot(q1) + p2.dot(q2);
+    active = active.logical_and(pq > 0);  // M not positive on the iterate (rounding): stop with what is summed
+    const auto alpha = at::where(active, rr / pq, at::zeros_like(rr));
+    T = T + alpha * rr;
+    r1 = r1 - alpha * q1;
+    r2 = r2 - alpha * q2;
+    const auto rr_new = r1.dot(r1) + r2.dot(r2);
+    const auto beta = at::where(active, rr_new / rr, at::zeros_like(rr));
+    rr = at::where(active, rr_new, rr);
+    steps = steps + active.to(at::kDouble);
+    active = active.logical_and(meets_tol(T, rr).logical_not());
+    p1 = r1 + beta * p1;
+    p2 = r2 + beta * p2;
+  }
+  return at::stack({T + rr / s1, T + rr * inv_lo, T + rr * inv_hi, steps, mass});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) { m.impl("hessian_tail", &hessian_tail); }
+
+}  // namespace lipfast

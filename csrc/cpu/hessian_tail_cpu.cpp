@@ -1,0 +1,100 @@
+// CPU kernel of lipfast::hessian_tail: the composite kernel's conjugate gradients (csrc/composite/hessian_tail.cpp)
+// as float64 loops that stop as soon as the bracket meets the tolerance. Each step reads W once, for W p and
+// Wᵀ p together.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "row_kernels.h"
+#include "op_interfaces.h"
+
+namespace lipfast {
+
+namespace {
+
+// z −= Q (Qᵀ z) for the k rows of Qt [k, len] (the known singular vectors).
+void project_out(const double* Qt, int64_t k, int64_t len, double* z) {
+  for (int64_t j = 0; j < k; ++j) {
+    const double* q = Qt + j * len;
+    double c = 0.0;
+    for (int64_t i = 0; i < len; ++i) c += q[i] * z[i];
+    for (int64_t i = 0; i < len; ++i) z[i] -= c * q[i];
+  }
+}
+
+double dot(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+
+at::Tensor hessian_tail_cpu(const at::Tensor& W, const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
+                            const at::Tensor& S, const at::Tensor& V, double sigma_next, int64_t max_iters,
+                            double tol) {
+  check_hessian_tail_inputs(W, x, y, U, S, V, max_iters, tol);
+  const int64_t m = W.size(0), n = W.size(1), k = U.size(1);
+  const auto Ut = U.t().to(at::kDouble).contiguous(), Vt = V.t().to(at::kDouble).contiguous();
+  const double *pu = Ut.data_ptr<double>(), *pv = Vt.data_ptr<double>();
+  const double s1 = S.to(at::kDouble).data_ptr<double>()[0];
+  const auto xc = x.to(at::kDouble).contiguous(), yc = y.to(at::kDouble).contiguous();
+  std::vector<double> r1(xc.data_ptr<double>(), xc.data_ptr<double>() + m);
+  std::vector<double> r2(yc.data_ptr<double>(), yc.data_ptr<double>() + n);
+  project_out(pu, k, m, r1.data());
+  project_out(pv, k, n, r2.data());
+  std::vector<double> p1 = r1, p2 = r2, q1(m), q2(n);
+  double rr = dot(r1, r1) + dot(r2, r2);
+  const double mass = rr, inv_hi = 1.0 / (s1 - sigma_next), inv_lo = 1.0 / (s1 + sigma_next);
+  double T = 0.0, steps = 0.0;
+  auto meets_tol = [&] { return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo); };
+  const auto Wc = W.contiguous();
+  // q = P(σ1 p − [W p2; Wᵀ p1]), one pass over W's rows.
+  auto apply = [&] {
+    std::fill(q2.begin(), q2.end(), 0.0);
+    AT_DISPATCH_FLOATING_TYPES(Wc.scalar_type(), "hessian_tail_apply", [&] {
+      const scalar_t* pw = Wc.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < m; ++i) {
+        const scalar_t* row = pw + i * n;
+        double d = 0.0;
+        for (int64_t c = 0; c < n; ++c) d += static_cast<double>(row[c]) * p2[c];
+        q1[i] = s1 * p1[i] - d;
+        rows::add_scaled(q2.data(), -p1[i], row, n);
+      }
+    });
+    for (int64_t c = 0; c < n; ++c) q2[c] += s1 * p2[c];
+    project_out(pu, k, m, q1.data());
+    project_out(pv, k, n, q2.data());
+  };
+  if (s1 > sigma_next && !meets_tol()) {
+    for (int64_t it = 0; it < max_iters; ++it) {
+      apply();
+      const double pq = dot(p1, q1) + dot(p2, q2);
+      if (!(pq > 0.0)) break;  // M not positive on the iterate (rounding): stop with what is summed
+      const double alpha = rr / pq;
+      T += alpha * rr;
+      for (int64_t i = 0; i < m; ++i) r1[i] -= alpha * q1[i];
+      for (int64_t c = 0; c < n; ++c) r2[c] -= alpha * q2[c];
+      const double rr_new = dot(r1, r1) + dot(r2, r2), beta = rr_new / rr;
+      rr = rr_new;
+      steps += 1.0;
+      if (meets_tol()) break;
+      for (int64_t i = 0; i < m; ++i) p1[i] = r1[i] + beta * p1[i];
+      for (int64_t c = 0; c < n; ++c) p2[c] = r2[c] + beta * p2[c];
+    }
+  }
+  auto out = at::empty({5}, W.options().dtype(at::kDouble));
+  double* po = out.data_ptr<double>();
+  po[0] = T + rr / s1;
+  po[1] = T + rr * inv_lo;
+  po[2] = T + rr * inv_hi;
+  po[3] = steps;
+  po[4] = mass;
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(lipfast, CPU, m) { m.impl("hessian_tail", &hessian_tail_cpu); }
+
+}  // namespace lipfast
