@@ -15,6 +15,9 @@ Cases (float32 by default, k = 8, the sizes of an MLP 784-512-512-10):
   14×14, B=128, 3×3, padding 1), the CPU kernel vs the composite kernel (ATen convolutions, what other
   backends run) and the twin.
 - hessian_contract: N=128 directions projected on k=8 triplets, op vs twin.
+- hessian_tail: the second-order term's unknown tail after one small step of a 512×784 layer, with an
+  init-like flat spectrum and with a trained-like one (σ_{k+1} = 0.8 σ1): the op (its conjugate-gradient
+  steps in the note) vs the ``track_update`` call that runs it after every tracked step, and the twin.
 - hessian_form: one 512×784 direction, ``lipfast.hessian_form`` vs the same route through the twin,
   and the dense ground truth ``reference.hessian_form_dense``.
 
@@ -50,11 +53,14 @@ def get_configs(device: str, dtype: torch.dtype, quick: bool) -> list[H.Config]:
         cfg("conv2d_projections 32→64 14×14 B=128", kind="conv", B=128, C=32, Co=64, hw=14),
         cfg("subspace_iteration warm 512×784", kind="spectrum", m=512, n=784, sweeps=2),
         cfg("hessian_contract N=128", kind="contract", N=128),
+        cfg("hessian_tail 512×784 init-like", kind="tail", m=512, n=784, spectrum="init"),
+        cfg("hessian_tail 512×784 trained-like", kind="tail", m=512, n=784, spectrum="trained"),
         cfg("hessian_form 512×784, 1 direction", kind="hessian_form", m=512, n=784),
     ]
     if quick:  # one representative of each kind
         configs = [c for c in configs if c.name not in ("persample_linear 512→512 B=128",
-                                                        "conv2d_projections 1→32 28×28 B=128")]
+                                                        "conv2d_projections 1→32 28×28 B=128",
+                                                        "hessian_tail 512×784 trained-like")]
     return configs
 
 
@@ -237,6 +243,31 @@ def run_contract(config, opts):
     return case.run()
 
 
+def run_tail(config, opts):
+    p, dev, dt = config.params, config.device, config.dtype
+    m, n = p["m"], p["n"]
+    W0 = _linear_weight(m, n, dev, torch.float64)
+    if p["spectrum"] == "trained":  # the same vectors, σ1 clear of a tail at 0.8 σ1 and below
+        U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
+        S = torch.cat([S[:1], S[1:] / S[1] * 0.8 * S[0]])
+        W0 = (U * S) @ Vh
+    W0 = W0.to(dt)
+    spec = _setup_spectrum(W0)
+    W1 = W0 + 1e-3 * W0.abs().mean() * torch.randn_like(W0)  # one small SGD-like step later
+    dW = (W1 - W0).to(torch.float64)
+    x, y = dW @ spec.V64[:, 0], dW.mT @ spec.U64[:, 0]
+    args = (W1, x, y, spec.U, spec.S, spec.V, float(spec.sigma_next))
+    out, want = ops.hessian_tail(*args), reference.hessian_tail(*args)
+    H.assert_close(out, want, **PARITY[dt], what=f"{config.name}: lipfast op")
+    note = f"{int(out[3])} CG steps, bracket ±{float(out[2] - out[1]) / 2 / float(out[0]):.0e}; R/σ1 was {float(out[4]) / float(spec.S[0]) / float(out[0]):.2f}× it"
+    track = (W1, spec.basis, spec.U, spec.S, spec.V, float(spec.sigma_next), spec.Wt_u1, 16, 1e-4, False)
+    case = _Case(config, opts)
+    case.add("lipfast op", lambda: ops.hessian_tail(*args), note)
+    case.add("track_update (runs it)", lambda: ops.track_update(*track), "16-sweep budget, tol 1e-4")
+    case.add("reference", lambda: reference.hessian_tail(*args))
+    return case.run()
+
+
 def _hessian_form_reference(spec, E):
     """``lipfast.hessian_form``'s route with the reference contraction (float64 throughout)."""
     E64 = E.to(torch.float64)
@@ -268,7 +299,7 @@ def run_hessian_form(config, opts):
     return case.run()
 
 
-RUNNERS = {"persample": run_persample, "persample_sums": run_persample_sums, "conv": run_conv,
+RUNNERS = {"tail": run_tail, "persample": run_persample, "persample_sums": run_persample_sums, "conv": run_conv,
            "spectrum": run_spectrum, "contract": run_contract, "hessian_form": run_hessian_form}
 
 

@@ -1,8 +1,8 @@
 // lipfast::hessian_tail, composite kernel (what CUDA runs): the second-order term's unknown tail by conjugate
-// gradients (MATH.md §1, "Truncated spectrum"), written with ATen ops and a fixed number of steps so that it
-// never reads a value back to the host (no synchronisation; a converged iteration keeps its value through
-// the remaining steps). The CPU kernel (csrc/cpu/hessian_tail_cpu.cpp) runs the same iteration as loops and
-// stops as soon as the bracket meets the tolerance.
+// gradients (MATH.md §1, "Solving the tail instead") written with ATen ops. It reads two scalars back a
+// step to stop as soon as the bracket meets the tolerance, as the CPU kernel (csrc/cpu/hessian_tail_cpu.cpp)
+// does: a fixed, sync-free count would cost every layer the full budget of launches. A fused device kernel
+// is the way to a tracked step without host reads.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -46,45 +46,45 @@ at::Tensor hessian_tail(const at::Tensor& W,  // [m, n] the matrix whose unknown
                         double sigma_next, int64_t max_iters, double tol) {
   check_hessian_tail_inputs(W, x, y, U, S, V, max_iters, tol);
   const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), x64 = x.to(at::kDouble), y64 = y.to(at::kDouble);
-  const auto s1 = S.select(0, 0).to(at::kDouble);  // a 0-dim tensor: nothing is read back to the host
   const auto dtype = W.scalar_type();
+  const double s1h = S.select(0, 0).item<double>();
   // The residual of [x; y] off the known pairs, and the operator M = σ1 I − [[0, W], [Wᵀ, 0]] on that space.
   auto project = [&](const at::Tensor& z1, const at::Tensor& z2) {
     return std::pair{z1 - at::mv(U64, at::mv(U64.t(), z1)), z2 - at::mv(V64, at::mv(V64.t(), z2))};
   };
   auto apply = [&](const at::Tensor& p1, const at::Tensor& p2) {
     const auto Wp2 = at::mv(W, p2.to(dtype)).to(at::kDouble), Wtp1 = at::mv(W.t(), p1.to(dtype)).to(at::kDouble);
-    return project(s1 * p1 - Wp2, s1 * p2 - Wtp1);
+    return project(p1 * s1h - Wp2, p2 * s1h - Wtp1);
   };
   auto [b1, b2] = project(x64, y64);
   // On the unknown pairs M's eigenvalues σ1 ∓ σ_j lie in [σ1 − σ_{k+1}, σ1 + σ_{k+1}] (σ1 for a null space):
   // what CG has not summed yet, rᵀM⁻¹r, lies in [‖r‖²/(σ1 + σ_{k+1}), ‖r‖²/(σ1 − σ_{k+1})]. Before the first
   // step (r = b) that is the truncation bracket of MATH.md §1, and ‖r‖²/σ1 its estimate.
-  const auto inv_hi = 1.0 / (s1 - sigma_next), inv_lo = 1.0 / (s1 + sigma_next);
-  auto T = at::zeros({}, s1.options()), steps = at::zeros({}, s1.options());
+  const double inv_hi = 1.0 / (s1h - sigma_next), inv_lo = 1.0 / (s1h + sigma_next);
   auto r1 = b1.clone(), r2 = b2.clone(), p1 = b1.clone(), p2 = b2.clone();
-  auto rr = b1.dot(b1) + b2.dot(b2);
-  const auto mass = rr.clone();
-  auto meets_tol = [&](const at::Tensor& T, const at::Tensor& rr) { return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo); };
-  // Nothing to solve when σ1 does not clear the unknown pairs, or the truncated bracket already meets tol.
-  auto active = (s1 > sigma_next).logical_and(meets_tol(T, rr).logical_not());
-  for (int64_t it = 0; it < max_iters; ++it) {
-    auto [q1, q2] = apply(p1, p2);
-    const auto pq = p1.dot(q1) + p2.dot(q2);
-    active = active.logical_and(pq > 0);  // M not positive on the iterate (rounding): stop with what is summed
-    const auto alpha = at::where(active, rr / pq, at::zeros_like(rr));
-    T = T + alpha * rr;
-    r1 = r1 - alpha * q1;
-    r2 = r2 - alpha * q2;
-    const auto rr_new = r1.dot(r1) + r2.dot(r2);
-    const auto beta = at::where(active, rr_new / rr, at::zeros_like(rr));
-    rr = at::where(active, rr_new, rr);
-    steps = steps + active.to(at::kDouble);
-    active = active.logical_and(meets_tol(T, rr).logical_not());
-    p1 = r1 + beta * p1;
-    p2 = r2 + beta * p2;
+  double rr = (b1.dot(b1) + b2.dot(b2)).item<double>();
+  const double mass = rr;
+  double T = 0.0, steps = 0.0;
+  auto meets_tol = [&] { return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo); };
+  if (s1h > sigma_next && !meets_tol()) {
+    for (int64_t it = 0; it < max_iters; ++it) {
+      auto [q1, q2] = apply(p1, p2);
+      const double pq = (p1.dot(q1) + p2.dot(q2)).item<double>();
+      if (!(pq > 0.0)) break;  // M not positive on the iterate (rounding): stop with what is summed
+      const double alpha = rr / pq;
+      T += alpha * rr;
+      r1.sub_(q1, alpha);
+      r2.sub_(q2, alpha);
+      const double rr_new = (r1.dot(r1) + r2.dot(r2)).item<double>(), beta = rr_new / rr;
+      rr = rr_new;
+      steps += 1.0;
+      if (meets_tol()) break;
+      p1 = r1 + beta * p1;
+      p2 = r2 + beta * p2;
+    }
   }
-  return at::stack({T + rr / s1, T + rr * inv_lo, T + rr * inv_hi, steps, mass});
+  return at::tensor({T + rr / s1h, T + rr * inv_lo, T + rr * inv_hi, steps, mass},
+                    x.options().dtype(at::kDouble));
 }
 
 }  // namespace
