@@ -15,7 +15,7 @@ For each tracked layer, and for the network's ``log_bound``:
 * **Pathwise check.** ``Σ_t delta_pred_t`` against ``Σ_t delta_obs_t`` (= ``σ_T − σ_0`` when every
   step is tracked), the residual and relative residual, over the steps where both are finite, and the
   residual split into the part on explained steps and the part on unexplained ones, with the
-  *unexplained share* ``Σ_unexplained |δ_obs − δ_pred| / Σ_all |δ_obs|``.
+  *unexplained share* ``Σ_unexplained min(|δ_obs − δ_pred|, |δ_obs|) / Σ_all |δ_obs|`` (at most 1).
 * **Forces.** Cumulative drift (term i), cumulative Itô correction (term iii) and the noise scale
   ``sqrt(Σ_t diffusion_var_t)`` (term ii), their shares, and the fraction of degenerate steps.
 
@@ -331,7 +331,7 @@ def pathwise_layer(rows: list[dict]) -> dict[str, Any]:
         |Σ obs|); ``step_residual_rms`` and ``step_residual_max_abs`` of the per-step
         ``residual`` column; ``n_unexplained`` (steps flagged ``crossing`` or ``closure``),
         ``residual_explained`` and ``residual_unexplained`` (Σ δ_obs − δ_pred over the other steps and
-        over those), ``unexplained_share`` (Σ_unexplained |δ_obs − δ_pred| / Σ |δ_obs|); the forces
+        over those), ``rel_residual_explained`` (|residual_explained| / Σ |δ_obs|), ``unexplained_share`` (Σ_unexplained min(|δ_obs − δ_pred|, |δ_obs|) / Σ |δ_obs|); the forces
         ``cum_drift``, ``cum_ito``, ``cum_ito_lo``,
         ``cum_ito_hi``, ``sum_diffusion_var``, ``noise_scale`` (its square root) and their
         shares ``share_drift``/``share_ito``/``share_noise`` of |drift| + |ito| + noise;
@@ -373,7 +373,13 @@ def pathwise_layer(rows: list[dict]) -> dict[str, Any]:
         "n_unexplained": int(unexplained.sum()),
         "residual_explained": float(step_err[~unexplained].sum()),
         "residual_unexplained": float(step_err[unexplained].sum()),
-        "unexplained_share": (float(np.abs(step_err[unexplained]).sum()) / total_moved if total_moved > 0
+        # What the forces leave on the steps they are trusted on, against the whole movement.
+        "rel_residual_explained": (abs(float(step_err[~unexplained].sum())) / total_moved if total_moved > 0
+                                   else math.nan),
+        # A step's miss counts at most its own movement: a prediction far off on a flagged step (a crossing,
+        # where the expansion is meaningless) cannot leave more than all of that step unexplained.
+        "unexplained_share": (float(np.minimum(np.abs(step_err), np.abs(np.nan_to_num(obs)))[unexplained].sum())
+                              / total_moved if total_moved > 0
                               else math.nan),
     }
     out.update(_forces(_col(rows, "drift"), _col(rows, "ito"), _col(rows, "diffusion_var")))

@@ -121,19 +121,25 @@ def trust_warnings(run: runio.Run | str | os.PathLike, sim: dict | None = None) 
 
 def _trust_lines(pw_layers: dict[str, dict], info: dict[str, dict]) -> list[str]:
     """:func:`trust_warnings` from the pathwise checks and SDE summaries the caller already has."""
-    cause = ("its steps are large against the spectral gap σ₁ − σ₂ (level crossings, or a second-order expansion "
-             "that misses): a lower learning rate, a higher rank (the Hessian's truncated part), or tracking from "
-             "a later step would explain more")
+    large = ("its steps are large against the spectral gap σ₁ − σ₂ (level crossings, or a second-order expansion "
+             "that misses): a lower learning rate or tracking from a later step would explain more")
+    # The band can miss where the realised expansion holds: the SDE's drift has no term for the mean step's own
+    # curvature ½η²H[ḡ,ḡ], and its Itô term is an estimate inside a truncation bracket.
+    model = ("its steps are explained by the realised expansion (first_order + second_order) but not by the SDE's "
+             "forces, which leave out the mean step's own curvature ½η²H[ḡ,ḡ] (compare the sums of second_order "
+             "and ito) and estimate the Itô term inside its truncation bracket (ito_lo..ito_hi; a higher rank "
+             "narrows it)")
     out = []
     for name, pw in pw_layers.items():
         share, cov = pw["unexplained_share"], info.get(name, {}).get("coverage", math.nan)
         fallback = info.get(name, {}).get("n_fallback", math.nan)
         if share > UNEXPLAINED_WARN:
             out.append(f"layer '{name}': {_pct(share)} of its movement is not explained by the forces "
-                       f"({pw['n_unexplained']} of {pw['n_steps']} steps flagged crossing or closure); {cause}")
+                       f"({pw['n_unexplained']} of {pw['n_steps']} steps flagged crossing or closure); {large}")
         if cov < COVERAGE_WARN:
             out.append(f"layer '{name}': only {_pct(cov)} of its observed σ₁ lies inside the SDE band "
-                       f"({_count(fallback)} step(s) advanced by the observed increment); {cause}")
+                       f"({_count(fallback)} step(s) advanced by the observed increment); "
+                       f"{large if share > UNEXPLAINED_WARN else model}")
     return out
 
 
@@ -168,7 +174,7 @@ def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -
     run = run if isinstance(run, runio.Run) else runio.load_run(run)
     pw_layers, pw_net = _pathwise(run)
     info, net_info = _sde_info(run, sim)
-    header = ["layer", "sigma start -> end", "drift", "ito", "noise", "pathwise resid", "unexplained (steps)",
+    header = ["layer", "sigma start -> end", "drift", "ito", "noise", "explained resid", "unexplained (steps)",
               "coverage", "fallback"]
     rows = []
     for name, pw in pw_layers.items():
@@ -178,7 +184,7 @@ def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -
             _pct(pw["share_drift"]),
             _pct(pw["share_ito"]),
             _pct(pw["share_noise"]),
-            _pct(pw["rel_residual"], 2),
+            _pct(pw["rel_residual_explained"], 2),
             f"{_pct(pw['unexplained_share'], 1)} ({pw['n_unexplained']})",
             _pct(info.get(name, {}).get("coverage", math.nan)),
             _count(info.get(name, {}).get("n_fallback", math.nan)),
@@ -206,8 +212,8 @@ def summary_table(run: runio.Run | str | os.PathLike, sim: dict | None = None) -
 
     out = [line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
-    out.append("shares of |cum drift| + |cum ito| + sqrt(sum diffusion_var); pathwise resid = "
-               "|sum obs - sum pred| / |sum obs| over every step; unexplained = sum |obs - pred| on steps flagged "
+    out.append("shares of |cum drift| + |cum ito| + sqrt(sum diffusion_var); explained resid = "
+               "|sum (obs - pred)| over the steps not flagged crossing or closure / sum |obs|; unexplained = sum min(|obs - pred|, |obs|) on steps flagged "
                "crossing or closure / sum |obs| (their count; network: steps with such a layer); coverage = "
                "observed inside the SDE band; fallback = steps advanced by the observed increment")  # fmt: skip
     out += [f"warning: {w}" for w in _trust_lines(pw_layers, info)]
@@ -607,6 +613,7 @@ def _html(run: runio.Run, figs: dict[str, bytes], summary: dict) -> str:
             f"{_num(pw['noise_scale'])} ({_pct(pw['share_noise'])})",
             f"{_num(pw['sum_delta_pred'])} / {_num(pw['sum_delta_obs_valid'])}",
             _pct(pw["rel_residual"], 2),
+            _pct(pw["rel_residual_explained"], 2),
             f"{_pct(pw['unexplained_share'], 1)} ({pw['n_unexplained']})",
             _pct(info.get(name, {}).get("coverage", math.nan)),
             _count(info.get(name, {}).get("n_fallback", math.nan)),
@@ -615,15 +622,17 @@ def _html(run: runio.Run, figs: dict[str, bytes], summary: dict) -> str:
     parts.append("<h2>Per layer</h2>")
     parts.append(_table(
         ["layer", "σ₁ start → end", "Σ drift (share)", "Σ Itô (share)",
-         "noise scale √Σvar (share)", "Σ δ_pred / Σ δ_obs", "pathwise residual", "unexplained (steps)",
+         "noise scale √Σvar (share)", "Σ δ_pred / Σ δ_obs", "pathwise residual", "explained residual",
+         "unexplained (steps)",
          f"band coverage ({_e(_pct(q[0], 0))}–{_e(_pct(q[1], 0))})", "SDE fallback steps", "flagged steps"],
         rows,
     ))  # fmt: skip
     parts.append(
         '<p class="meta">Shares are of |Σ drift| + |Σ Itô| + √Σ diffusion_var. The pathwise '
         "residual is |Σ δ_obs − Σ δ_pred| / |Σ δ_obs| over the steps where both are finite (every step "
-        "but those with σ₁ = σ₂ or non-finite values). Unexplained: Σ |δ_obs − δ_pred| over the steps "
-        "flagged <code>crossing</code> or <code>closure</code>, over Σ |δ_obs|, with their count; the "
+        "but those with σ₁ = σ₂ or non-finite values); the explained residual is |Σ (δ_obs − δ_pred)| over the "
+        "steps not flagged <code>crossing</code> or <code>closure</code>, over Σ |δ_obs|. Unexplained: "
+        "Σ min(|δ_obs − δ_pred|, |δ_obs|) over the flagged steps, over Σ |δ_obs|, with their count; the "
         "band advances by the observed increment there (SDE fallback steps). Flagged steps: any of "
         "<code>unconverged</code>, <code>small_gap</code>, <code>large_step</code>, <code>crossing</code>, <code>closure</code>. "
         "Band coverage is the fraction of observed values inside the simulated band (block "
