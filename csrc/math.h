@@ -2,6 +2,8 @@
 // and "Truncated spectrum"). Everything here is double: the denominators σ1² − σj² lose digits in float.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -42,6 +44,21 @@ LIPFAST_HOST_DEVICE inline HessianTerms hessian_terms(const double* a, const dou
   if (rest < 0.0) rest = 0.0;
   if (!(sigma_next < s1)) return {nan, nan, nan};
   return {core + rest / s1, core + rest / (s1 + sigma_next), core + rest / (s1 - sigma_next)};
+}
+
+// lipfast::hessian_tail's result [value, lo, hi, steps, mass] from its conjugate-gradient state: partial sum
+// T, residual ‖r‖² = rr, unknown mass R, σ1, σ_{k+1} (MATH.md §1, "Solving the tail instead"). The solve runs
+// on W after the step; the tail at W before it lies in the truncation bracket R/(σ1 ± σ_{k+1}) whatever the
+// step, so the solved bracket is intersected with it, and a solve that broke down (W after the step has a pair
+// at or above σ1) or left the bracket (a step large against the gap) gives the truncation estimate back.
+inline std::array<double, 5> tail_result(double T, double rr, double mass, double s1, double sigma_next, double steps,
+                                         bool broke) {
+  const double inv_lo = 1.0 / (s1 + sigma_next), inv_hi = 1.0 / (s1 - sigma_next);
+  const std::array<double, 5> truncated{mass / s1, mass * inv_lo, mass * inv_hi, 0.0, mass};
+  if (broke || !(s1 > sigma_next)) return truncated;
+  const double lo = std::max(T + rr * inv_lo, truncated[1]), hi = std::min(T + rr * inv_hi, truncated[2]);
+  if (!(lo <= hi)) return truncated;
+  return {std::min(std::max(T + rr / s1, lo), hi), lo, hi, steps, mass};
 }
 
 }  // namespace lipfast

@@ -217,11 +217,13 @@ def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tenso
     def meets_tol():
         return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo)
 
+    broke = False
     if s1 > sigma_next and not meets_tol():
         for _ in range(max_iters):
             q1, q2 = apply(p1, p2)
             pq = float(p1 @ q1 + p2 @ q2)
             if not pq > 0:
+                broke = True
                 break
             alpha = rr / pq
             T += alpha * rr
@@ -232,8 +234,15 @@ def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tenso
             if meets_tol():
                 break
             p1, p2 = r1 + beta * p1, r2 + beta * p2
-    return torch.tensor([T + rr / s1, T + rr * inv_lo, T + rr * inv_hi, steps, mass], dtype=torch.float64,
-                        device=W.device)
+    # Intersected with the truncation bracket, which holds the tail at W before the step whatever the step;
+    # a breakdown or an empty intersection gives the truncation estimate back (csrc/math.h, tail_result).
+    truncated = [mass / s1, mass * inv_lo, mass * inv_hi, 0, mass]
+    out = truncated
+    if not broke and s1 > sigma_next:
+        lo, hi = max(T + rr * inv_lo, truncated[1]), min(T + rr * inv_hi, truncated[2])
+        if lo <= hi:
+            out = [min(max(T + rr / s1, lo), hi), lo, hi, steps, mass]
+    return torch.tensor(out, dtype=torch.float64, device=W.device)
 
 
 def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,

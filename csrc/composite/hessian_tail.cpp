@@ -6,7 +6,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "checks.h"
+#include "math.h"
 #include "op_interfaces.h"
 
 namespace lipfast {
@@ -66,11 +69,15 @@ at::Tensor hessian_tail(const at::Tensor& W,  // [m, n] the matrix whose unknown
   const double mass = rr;
   double T = 0.0, steps = 0.0;
   auto meets_tol = [&] { return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo); };
+  bool broke = false;
   if (s1h > sigma_next && !meets_tol()) {
     for (int64_t it = 0; it < max_iters; ++it) {
       auto [q1, q2] = apply(p1, p2);
       const double pq = (p1.dot(q1) + p2.dot(q2)).item<double>();
-      if (!(pq > 0.0)) break;  // M not positive on the iterate (rounding): stop with what is summed
+      if (!(pq > 0.0)) {  // M not positive on the iterate: W after the step has a pair at or above σ1
+        broke = true;
+        break;
+      }
       const double alpha = rr / pq;
       T += alpha * rr;
       r1.sub_(q1, alpha);
@@ -83,8 +90,8 @@ at::Tensor hessian_tail(const at::Tensor& W,  // [m, n] the matrix whose unknown
       p2 = r2 + beta * p2;
     }
   }
-  return at::tensor({T + rr / s1h, T + rr * inv_lo, T + rr * inv_hi, steps, mass},
-                    x.options().dtype(at::kDouble));
+  const auto result = tail_result(T, rr, mass, s1h, sigma_next, steps, broke);
+  return at::tensor(std::vector<double>(result.begin(), result.end()), x.options().dtype(at::kDouble));
 }
 
 }  // namespace

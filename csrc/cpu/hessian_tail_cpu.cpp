@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "math.h"
 #include "op_interfaces.h"
 
 namespace lipfast {
@@ -64,11 +65,15 @@ at::Tensor hessian_tail_cpu(const at::Tensor& W, const at::Tensor& x, const at::
     project_out(pu, k, m, q1.data());
     project_out(pv, k, n, q2.data());
   };
+  bool broke = false;
   if (s1 > sigma_next && !meets_tol()) {
     for (int64_t it = 0; it < max_iters; ++it) {
       apply();
       const double pq = dot(p1, q1) + dot(p2, q2);
-      if (!(pq > 0.0)) break;  // M not positive on the iterate (rounding): stop with what is summed
+      if (!(pq > 0.0)) {  // M not positive on the iterate: W after the step has a pair at or above σ1
+        broke = true;
+        break;
+      }
       const double alpha = rr / pq;
       T += alpha * rr;
       for (int64_t i = 0; i < m; ++i) r1[i] -= alpha * q1[i];
@@ -81,13 +86,9 @@ at::Tensor hessian_tail_cpu(const at::Tensor& W, const at::Tensor& x, const at::
       for (int64_t c = 0; c < n; ++c) p2[c] = r2[c] + beta * p2[c];
     }
   }
+  const auto result = tail_result(T, rr, mass, s1, sigma_next, steps, broke);
   auto out = at::empty({5}, W.options().dtype(at::kDouble));
-  double* po = out.data_ptr<double>();
-  po[0] = T + rr / s1;
-  po[1] = T + rr * inv_lo;
-  po[2] = T + rr * inv_hi;
-  po[3] = steps;
-  po[4] = mass;
+  std::copy(result.begin(), result.end(), out.data_ptr<double>());
   return out;
 }
 
