@@ -24,6 +24,12 @@ __all__ = ["ADAPTERS", "Adapter", "AttentionAdapter", "Conv2dAdapter", "Embeddin
            "LinearAdapter", "adapter_for", "attention_adapters", "conv_geometry", "is_hf_conv1d", "unsupported_reason"]
 
 
+def _bare(t: Tensor) -> Tensor:
+    """``t`` cut from autograd; a tensor outside any graph (a gradient, an optimizer buffer) as it is (a
+    ``detach`` is a dispatched op: the tracked step calls this several times per layer)."""
+    return t.detach() if t.requires_grad else t
+
+
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in ``dtype`` (skipping the dispatch of a no-op ``.to`` on the hot path)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -56,10 +62,25 @@ class Adapter:
         self.m, self.n = self.matrix(self.weight).shape
         self.group = -1  # grouped convolutions: the block the matrix is (-1: the whole weight)
         self.rival = 0.0  # grouped convolutions: the largest σ1 of the other blocks
+        self._weight_matrix: tuple | None = None
+
+    # ``matrix(t)`` is ``t``'s rows, ``t.reshape(t.shape[0], -1)`` (Linear, Conv2d with groups=1, Embedding):
+    # the ops that take a weight-shaped tensor read it so themselves, and the tracker hands it over unviewed.
+    as_rows = True
 
     def matrix(self, t: Tensor) -> Tensor:
-        t = t.detach()
+        t = _bare(t)
         return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+    def weight_matrix(self) -> Tensor:
+        """``matrix(weight)``, made once and reused while the Parameter keeps its storage, layout and the
+        part the matrix is: a view of the weight follows its values (and shares its version counter), so the
+        tracked step makes none (two dispatched ops, a ``detach`` and a ``view``, per layer and step)."""
+        w = self.weight
+        key = (w.data_ptr(), w.dtype, w.device, w.shape, w.stride(), w.storage_offset(), self.group)
+        if self._weight_matrix is None or self._weight_matrix[0] != key:
+            self._weight_matrix = (key, self.matrix(w))
+        return self._weight_matrix[1]
 
     def samples(self, x: Tensor) -> int:
         """The samples of a call's input (sample dimension first; fewer dims than a batch: one sample)."""
@@ -105,6 +126,12 @@ class LinearAdapter(Adapter):
             if c.x.dim() == 1:  # an unbatched call: one sample
                 xs.append(c.x.reshape(1, 1, -1))
                 ds.append(c.d.reshape(1, 1, -1))
+            elif c.x.dim() == 2 and len(calls) == 1:  # [B, n]: the ops read it as [B, 1, n] (no view here)
+                xs.append(c.x)
+                ds.append(c.d)
+            elif c.x.dim() == 3:
+                xs.append(c.x)
+                ds.append(c.d)
             else:
                 xs.append(c.x.reshape(c.x.shape[0], -1, self.n))
                 ds.append(c.d.reshape(c.d.shape[0], -1, self.m))
@@ -133,7 +160,7 @@ class LinearAdapter(Adapter):
         return impl.persample_linear_precond(X, D, P, _as(spec.U, dtype), spec.S, _as(spec.V, dtype), spec.host[2])
 
     def projections(self, impl, spec, calls, dtype):
-        X, D = self._rows(calls, torch.float64)
+        X, D = (t if t.dim() == 3 else t.unsqueeze(1) for t in self._rows(calls, torch.float64))
         xv = X @ spec.V64[:, 0]  # [B, T]
         du = D @ spec.U64[:, 0]
         return torch.einsum("bt,btm->bm", xv, D), torch.einsum("bt,btn->bn", du, X)
@@ -151,8 +178,10 @@ class HFConv1DAdapter(LinearAdapter):
 
     kind = "hf_conv1d"
 
+    as_rows = False
+
     def matrix(self, t):
-        return t.detach().t()
+        return _bare(t).t()
 
     def orientation(self):
         return "columns"
@@ -195,8 +224,12 @@ class Conv2dAdapter(Adapter):
         self.group = 0 if self.groups > 1 else -1
         self._version = None
 
+    @property
+    def as_rows(self):
+        return self.groups == 1
+
     def matrix(self, t):
-        W = t.detach().reshape(t.shape[0], -1)
+        W = _bare(t).reshape(t.shape[0], -1)
         if self.groups == 1:
             return W
         rows = W.shape[0] // self.groups
@@ -318,8 +351,12 @@ class AttentionAdapter(LinearAdapter):
         self.rows = rows  # (first, end) rows of ``weight`` that form the matrix; None: all
         super().__init__(mha, weight)
 
+    @property
+    def as_rows(self):
+        return self.rows is None
+
     def matrix(self, t):
-        t = t.detach()
+        t = _bare(t)
         return t if self.rows is None else t[self.rows[0]:self.rows[1]]
 
     def orientation(self):

@@ -128,16 +128,6 @@ def _float64_on(t: Tensor, device: torch.device) -> Tensor:
     return t if t.dtype == torch.float64 and t.device == device else t.to(device, torch.float64)
 
 
-_ZERO: dict[torch.device, Tensor] = {}
-
-
-def _zero(device: torch.device) -> Tensor:
-    """A float64 ``[0.0]`` on ``device``, made once (a layer's momentum term when it has none)."""
-    if device not in _ZERO:
-        _ZERO[device] = torch.zeros(1, dtype=torch.float64, device=device)
-    return _ZERO[device]
-
-
 def _top_pair_overlap(before: Spectrum, after: Spectrum | None, device: torch.device) -> Tensor:
     """``[|u1ᵀu1'|, |v1ᵀv1'|]`` of the top singular pair before and after the step (float64, unread): near 1
     when the step moved the pair a little, near 0 when another pair took the top (a level crossing)."""
@@ -585,7 +575,7 @@ class Tracker:
         statistics (on the weight's device, unread: :func:`_fill_host` completes the spectrum from them), in
         one op call; ``(None, None)`` when the step left NaN/Inf in the weight. ΔW is read through the old
         top pair riding along in the new spectrum's GEMMs."""
-        W = cap.adapter.matrix(cap.weight)
+        W = cap.adapter.weight_matrix()
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
         m, n = W.shape
         exact = needs_exact(m, n, self.rank)
@@ -666,29 +656,29 @@ class Tracker:
         N = int(proj.shape[0])
         loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
         scale = 1.0 if self.loss_reduction == "sum" else float(N)
-        G = cap.adapter.matrix(grad)
-        known = None
-        if coef.known is not None:
-            buf_v1 = cap.adapter.matrix(coef.known) @ spec.V[:, 0].to(coef.known.dtype)
-            known = coef.known_scale * (spec.U64[:, 0] @ buf_v1.double())
+        # The op reads a weight-shaped gradient (and momentum buffer) as its matrix itself: where the matrix is
+        # the weight's rows (Linear, Conv2d), no view is made here (one dispatched op less per tensor and step).
+        G = grad if cap.adapter.as_rows else cap.adapter.matrix(grad)
+        known = None if coef.known is None else coef.known if cap.adapter.as_rows else cap.adapter.matrix(coef.known)
         # ḡ·v1 and ḡᵀ·u1 from the per-sample sums, so that ḡ is exactly the mean of the G_i whose spread the
         # noise terms measure (gradient clipping or an extra loss term change weight.grad, not the G_i). Under
         # DDP ḡ must be the global batch's, which weight.grad is after DDP's all-reduce.
         products = (gv, gtu) if self._group is None and gv is not None else (None, None)
         if coef.precond is None and products[0] is not None and not cap.uses_checked:
             cap.uses_checked = True  # (under an adaptive optimizer gv is Σ (P ⊙ G_i) v1, not weight.grad's)
-            self._check_uses(cap, spec, G, gv)
+            self._check_uses(cap, spec, cap.adapter.matrix(grad), gv)
         if coef.precond is not None and products[0] is None:
-            G = cap.adapter.matrix(coef.precond).to(G.dtype) * G
+            G = cap.adapter.matrix(coef.precond).to(G.dtype) * cap.adapter.matrix(grad)
+        # With the momentum (known) term u1ᵀ(known_scale·M)v1 as the result's last entry: no ops of its own.
         sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
-                                             spec.host[2], scale, loss_factor, *products)
+                                             spec.host[2], scale, loss_factor, *products, known, coef.known_scale)
         # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
         # free with the spectrum (W v1 = σ1 u1 for a Ritz pair; Wᵀu1 from its last sweep), after it they
         # ride along in the next spectrum's GEMMs. No copy of W is kept.
         # The record needs coef's scalars only: let go of its weight-sized tensors (P, the known step) before
         # the step, rather than hold them until the records are read.
         coef = dataclasses.replace(coef, known=None, precond=None)
-        return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor, known=known)
+        return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor)
 
     def _check_uses(self, cap: LayerCapture, spec: Spectrum, G: Tensor, gv: Tensor) -> None:
         """Once per layer (its first tracked step, one GEMV and a host read): ``weight.grad·v1`` must be the
@@ -780,10 +770,10 @@ class Tracker:
             self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
         sums = self._reduce(p["sums"])
         stats = stats if stats is not None else torch.full((_N_TRACK_STATS,), NAN, dtype=torch.float64, device=sums.device)
-        known = p["known"].reshape(1) if p["known"] is not None else _zero(sums.device)
+        # (sums: gradient_statistics' 11 values and, last, the momentum term known_scale·u1ᵀMv1)
         # The before-step spectrum's top two residuals ride along unread: the record's sigma_err.
         res = _top_residuals(p["spec"], sums.device)
-        return cap, p, spec_after, (stats, sums, known, res, _top_pair_overlap(p["spec"], spec_after, sums.device))
+        return cap, p, spec_after, (stats, sums, res, _top_pair_overlap(p["spec"], spec_after, sums.device))
 
     def _record(self, cap: LayerCapture, p: dict, spec_after: Spectrum | None, values: list[float] | None,
                 step: int) -> dict:
