@@ -15,6 +15,8 @@ out with the sample dimension first (:class:`lipfast.instrument.LayerCapture` mo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -94,6 +96,14 @@ class Adapter:
     def select(self) -> bool:
         """Re-choose which part of the weight the matrix is (grouped convolutions); True when it changed."""
         return False
+
+    def after_step(self) -> Tensor | None:
+        """What the record and the next step's :meth:`select` need of the weight just stepped, left on the device
+        (read back with the step's records, never inside the step): None for most kinds."""
+        return None
+
+    def read_after_step(self, values: list[float] | None) -> None:
+        """:meth:`after_step`'s values, read back with the step's records (None: those records are built)."""
 
     def orientation(self) -> str:
         """How ``matrix`` reads the Parameter: the uses of a tied Parameter must agree."""
@@ -240,23 +250,52 @@ class Conv2dAdapter(Adapter):
         blocks = W.reshape(self.groups, W.shape[0] // self.groups, -1).double()
         return blocks.norm(dim=(1, 2)) if min(blocks.shape[1:]) == 1 else torch.linalg.matrix_norm(blocks, ord=2)
 
+    # Every block's σ1 after a tracked step, measured on the device (after_step) and read back with the step's
+    # records: the record's crossing test and the next step's block choice read them instead of the device,
+    # so that a steady-state tracked step makes no host read for them. Kept with the weight version they are of.
+    _after: tuple[int, list[float] | None] | None = None
+    _recording: list[float] | None = None  # the block σ1s the record being built reads (overtaken)
+
+    def after_step(self):
+        if self.groups == 1:
+            return None
+        self._after = (self.weight._version, None)
+        return self._block_sigmas()
+
+    def read_after_step(self, values):
+        if values is None:
+            self._recording = None
+        elif self._after is not None:
+            self._after = (self._after[0], list(values))
+            self._recording = list(values)
+
+    def _host_block_sigmas(self) -> list[float] | None:
+        """The block σ1s of the weight as it is now, when the last step's read-back holds them."""
+        if self._after is None or self._after[1] is None or self._after[0] != self.weight._version:
+            return None
+        return self._after[1]
+
     def overtaken(self, sigma_next):
         if self.groups == 1:
             return False
-        sig = self._block_sigmas()
+        # While the step's record is built, its weight's block σ1s as read back with it (the weight itself may
+        # have moved on since); otherwise the weight as it is now.
+        sig = list(self._recording) if self._recording is not None else self._block_sigmas().tolist()
         sig[self.group] = 0.0
-        return float(sig.max()) > sigma_next
+        return max(sig) > sigma_next
 
     def select(self):
         if self.groups == 1 or self.weight._version == self._version:
             return False
         self._version = self.weight._version
-        sig = self._block_sigmas()
-        if not bool(torch.isfinite(sig).all()):  # NaN/Inf weights: keep the block (the tracker flags them)
+        host = self._host_block_sigmas()
+        sig = host if host is not None else self._block_sigmas().tolist()
+        if not all(math.isfinite(s) for s in sig):  # NaN/Inf weights: keep the block (the tracker flags them)
             return False
-        top = sig.topk(2)
-        old, self.group = self.group, int(top.indices[0])
-        self.rival = float(top.values[1])
+        # The largest (the first of equals, as topk on the device picked it) and the runner-up.
+        top = max(range(len(sig)), key=lambda j: (sig[j], -j))
+        old, self.group = self.group, top
+        self.rival = max(s for j, s in enumerate(sig) if j != top)
         return old != self.group
 
     def _slices(self, c, dtype):

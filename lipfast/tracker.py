@@ -96,7 +96,10 @@ class _StepReadback:
                 layers.append(vector_parts)
         self._logged = dict(logged)
         self._tensor_keys = [k for k, v in logged.items() if isinstance(v, Tensor)]
-        parts = [t for layer in layers for t in layer] + [logged[k].reshape(1) for k in self._tensor_keys]
+        # What adapters keep of the step (a grouped convolution's block σ1s), after the logged values.
+        self._after = [(cap.adapter, p["after_step"]) for cap, p, _, _ in entries if p.get("after_step") is not None]
+        parts = ([t for layer in layers for t in layer] + [logged[k].reshape(1) for k in self._tensor_keys]
+                 + [t for _, t in self._after])
         device = parts[0].device if parts else torch.device("cpu")
         flat = (torch.cat([_float64_on(t, device) for t in parts]) if parts
                 else torch.empty(0, dtype=torch.float64))
@@ -112,6 +115,11 @@ class _StepReadback:
         else:
             self._host = flat
 
+    def done(self) -> None:
+        """The step's records are built: the adapters let go of what they read for them."""
+        for adapter, _ in self._after:
+            adapter.read_after_step(None)
+
     def read(self) -> tuple[list[list[float]], dict[str, float]]:
         """(one list of floats per layer that has a vector, the logged values as floats)."""
         if self._event is not None and not self._event.query():  # query(): no wait when it has landed
@@ -119,7 +127,11 @@ class _StepReadback:
         flat = self._host.tolist()
         w, n = self._width, self._layers
         logged = {k: (float(v) if not isinstance(v, Tensor) else NAN) for k, v in self._logged.items()}
-        logged.update(zip(self._tensor_keys, flat[n * w:]))
+        at = n * w + len(self._tensor_keys)
+        logged.update(zip(self._tensor_keys, flat[n * w:at]))
+        for adapter, t in self._after:
+            adapter.read_after_step(flat[at:at + t.numel()])
+            at += t.numel()
         return [flat[i * w:(i + 1) * w] for i in range(n)], logged
 
 
@@ -727,8 +739,11 @@ class Tracker:
         unread, self._unread = self._unread, None
         if unread is not None:
             vectors, logged = unread.read()
-            rows = [self._record(cap, p, spec_after, vectors[i] if i is not None else None, unread.step)
-                    for cap, p, spec_after, i in unread.entries]
+            try:
+                rows = [self._record(cap, p, spec_after, vectors[i] if i is not None else None, unread.step)
+                        for cap, p, spec_after, i in unread.entries]
+            finally:
+                unread.done()
             if self._records_here:
                 net = self._network_record(rows, unread.step, logged)
                 if self.keep_records:
@@ -768,6 +783,8 @@ class Tracker:
         spec_after, stats = self._advance(cap, p["spec"])
         if spec_after is not None:
             self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
+            # (a grouped convolution's block σ1s after the step: read back with the vector, not now)
+            p["after_step"] = cap.adapter.after_step()
         sums = self._reduce(p["sums"])
         stats = stats if stats is not None else torch.full((_N_TRACK_STATS,), NAN, dtype=torch.float64, device=sums.device)
         # (sums: gradient_statistics' 11 values and, last, the momentum term known_scale·u1ᵀMv1)
