@@ -87,12 +87,19 @@ def _grouped():
                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)), (8, 3, 8, 8)
 
 
-@pytest.mark.parametrize("make", [_mlp, _resnet18, _grouped], ids=["mlp", "resnet18", "grouped_conv"])
+def _embedding():
+    """Token embedding (the generic projections-and-contraction path) and a Linear head over 6 positions."""
+    return nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(16 * 6, 10)), None
+
+
+@pytest.mark.parametrize("make", [_mlp, _resnet18, _grouped, _embedding],
+                         ids=["mlp", "resnet18", "grouped_conv", "embedding"])
 def test_steady_state_tracked_step_reads_nothing_back(monkeypatch, make):
     monkeypatch.setattr(tracker_module, "_DEFER_ON_CPU", True)
     torch.manual_seed(0)
     model, shape = make()
-    x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+    x = torch.randint(0, 50, (8, 6)) if shape is None else torch.randn(*shape)
+    y = torch.randint(0, 10, (x.shape[0],))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BatchNorm's coupling warning
