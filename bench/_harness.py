@@ -260,3 +260,36 @@ def format_table(results: Sequence[Result], baseline: str | Sequence[str] | None
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in rows]
     return "\n".join(out)
+
+
+def count_ops(fn: Callable[[], Any]) -> "collections.Counter[str]":
+    """The top-level ATen (and lipfast) ops one call of ``fn`` dispatches, by name (a ``TorchDispatchMode``:
+    ops a compiled kernel calls inside itself are not seen). On a GPU each is at least one launch, so a
+    tracked step's count against a plain step's is the CPU-checkable proxy of its launch overhead."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as mode:
+        fn()
+    return mode.ops
+
+
+def format_op_counts(plain: Mapping[str, int], tracked: Mapping[str, int], layers: int) -> str:
+    """One line: ops per plain and tracked step, the difference per tracked layer, and the extra ops by name."""
+    import collections
+
+    extra = collections.Counter(tracked) - collections.Counter(plain)
+    p, t = sum(plain.values()), sum(tracked.values())
+    return (f"ops per step (dispatched, top level): plain {p}, tracked {t} (+{t - p}, "
+            f"{(t - p) / max(layers, 1):.1f} per tracked layer, {layers} layers); extra: "
+            + ", ".join(f"{k} ×{v}" for k, v in extra.most_common()))

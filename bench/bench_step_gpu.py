@@ -1,10 +1,16 @@
-"""A whole training step on the GPU: plain vs lipfast-tracked (rank 8, every step).
+"""A whole training step on the GPU: plain vs lipfast-tracked (rank 8, every step and every 10th step).
 
 Cases (issue 7): the MLP 784-512-512-10 and a ResNet-18-like network (CIFAR layout: 3x3 stem, four
 stages of two BasicBlocks with 64/128/256/512 channels, BatchNorm, global average pool; 21 tracked
-Conv2d/Linear layers) on 3x32x32 inputs, batch 256, SGD with momentum. Each variant trains its own
-copy of the same model (same initialisation, same batch); the variants are timed interleaved with
-``torch.utils.benchmark`` (which synchronises CUDA around every measurement, bench/_harness.py).
+Conv2d/Linear layers) on 3x32x32 inputs, batch 256, SGD with momentum; and (issue 20) ``gpt``, a GPT-2-small
+scale decoder of nn.Linear blocks (12 blocks, d = 768, 12 heads, causal attention, sequence 256, vocabulary
+50257, untied head; 50 tracked layers: the token embedding, each block's qkv/proj/fc1/fc2, the head; the
+learned positions are a bare Parameter, listed in ``tracker.skipped``), batch ``--gpt-batch``. Each variant
+trains its own copy of the same model (same initialisation, same batch); the variants are timed interleaved
+with ``torch.utils.benchmark`` (which synchronises CUDA around every measurement, bench/_harness.py), in
+blocks of whole 10-step cycles, so that ``every=10`` counts its one tracked step in ten in every block.
+Besides time: peak GPU memory, and the ops each step dispatches (plain vs tracked: each at least one launch on
+a GPU; counted with a TorchDispatchMode, bench/_harness.py ``count_ops``).
 
 Correctness first: one tracked step with the compiled ops and one with ``implementation="reference"``
 (the same algorithm in plain torch ops) must give the same records. Peak GPU memory of a step is
@@ -12,9 +18,11 @@ reported next to the time. The BatchNorm layers are not tracked, and with them t
 statistics are each sample's share of the batch gradient (the tracker warns; silenced here).
 
 Usage:
-    python bench/bench_step_gpu.py [--device cuda] [--quick] [--cases mlp,resnet18] [--batch 256]
-                                   [--out DIR]
-``--device cpu --quick`` is a dry run of the same code on the CPU (tiny batch). ``--out`` (default:
+    python bench/bench_step_gpu.py [--device cuda] [--quick] [--cases mlp,resnet18,gpt] [--batch 256]
+                                   [--gpt-batch 32] [--out DIR]
+``--device cpu --quick`` (the default without a GPU) is a dry run of the same code on the CPU: tiny batches
+(8; 2 sequences for ``gpt``), a ResNet-18 of 1/8 the width, one timing round,
+and a tiny decoder (2 blocks, d = 32, sequence 16, vocabulary 64) for ``gpt``. ``--out`` (default:
 ``$OUT`` when set) saves the printed report as ``bench_step_gpu.md`` and the rows as JSON there.
 """
 
@@ -43,7 +51,10 @@ from lipfast import models  # noqa: E402
 
 LR = 0.01
 RANK = 8
-CASES = ("mlp", "resnet18")
+CASES = ("mlp", "resnet18", "gpt")
+# GPT-2 small's shape (the vocabulary, sequence and depth of the issue's case); --quick: a tiny one on the CPU.
+GPT = dict(layers=12, d=768, heads=12, seq=256, vocab=50257)
+GPT_QUICK = dict(layers=2, d=32, heads=4, seq=16, vocab=64)
 
 
 class ResNet18(nn.Module):
@@ -66,14 +77,62 @@ class ResNet18(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def make_case(name: str, batch: int, device: str):
+class DecoderBlock(nn.Module):
+    """A pre-LayerNorm GPT block of nn.Linear maps: causal self-attention (qkv in one map, then proj), and a
+    4×-wide GELU MLP (fc1, fc2). Input and output [B, T, d]."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
+        x = x + self.proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder: token embedding plus learned positions (a bare Parameter [T, d], not a layer
+    lipfast tracks), ``layers`` DecoderBlocks, a final LayerNorm and an untied Linear head: [B, T] tokens ->
+    [B, T, vocab] logits."""
+
+    def __init__(self, layers: int, d: int, heads: int, seq: int, vocab: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(seq, d) * 0.02)
+        self.blocks = nn.Sequential(*[DecoderBlock(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens):
+        return self.head(self.ln(self.blocks(self.tok(tokens) + self.pos[: tokens.shape[1]])))
+
+
+def loss_fn(logits, y):
+    """Cross-entropy over classes, or over every position of a sequence's logits [B, T, V]."""
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten()) if logits.dim() == 3 else F.cross_entropy(logits, y)
+
+
+def make_case(name: str, batch: int, device: str, quick: bool = False):
     """(model, X, y) on ``device``; inputs drawn on the CPU with a fixed seed."""
     g = torch.Generator().manual_seed(0)
+    if name == "gpt":
+        shape = GPT_QUICK if quick else GPT
+        torch.manual_seed(0)
+        model = GPT(**shape)
+        X = torch.randint(0, shape["vocab"], (batch, shape["seq"]), generator=g)
+        y = torch.randint(0, shape["vocab"], (batch, shape["seq"]), generator=g)
+        return model.to(device), X.to(device), y.to(device)
     if name == "mlp":
         model, shape = models.build_model("mlp", (784,), 10, widths=(512, 512), seed=0), (784,)
     elif name == "resnet18":
-        torch.manual_seed(0)
-        model, shape = ResNet18(), (3, 32, 32)
+        torch.manual_seed(0)  # --quick: the same network at 1/8 of the width
+        model, shape = ResNet18(widths=(8, 16, 32, 64) if quick else (64, 128, 256, 512)), (3, 32, 32)
     else:
         raise SystemExit(f"bench_step_gpu: unknown case {name!r} (choose from {', '.join(CASES)})")
     X = torch.randn(batch, *shape, generator=g)
@@ -83,7 +142,7 @@ def make_case(name: str, batch: int, device: str):
 
 def sgd_step(model, opt, X, y):
     opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(X), y).backward()
+    loss_fn(model(X), y).backward()
     opt.step()
 
 
@@ -112,6 +171,7 @@ def _compare_implementations(model, X, y) -> int:
         opt = torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9)
         with lipfast.Tracker(m, opt, rank=RANK, implementation=impl, gap_tol=0, step_tol=math.inf) as tr:
             sgd_step(m, opt, X, y)
+            _check_tracked(m, tr)
         recs[impl] = {r["layer"]: r for r in tr.records}
     assert recs["compiled"].keys() == recs["reference"].keys() and recs["compiled"], "no tracked layers"
     for layer, r in recs["compiled"].items():
@@ -121,6 +181,17 @@ def _compare_implementations(model, X, y) -> int:
             H.assert_close(torch.tensor(r[f]), torch.tensor(ref[f]), rtol=1e-3, atol=1e-5,
                            what=f"{layer}.{f} compiled vs reference")
     return len(recs["compiled"])
+
+
+def _check_tracked(model, tracker) -> None:
+    """Every nn.Linear, nn.Conv2d and nn.Embedding of the model is tracked: what is skipped is BatchNorm and
+    LayerNorm (a scale vector, no matrix) and bare Parameters (the decoder's positions), nothing a case means
+    to measure."""
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))}
+    missing = layers - set(tracker.captures)
+    assert not missing, f"not tracked: {sorted(missing)} ({tracker.skipped})"
+    assert all(why.startswith(("BatchNorm", "LayerNorm")) or "bare Parameter" in why
+               for why in tracker.skipped.values()), tracker.skipped
 
 
 def peak_memory(step, device: str, calls: int = 3) -> float:
@@ -136,8 +207,9 @@ def peak_memory(step, device: str, calls: int = 3) -> float:
 
 
 def run_case(name: str, args, device: str, min_run_time: float):
-    batch = args.batch if not args.quick else min(args.batch, 8)
-    model, X, y = make_case(name, batch, device)
+    batch = args.gpt_batch if name == "gpt" else args.batch
+    batch = batch if not args.quick else min(batch, 2 if name == "gpt" else 8)
+    model, X, y = make_case(name, batch, device, args.quick)
     t0 = time.perf_counter()
     layers = check_correctness(model, X, y)
     check_s = time.perf_counter() - t0
@@ -149,18 +221,23 @@ def run_case(name: str, args, device: str, min_run_time: float):
             lipfast.Tracker(m, opt, keep_records=False, **tracker_kw)
         return (label, lambda: sgd_step(m, opt, X, y), note)
 
-    impls = [variant("plain", ""), variant("tracked", f"rank {RANK}, every step, {layers} layers", rank=RANK, every=1)]
-    for label, fn, _ in impls:  # warm: the tracker's first spectra are cold (up to 100 sweeps)
-        for _ in range(3):
+    impls = [variant("plain", ""), variant("tracked", f"rank {RANK}, every step, {layers} layers", rank=RANK, every=1),
+             variant("tracked every 10", f"rank {RANK}, every 10th step", rank=RANK, every=10)]
+    for label, fn, _ in impls:  # warm: the tracker's first spectra are cold (up to 100 sweeps); whole cycles
+        for _ in range(3 if args.quick else 10):
             fn()
-    memory = {label: peak_memory(fn, device) for label, fn, _ in impls}
+    # The ops a tracked step dispatches against a plain one (every=1: each step is tracked).
+    ops = {label: H.count_ops(fn) for label, fn, _ in impls[:2]}
+    memory = {label: peak_memory(fn, device, calls=10) for label, fn, _ in impls}
     impls = [(label, fn, note + (f"; peak {memory[label]:.0f} MiB" if device == "cuda" else ""))
              for label, fn, note in impls]
     config = H.Config(name=f"{name} B={batch}", params={"batch": batch}, device=device)
-    rounds = 3 if args.quick else 7
-    results = H.time_interleaved(config, impls, min_run_time=min_run_time, rounds=rounds, warmup=2)
+    rounds = 1 if args.quick else 7
+    results = H.time_interleaved(config, impls, min_run_time=min_run_time, rounds=rounds,
+                                 warmup=0 if args.quick else 10, block_multiple=10)
     return results, {"case": name, "batch": batch, "layers": layers, "correctness_check_s": round(check_s, 2),
-                     "peak_mib": memory}
+                     "peak_mib": memory, "ops_per_step": {k: sum(v.values()) for k, v in ops.items()},
+                     "ops_line": f"{config.name}: " + H.format_op_counts(ops["plain"], ops["tracked"], layers)}
 
 
 def main() -> int:
@@ -168,6 +245,9 @@ def main() -> int:
     p.set_defaults(device="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
     p.add_argument("--batch", type=int, default=256, help="batch size (default 256; 8 with --quick)")
+    p.add_argument("--gpt-batch", type=int, default=32,
+                   help="the gpt case's batch of sequences (default 32, a guess for an 80 GB card, not measured; "
+                        "2 with --quick)")
     p.add_argument("--out", default=os.environ.get("OUT") or None,
                    help="folder for bench_step_gpu.md and .json (default: $OUT when set)")
     args = p.parse_args()
@@ -189,14 +269,17 @@ def main() -> int:
     env = H.environment_lines(device, {
         "dtype": f"float32 (torch.get_float32_matmul_precision() = {torch.get_float32_matmul_precision()!r}; "
                  "torch defaults otherwise, so cuDNN convolutions may use TF32)" if device == "cuda" else "float32",
-        "timing": f"{3 if args.quick else 7} interleaved rounds of torch.utils.benchmark.Timer.timeit"
+        "timing": f"{1 if args.quick else 7} interleaved rounds of torch.utils.benchmark.Timer.timeit"
                   + (" (synchronises CUDA)" if device == "cuda" else "") + "; median and IQR over the rounds",
         "wall time": f"{time.perf_counter() - start:.0f} s"})
     lines = env + ["", H.format_table(results, baseline="plain"), ""]
     lines.append("Ratios: the median of the per-round ratios, in brackets their quartiles over the rounds.")
     for name in dict.fromkeys(r.config.name for r in results):
         r = {x.impl: x for x in results if x.config.name == name}
-        lines.append(f"{name}: tracked/plain {H.format_ratio(r['tracked'], r['plain'])}")
+        lines.append(f"{name}: tracked/plain {H.format_ratio(r['tracked'], r['plain'])}, every 10 "
+                     f"{H.format_ratio(r['tracked every 10'], r['plain'])}")
+    lines += ["", "Ops dispatched per step (top level; a lipfast op's inner launches not counted):"]
+    lines += [info["ops_line"] for info in extra]
     report = "\n".join(lines)
     print(report)
     if args.out:

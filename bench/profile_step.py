@@ -1,4 +1,5 @@
-"""Where a tracked step's extra time goes: the tracker's hooks and the ops inside them, timed in place.
+"""Where a tracked step's extra time goes: the tracker's hooks and the ops inside them, timed in place,
+and how many ops a tracked step dispatches against a plain one (each a launch on a GPU).
 
 Every hook of the tracker and every compiled op it calls is wrapped with a wall-clock timer while a model
 trains (after warm-up steps), so the times are those of the real step: after the training step's large
@@ -81,7 +82,7 @@ def main() -> int:
         _wrap(owner, name, label, totals)
     for name, _ in OPS:
         _wrap(ops, name, name, totals)
-    with lipfast.Tracker(model, opt, rank=8, keep_records=False):
+    with lipfast.Tracker(model, opt, rank=8, keep_records=False) as tr:
         for _ in range(3 if args.quick else 20):   # warm-up: the cold spectra, the allocator
             tracked()
             plain()
@@ -92,6 +93,10 @@ def main() -> int:
                 t = time.perf_counter()
                 fn()
                 wall[label] += time.perf_counter() - t
+        # The ops each step dispatches (forward included), counted after the timing: the count, not the time,
+        # is what carries over to a GPU, where each op is a launch.
+        plain_ops, tracked_ops = H.count_ops(plain), H.count_ops(tracked)
+        layers = len(tr.captures)
     us = {k: v / steps * 1e6 for k, v in totals.items()}
     print("\n".join(H.environment_lines("cpu")))
     print(f"case: {args.case} (batch {X.shape[0]}), {steps} steps, rank 8, every step\n")
@@ -108,6 +113,7 @@ def main() -> int:
     print(f"\nplain step {plain_us:.0f} µs, tracked step {tracked_us:.0f} µs ({tracked_us / plain_us:.2f}×); "
           f"the hooks account for {hooks:.0f} µs of the {tracked_us - plain_us:.0f} µs difference "
           "(bench/floor_step.py: how much of it any tracker of this algorithm must spend)")
+    print(H.format_op_counts(plain_ops, tracked_ops, layers))
     return 0
 
 

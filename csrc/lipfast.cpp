@@ -23,7 +23,7 @@ TORCH_LIBRARY(lipfast, m) {
   m.def("hessian_contract(Tensor a, Tensor b, Tensor xnorm2, Tensor ynorm2, Tensor S, float sigma_next) -> "
         "(Tensor value, Tensor lo, Tensor hi)");
   // persample_linear: fused per-sample statistics of a Linear layer, G_i = D_iᵀ X_i never formed.
-  //   X [B, T, n] inputs, D [B, T, m] output-gradients of each sample's own loss, U [m, k], S [k], V [n, k],
+  //   X [B, T, n] inputs, D [B, T, m] output-gradients of each sample's own loss ([B, n], [B, m]: T = 1), U [m, k], S [k], V [n, k],
   //   sigma_next = σ_{k+1}. Returns proj [B] = u1ᵀ G_i v1 and hess, hess_lo, hess_hi [B] = H[G_i, G_i],
   //   all float64.
   m.def("persample_linear(Tensor X, Tensor D, Tensor U, Tensor S, Tensor V, float sigma_next) -> "
@@ -34,13 +34,16 @@ TORCH_LIBRARY(lipfast, m) {
         "(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor Gv1, Tensor Gtu1)");
   // gradient_statistics: the tracker's reductions before a step, from per-sample statistics proj/hess/
   //   hess_lo/hess_hi [N] (float64, as persample_linear returns them), the weight gradient G [m, n] and the
-  //   spectrum U [m, k], S [k], V [n, k]. Returns float64 [11]: N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi
+  //   spectrum U [m, k], S [k], V [n, k]. Returns float64 [12]: N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi
   //   (additive across data-parallel ranks), K = u1ᵀḡv1, H[ḡ,ḡ] (value, lo, hi), all-finite flag; with
   //   s = scale·proj, H = scale²·hess, ḡ = G / loss_factor). Gv1 [m], Gtu1 [n], when given, are G·v1 and
-  //   Gᵀ·u1 formed elsewhere (from the per-sample sums), and G is then not read.
+  //   Gᵀ·u1 formed elsewhere (from the per-sample sums), and G is then not read. G may have the weight's shape
+  //   [m, ...] (a convolution's gradient as stored), read as [m, n]. known, when given (G's shape), is the
+  //   optimizer buffer of the step's deterministic part: element [11] is known_scale·u1ᵀ(known)v1 (else 0), so
+  //   the result is float64 [12].
   m.def("gradient_statistics(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor G, Tensor U, "
         "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor, Tensor? Gv1=None, "
-        "Tensor? Gtu1=None) -> Tensor");
+        "Tensor? Gtu1=None, Tensor? known=None, float known_scale=0.0) -> Tensor");
   // update_statistics: after a step, from x = ΔW v1 [m], y = ΔWᵀ u1 [n] (float64) and the spectrum before
   //   the step. Returns float64 [7]: u1ᵀΔWv1, ½H[ΔW,ΔW] (value, lo, hi), all-finite flag, ‖x‖, ‖y‖.
   m.def("update_statistics(Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next) -> Tensor");

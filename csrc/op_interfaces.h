@@ -12,7 +12,8 @@ namespace lipfast {
 // --- input checks ----------------------------------------------------------------------------------------
 // half_ok: the CUDA kernel also takes float16/bfloat16 X, D, U, V (the CPU kernel float32/float64 only).
 void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, const at::Tensor& U,
-                                   const at::Tensor& S, const at::Tensor& V, bool half_ok);
+                                   const at::Tensor& S, const at::Tensor& V, bool half_ok,
+                                   bool rows_ok = false);
 
 void check_hessian_contract_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& xnorm2,
                                    const at::Tensor& ynorm2, const at::Tensor& S);
@@ -24,7 +25,13 @@ void check_subspace_iteration_inputs(const at::Tensor& W, const at::Tensor& V0, 
 void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
                                       const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
                                       const at::Tensor& S, const at::Tensor& V, const c10::optional<at::Tensor>& Gv1,
-                                      const c10::optional<at::Tensor>& Gtu1);
+                                      const c10::optional<at::Tensor>& Gtu1, const c10::optional<at::Tensor>& known);
+
+// persample_linear's X [B, n] / D [B, m] (one position per sample, an MLP) as [B, 1, n] / [B, 1, m] (a view).
+inline at::Tensor as_positions(const at::Tensor& t) { return t.dim() == 2 ? t.unsqueeze(1) : t; }
+
+// A gradient or optimizer buffer in a weight's shape [m, ...] as the matrix [m, n] (a view; [m, n] as it is).
+at::Tensor as_matrix(const at::Tensor& t);
 
 void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
                                     const at::Tensor& S, const at::Tensor& V);
@@ -55,7 +62,8 @@ at::Tensor gradient_statistics_composite(const at::Tensor& proj, const at::Tenso
                                          const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
                                          const at::Tensor& S, const at::Tensor& V, double sigma_next, double scale,
                                          double loss_factor, const c10::optional<at::Tensor>& Gv1,
-                                         const c10::optional<at::Tensor>& Gtu1);
+                                         const c10::optional<at::Tensor>& Gtu1, const c10::optional<at::Tensor>& known,
+                                         double known_scale);
 
 at::Tensor update_statistics_composite(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
                                        const at::Tensor& S, const at::Tensor& V, double sigma_next);

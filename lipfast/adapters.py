@@ -15,6 +15,8 @@ out with the sample dimension first (:class:`lipfast.instrument.LayerCapture` mo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +24,12 @@ from .functional import Spectrum, contract_projections, conv2d_projections
 
 __all__ = ["ADAPTERS", "Adapter", "AttentionAdapter", "Conv2dAdapter", "EmbeddingAdapter", "HFConv1DAdapter",
            "LinearAdapter", "adapter_for", "attention_adapters", "conv_geometry", "is_hf_conv1d", "unsupported_reason"]
+
+
+def _bare(t: Tensor) -> Tensor:
+    """``t`` cut from autograd; a tensor outside any graph (a gradient, an optimizer buffer) as it is (a
+    ``detach`` is a dispatched op: the tracked step calls this several times per layer)."""
+    return t.detach() if t.requires_grad else t
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -56,10 +64,25 @@ class Adapter:
         self.m, self.n = self.matrix(self.weight).shape
         self.group = -1  # grouped convolutions: the block the matrix is (-1: the whole weight)
         self.rival = 0.0  # grouped convolutions: the largest σ1 of the other blocks
+        self._weight_matrix: tuple | None = None
+
+    # ``matrix(t)`` is ``t``'s rows, ``t.reshape(t.shape[0], -1)`` (Linear, Conv2d with groups=1, Embedding):
+    # the ops that take a weight-shaped tensor read it so themselves, and the tracker hands it over unviewed.
+    as_rows = True
 
     def matrix(self, t: Tensor) -> Tensor:
-        t = t.detach()
+        t = _bare(t)
         return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+    def weight_matrix(self) -> Tensor:
+        """``matrix(weight)``, made once and reused while the Parameter keeps its storage, layout and the
+        part the matrix is: a view of the weight follows its values (and shares its version counter), so the
+        tracked step makes none (two dispatched ops, a ``detach`` and a ``view``, per layer and step)."""
+        w = self.weight
+        key = (w.data_ptr(), w.dtype, w.device, w.shape, w.stride(), w.storage_offset(), self.group)
+        if self._weight_matrix is None or self._weight_matrix[0] != key:
+            self._weight_matrix = (key, self.matrix(w))
+        return self._weight_matrix[1]
 
     def samples(self, x: Tensor) -> int:
         """The samples of a call's input (sample dimension first; fewer dims than a batch: one sample)."""
@@ -73,6 +96,14 @@ class Adapter:
     def select(self) -> bool:
         """Re-choose which part of the weight the matrix is (grouped convolutions); True when it changed."""
         return False
+
+    def after_step(self) -> Tensor | None:
+        """What the record and the next step's :meth:`select` need of the weight just stepped, left on the device
+        (read back with the step's records, never inside the step): None for most kinds."""
+        return None
+
+    def read_after_step(self, values: list[float] | None) -> None:
+        """:meth:`after_step`'s values, read back with the step's records (None: those records are built)."""
 
     def orientation(self) -> str:
         """How ``matrix`` reads the Parameter: the uses of a tied Parameter must agree."""
@@ -105,6 +136,12 @@ class LinearAdapter(Adapter):
             if c.x.dim() == 1:  # an unbatched call: one sample
                 xs.append(c.x.reshape(1, 1, -1))
                 ds.append(c.d.reshape(1, 1, -1))
+            elif c.x.dim() == 2 and len(calls) == 1:  # [B, n]: the ops read it as [B, 1, n] (no view here)
+                xs.append(c.x)
+                ds.append(c.d)
+            elif c.x.dim() == 3:
+                xs.append(c.x)
+                ds.append(c.d)
             else:
                 xs.append(c.x.reshape(c.x.shape[0], -1, self.n))
                 ds.append(c.d.reshape(c.d.shape[0], -1, self.m))
@@ -133,7 +170,7 @@ class LinearAdapter(Adapter):
         return impl.persample_linear_precond(X, D, P, _as(spec.U, dtype), spec.S, _as(spec.V, dtype), spec.host[2])
 
     def projections(self, impl, spec, calls, dtype):
-        X, D = self._rows(calls, torch.float64)
+        X, D = (t if t.dim() == 3 else t.unsqueeze(1) for t in self._rows(calls, torch.float64))
         xv = X @ spec.V64[:, 0]  # [B, T]
         du = D @ spec.U64[:, 0]
         return torch.einsum("bt,btm->bm", xv, D), torch.einsum("bt,btn->bn", du, X)
@@ -151,8 +188,10 @@ class HFConv1DAdapter(LinearAdapter):
 
     kind = "hf_conv1d"
 
+    as_rows = False
+
     def matrix(self, t):
-        return t.detach().t()
+        return _bare(t).t()
 
     def orientation(self):
         return "columns"
@@ -195,8 +234,12 @@ class Conv2dAdapter(Adapter):
         self.group = 0 if self.groups > 1 else -1
         self._version = None
 
+    @property
+    def as_rows(self):
+        return self.groups == 1
+
     def matrix(self, t):
-        W = t.detach().reshape(t.shape[0], -1)
+        W = _bare(t).reshape(t.shape[0], -1)
         if self.groups == 1:
             return W
         rows = W.shape[0] // self.groups
@@ -207,23 +250,52 @@ class Conv2dAdapter(Adapter):
         blocks = W.reshape(self.groups, W.shape[0] // self.groups, -1).double()
         return blocks.norm(dim=(1, 2)) if min(blocks.shape[1:]) == 1 else torch.linalg.matrix_norm(blocks, ord=2)
 
+    # Every block's σ1 after a tracked step, measured on the device (after_step) and read back with the step's
+    # records: the record's crossing test and the next step's block choice read them instead of the device,
+    # so that a steady-state tracked step makes no host read for them. Kept with the weight version they are of.
+    _after: tuple[int, list[float] | None] | None = None
+    _recording: list[float] | None = None  # the block σ1s the record being built reads (overtaken)
+
+    def after_step(self):
+        if self.groups == 1:
+            return None
+        self._after = (self.weight._version, None)
+        return self._block_sigmas()
+
+    def read_after_step(self, values):
+        if values is None:
+            self._recording = None
+        elif self._after is not None:
+            self._after = (self._after[0], list(values))
+            self._recording = list(values)
+
+    def _host_block_sigmas(self) -> list[float] | None:
+        """The block σ1s of the weight as it is now, when the last step's read-back holds them."""
+        if self._after is None or self._after[1] is None or self._after[0] != self.weight._version:
+            return None
+        return self._after[1]
+
     def overtaken(self, sigma_next):
         if self.groups == 1:
             return False
-        sig = self._block_sigmas()
+        # While the step's record is built, its weight's block σ1s as read back with it (the weight itself may
+        # have moved on since); otherwise the weight as it is now.
+        sig = list(self._recording) if self._recording is not None else self._block_sigmas().tolist()
         sig[self.group] = 0.0
-        return float(sig.max()) > sigma_next
+        return max(sig) > sigma_next
 
     def select(self):
         if self.groups == 1 or self.weight._version == self._version:
             return False
         self._version = self.weight._version
-        sig = self._block_sigmas()
-        if not bool(torch.isfinite(sig).all()):  # NaN/Inf weights: keep the block (the tracker flags them)
+        host = self._host_block_sigmas()
+        sig = host if host is not None else self._block_sigmas().tolist()
+        if not all(math.isfinite(s) for s in sig):  # NaN/Inf weights: keep the block (the tracker flags them)
             return False
-        top = sig.topk(2)
-        old, self.group = self.group, int(top.indices[0])
-        self.rival = float(top.values[1])
+        # The largest (the first of equals, as topk on the device picked it) and the runner-up.
+        top = max(range(len(sig)), key=lambda j: (sig[j], -j))
+        old, self.group = self.group, top
+        self.rival = max(s for j, s in enumerate(sig) if j != top)
         return old != self.group
 
     def _slices(self, c, dtype):
@@ -318,8 +390,12 @@ class AttentionAdapter(LinearAdapter):
         self.rows = rows  # (first, end) rows of ``weight`` that form the matrix; None: all
         super().__init__(mha, weight)
 
+    @property
+    def as_rows(self):
+        return self.rows is None
+
     def matrix(self, t):
-        t = t.detach()
+        t = _bare(t)
         return t if self.rows is None else t[self.rows[0]:self.rows[1]]
 
     def orientation(self):

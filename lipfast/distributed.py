@@ -214,10 +214,10 @@ class TrackerGroup:
                 has_spec.append(1.0)
             else:  # no samples here (zeros, finite), or NaN/Inf weights (the count, non-finite)
                 n = 0.0 if p is None else float(p["N"])
-                rows.append(torch.tensor([n] + [0.0] * 9 + [1.0 if p is None else 0.0], dtype=torch.float64).to(dev))
+                rows.append(torch.tensor([n] + [0.0] * 9 + [1.0 if p is None else 0.0, 0.0], dtype=torch.float64).to(dev))
                 sig.append(torch.zeros(1, dtype=torch.float64).to(dev))
                 has_spec.append(0.0)
-        S = torch.stack(rows)                                     # [L, 11]: gradient_statistics' layout
+        S = torch.stack(rows)                                     # [L, 12]: gradient_statistics' layout
         sigma = torch.cat(sig)                                    # [L]
         N, S1, K = S[:, 0], S[:, 1], S[:, 6]
         inv_n = torch.where(N > 0, 1.0 / N.clamp(min=1.0), torch.zeros_like(N))
@@ -306,7 +306,9 @@ class StepBucket:
                 s2 = col[_S2] + 2 * C - 2 * K * col[_S1] + B - 2 * K * A + K * K * N
                 p["c"] = p["c"] * N / (R * n_r)
             finite = 1.0 if col[_NONFINITE] == 0 else 0.0
-            p["sums"] = torch.tensor([N, s1, s2, col[_H], col[_HLO], col[_HHI], K, *hg, finite], dtype=torch.float64)
+            # (the last entry, the momentum term, is the same on every rank: DDP keeps the buffers identical)
+            p["sums"] = torch.tensor([N, s1, s2, col[_H], col[_HLO], col[_HHI], K, *hg, finite, local[11]],
+                                     dtype=torch.float64)
         logged = {}
         if tail[1] > 0:
             logged["loss"] = tail[0] / tail[1]

@@ -296,7 +296,8 @@ def _contract(spec: Spectrum, x: Tensor, y: Tensor, impl=ops) -> tuple[Tensor, T
     y = y.to(torch.float64)
     a = x @ spec.U64
     b = y @ spec.V64
-    return impl.hessian_contract(a, b, (x * x).sum(-1), (y * y).sum(-1), spec.S, float(spec.sigma_next))
+    # (σ_{k+1} from the host values: the tracker's spectra hold them already, read with a step's records)
+    return impl.hessian_contract(a, b, (x * x).sum(-1), (y * y).sum(-1), spec.S, spec.host[2])
 
 
 def _nan_if(degenerate: bool, *values: Tensor) -> tuple[Tensor, ...]:
@@ -439,9 +440,11 @@ def conv2d_projections(spec: Spectrum, x: Tensor, grad_out: Tensor, kernel_size:
 
 def contract_projections(spec: Spectrum, xvec: Tensor, yvec: Tensor, impl=ops, mask: bool = True) -> PerSample:
     """Per-sample statistics from ``x_i = G_i v1 [B, m]`` and ``y_i = G_iᵀ u1 [B, n]``. ``mask=False``
-    skips the NaN masking of a degenerate spectrum (the tracker applies its own gap tolerance)."""
+    skips the NaN masking of a degenerate spectrum (the tracker applies its own gap tolerance) and the test
+    for it (which reads σ1, σ2 off the device): ``degenerate`` is then False."""
     value, lo, hi = _contract(spec, xvec, yvec, impl)
-    if mask:
-        value, lo, hi = _nan_if(spec.degenerate, value, lo, hi)
+    degenerate = spec.degenerate if mask else False
+    if degenerate:
+        value, lo, hi = _nan_if(True, value, lo, hi)
     proj = xvec.to(torch.float64) @ spec.U64[:, 0]
-    return PerSample(proj, value, lo, hi, degenerate=spec.degenerate)
+    return PerSample(proj, value, lo, hi, degenerate=degenerate)

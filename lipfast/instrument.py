@@ -359,7 +359,7 @@ class LayerCapture:
         group = self.groups.get(forward_id)
         if group is None:  # reduced already (a second backward through a retained graph) or dropped
             return
-        call.d = grad.detach()
+        call.d = grad.detach() if grad.requires_grad else grad  # (a graph only under create_graph=True)
         if call.saved is not None:  # unpacked inside backward, where a checkpoint hands over its recomputation
             unpack, packed = call.saved
             call.x, call.saved = unpack(packed), None

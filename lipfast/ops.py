@@ -74,8 +74,8 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     """Fused per-sample statistics of a Linear layer, never forming ``G_i = D_iᵀ X_i`` (MATH.md §4).
 
     Args:
-        X: ``[B, T, n]`` layer inputs.
-        D: ``[B, T, m]`` gradients of each sample's own loss w.r.t. the layer output.
+        X: ``[B, T, n]`` layer inputs (or ``[B, n]``: one position per sample, T = 1).
+        D: ``[B, T, m]`` (``[B, m]``) gradients of each sample's own loss w.r.t. the layer output.
         U: ``[m, k]``, S: ``[k]``, V: ``[n, k]``: the top-k triplets of the weight.
         sigma_next: ``σ_{k+1}``, or ``0`` when the spectrum is exact.
         sums: also return ``Σ_i G_i v1 [m]`` and ``Σ_i G_iᵀ u1 [n]`` (the ``.sums`` overload): the batch
@@ -91,26 +91,31 @@ def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
 
 def gradient_statistics(proj: Tensor, hess: Tensor, hess_lo: Tensor, hess_hi: Tensor, G: Tensor, U: Tensor,
                         S: Tensor, V: Tensor, sigma_next: float, scale: float, loss_factor: float,
-                        Gv1: Tensor | None = None, Gtu1: Tensor | None = None) -> Tensor:
+                        Gv1: Tensor | None = None, Gtu1: Tensor | None = None, known: Tensor | None = None,
+                        known_scale: float = 0.0) -> Tensor:
     """The tracker's reductions before a step (MATH.md §3), fused.
 
     Args:
         proj, hess, hess_lo, hess_hi: ``[N]`` per-sample statistics as the capture produced them.
-        G: ``[m, n]`` the weight's gradient; ``ḡ = G / loss_factor``.
+        G: ``[m, n]`` the weight's gradient (or the gradient in the weight's shape ``[m, ...]``, read as
+            ``[m, n]``: a convolution's needs no reshape); ``ḡ = G / loss_factor``.
         U, S, V: the spectrum before the step; sigma_next: ``σ_{k+1}``.
         scale: per-sample scale, ``s_i = scale·proj_i`` and ``H[G_i,G_i] = scale²·hess_i``.
         Gv1, Gtu1: optional ``[m]``, ``[n]`` ``G·v1`` and ``Gᵀ·u1`` formed elsewhere (the tracker sums them
             from the per-sample projections); G is then not read.
+        known, known_scale: optional optimizer buffer ``M`` (G's shape) whose multiple ``known_scale·M`` is the
+            step's deterministic part (the momentum term, :mod:`lipfast.optim`).
 
     Returns:
-        float64 ``[11]``: ``N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi`` (additive across data-parallel
-        ranks), ``K = u1ᵀḡv1`` (the shift that keeps the variance exact), ``H[ḡ,ḡ]`` value/lo/hi, and 1.0
-        when every reduction is finite.
+        float64 ``[12]``: ``N, Σ(s−K), Σ(s−K)², ΣH, ΣH_lo, ΣH_hi`` (additive across data-parallel
+        ranks), ``K = u1ᵀḡv1`` (the shift that keeps the variance exact), ``H[ḡ,ḡ]`` value/lo/hi, 1.0
+        when every reduction is finite, and ``known_scale·u1ᵀMv1`` (0 without ``known``).
     """
     return torch.ops.lipfast.gradient_statistics.default(
         _d(proj), _d(hess), _d(hess_lo), _d(hess_hi), _d(G), _d(U), _d(S),
         _d(V), float(sigma_next), float(scale), float(loss_factor),
-        None if Gv1 is None else _d(Gv1), None if Gtu1 is None else _d(Gtu1))
+        None if Gv1 is None else _d(Gv1), None if Gtu1 is None else _d(Gtu1),
+        None if known is None else _d(known), float(known_scale))
 
 
 def update_statistics(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float) -> Tensor:
@@ -246,9 +251,9 @@ def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exa
 
 @torch.library.register_fake("lipfast::gradient_statistics")
 def _gradient_statistics_fake(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next, scale, loss_factor, Gv1=None,
-                              Gtu1=None):
-    torch._check(G.dim() == 2, lambda: f"G must have shape [m, n], got {tuple(G.shape)}")
-    return torch.empty((11,), dtype=torch.float64, device=G.device)
+                              Gtu1=None, known=None, known_scale=0.0):
+    torch._check(G.dim() >= 2, lambda: f"G must have shape [m, n] or [m, ...], got {tuple(G.shape)}")
+    return torch.empty((12,), dtype=torch.float64, device=G.device)
 
 
 @torch.library.register_fake("lipfast::hessian_tail")
@@ -294,8 +299,8 @@ def _hessian_contract_fake(a, b, xnorm2, ynorm2, S, sigma_next):
 
 @torch.library.register_fake("lipfast::persample_linear")
 def _persample_linear_fake(X, D, U, S, V, sigma_next):
-    torch._check(X.dim() == 3, lambda: f"X must have shape [B, T, n], got {tuple(X.shape)}")
-    torch._check(D.dim() == 3, lambda: f"D must have shape [B, T, m], got {tuple(D.shape)}")
+    torch._check(X.dim() in (2, 3), lambda: f"X must have shape [B, T, n] or [B, n], got {tuple(X.shape)}")
+    torch._check(D.dim() == X.dim(), lambda: f"D must have shape [B, T, m] or [B, m] as X, got {tuple(D.shape)}")
     B = X.shape[0]
     return tuple(torch.empty((B,), dtype=torch.float64, device=X.device) for _ in range(4))
 
@@ -303,8 +308,8 @@ def _persample_linear_fake(X, D, U, S, V, sigma_next):
 @torch.library.register_fake("lipfast::persample_linear.sums")
 def _persample_linear_sums_fake(X, D, U, S, V, sigma_next):
     f64 = dict(dtype=torch.float64, device=X.device)
-    return (*_persample_linear_fake(X, D, U, S, V, sigma_next), torch.empty((D.shape[2],), **f64),
-            torch.empty((X.shape[2],), **f64))
+    return (*_persample_linear_fake(X, D, U, S, V, sigma_next), torch.empty((D.shape[-1],), **f64),
+            torch.empty((X.shape[-1],), **f64))
 
 
 def persample_linear_precond(X: Tensor, D: Tensor, P: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float):
@@ -312,7 +317,7 @@ def persample_linear_precond(X: Tensor, D: Tensor, P: Tensor, U: Tensor, S: Tens
     never forming ``G_i = D_iᵀ X_i``: two GEMMs with ``P``, ``Y = (X ⊙ v1) Pᵀ`` and ``Z = (D ⊙ u1) P``.
 
     Args:
-        X: ``[B, T, n]`` layer inputs. D: ``[B, T, m]`` per-sample output-gradients.
+        X: ``[B, T, n]`` layer inputs. D: ``[B, T, m]`` per-sample output-gradients (``[B, n]``, ``[B, m]``: T = 1).
         P: ``[m, n]`` elementwise preconditioner (X's dtype). U: ``[m, k]``, S: ``[k]``, V: ``[n, k]``.
         sigma_next: ``σ_{k+1}``, or ``0`` when the spectrum is exact.
 
@@ -344,9 +349,9 @@ def _precond_fake(B, m, n, like):
 
 @torch.library.register_fake("lipfast::persample_linear_precond")
 def _persample_linear_precond_fake(X, D, P, U, S, V, sigma_next):
-    torch._check(X.dim() == 3 and D.dim() == 3 and P.dim() == 2,
-                 lambda: "persample_linear_precond: X, D [B, T, *], P [m, n]")
-    return _precond_fake(X.shape[0], D.shape[2], X.shape[2], X)
+    torch._check(X.dim() in (2, 3) and D.dim() == X.dim() and P.dim() == 2,
+                 lambda: "persample_linear_precond: X, D [B, T, *] or [B, *], P [m, n]")
+    return _precond_fake(X.shape[0], D.shape[-1], X.shape[-1], X)
 
 
 @torch.library.register_fake("lipfast::persample_conv2d_precond")

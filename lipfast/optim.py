@@ -98,7 +98,7 @@ def step_coefficients(optimizer: torch.optim.Optimizer, param: Tensor) -> StepCo
     wd = float(group.get("weight_decay", 0.0))
     sign = -1.0 if group.get("maximize", False) else 1.0
     buf = optimizer.state.get(param, {}).get("momentum_buffer") if mu != 0 else None
-    known, scale = (buf.detach(), 0.0) if buf is not None else (None, 0.0)
+    known, scale = (buf.detach() if buf.requires_grad else buf, 0.0) if buf is not None else (None, 0.0)
     if mu == 0:
         c = lr
     elif buf is None:
@@ -117,7 +117,8 @@ def _step_count(state: dict, key: str = "step"):
         return 1.0
     if isinstance(step, Tensor) and step.device.type != "cpu":
         return step + 1
-    return float(step) + 1
+    # (a CPU tensor's tolist reads its value without a dispatched op, as float() would)
+    return float(step.tolist() if isinstance(step, Tensor) else step) + 1
 
 
 def _value(x):
@@ -132,24 +133,27 @@ def _adaptive_coefficients(optimizer, group: dict, param: Tensor, lr: float) -> 
     if grad is None:
         return StepCoefficients(lr=lr, fresh=1.0, decay=0.0, known=None, exact=True)
     with torch.no_grad():
-        W, g = param.detach(), grad.detach()
+        g = grad.detach() if grad.requires_grad else grad
         state = optimizer.state.get(param, {})
         sign = -1.0 if group.get("maximize", False) else 1.0
         wd = float(group.get("weight_decay", 0.0))
         decoupled = isinstance(optimizer, torch.optim.Adam) and bool(group.get("decoupled_weight_decay", False))
+        W = param.detach() if wd != 0 and not decoupled else None  # (read only by a coupled decay)
         g = -g if sign < 0 else g
         if wd != 0 and not decoupled:  # coupled decay: λW joins the gradient before the moments see it
             g = g.add(W, alpha=wd)
+        known_scale = 1.0
         if isinstance(optimizer, torch.optim.Adam):
-            peff, known = _adam(group, state, g, _value(group["lr"]))
+            peff, known, known_scale = _adam(group, state, g, _value(group["lr"]))
         elif isinstance(optimizer, torch.optim.RMSprop):
             peff, known = _rmsprop(group, state, g, _value(group["lr"]))
         else:
             peff, known = _adagrad(group, state, g, _value(group["lr"]))
         if wd != 0 and not decoupled:  # the coupled decay's share of the fresh term: known given W
-            known = -wd * peff * W if known is None else known - wd * peff * W
+            known = -wd * peff * W if known is None else known * known_scale - wd * peff * W
+            known_scale = 1.0
         decay = lr * wd if decoupled else 0.0
-    return StepCoefficients(lr=lr, fresh=sign, decay=decay, known=known, exact=True, known_scale=1.0,
+    return StepCoefficients(lr=lr, fresh=sign, decay=decay, known=known, exact=True, known_scale=known_scale,
                             precond=peff)
 
 
@@ -165,8 +169,14 @@ def _adam(group: dict, state: dict, g: Tensor, lr):
     # In place on v, a temporary: the pre-step hook's peak holds few weight-sized tensors at a time.
     P = v.sqrt_().div_(bc2 ** 0.5).add_(group["eps"]).reciprocal_()
     m = state.get("exp_avg")
-    known = m * P * (-(lr * beta1 / bc1)) if m is not None else None
-    return P.mul_(lr * (1 - beta1) / bc1), known
+    # known = scale·(m ⊙ P): the scale rides to the op as a number (one weight-sized op less), unless the step
+    # count is a device tensor (a capturable optimizer), whose value the host must not read.
+    scale = -(lr * beta1 / bc1)
+    if isinstance(scale, Tensor):
+        known, scale = (m * P * scale if m is not None else None), 1.0
+    else:
+        known = m * P if m is not None else None
+    return P.mul_(lr * (1 - beta1) / bc1), known, scale
 
 
 def _rmsprop(group: dict, state: dict, g: Tensor, lr):

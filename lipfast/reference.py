@@ -58,8 +58,10 @@ def hessian_contract(a: Tensor, b: Tensor, xnorm2: Tensor, ynorm2: Tensor, S: Te
 
 def persample_linear(X: Tensor, D: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, sums: bool = False):
     """Twin of ``lipfast::persample_linear``: X [B,T,n], D [B,T,m] -> proj, hess, hess_lo, hess_hi [B]
-    (and with ``sums`` ``Σ_i G_i v1 [m]``, ``Σ_i G_iᵀ u1 [n]``, the ``.sums`` overload)."""
+    (and with ``sums`` ``Σ_i G_i v1 [m]``, ``Σ_i G_iᵀ u1 [n]``, the ``.sums`` overload). X [B, n], D [B, m]: T = 1."""
     X, D, U, V = (t.to(torch.float64) for t in (X, D, U, V))
+    if X.dim() == 2:
+        X, D = X.unsqueeze(1), D.unsqueeze(1)
     XV = X @ V                                    # [B, T, k]
     DU = D @ U                                    # [B, T, k]
     x = torch.einsum("btm,bt->bm", D, XV[..., 0])  # G_i v1
@@ -74,6 +76,8 @@ def persample_linear_precond(X: Tensor, D: Tensor, P: Tensor, U: Tensor, S: Tens
     """Twin of ``lipfast::persample_linear_precond`` (MATH.md §7): the statistics of ``E_i = P ⊙ G_i`` from
     ``Y = (X ⊙ v1) Pᵀ`` and ``Z = (D ⊙ u1) P``, then ``x_i = Σ_t D_it ⊙ Y_it``, ``y_i = Σ_t X_it ⊙ Z_it``."""
     X, D, P, U, V = (t.to(torch.float64) for t in (X, D, P, U, V))
+    if X.dim() == 2:  # [B, n]: T = 1
+        X, D = X.unsqueeze(1), D.unsqueeze(1)
     Y = (X * V[:, 0]) @ P.mT                      # [B, T, m]
     Z = (D * U[:, 0]) @ P                         # [B, T, n]
     x = (D * Y).sum(1)                            # E_i v1
@@ -174,8 +178,10 @@ def _hessian_of_direction(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor,
 
 
 def gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next: float, scale: float,
-                        loss_factor: float, Gv1: Tensor | None = None, Gtu1: Tensor | None = None) -> Tensor:
+                        loss_factor: float, Gv1: Tensor | None = None, Gtu1: Tensor | None = None,
+                        known: Tensor | None = None, known_scale: float = 0.0) -> Tensor:
     """Twin of ``lipfast::gradient_statistics`` (see lipfast/ops.py for the layout of the result)."""
+    G = G if G.dim() == 2 else G.reshape(G.shape[0], -1)
     u1, v1 = U[:, 0].to(G.dtype), V[:, 0].to(G.dtype)
     x = (G @ v1 if Gv1 is None else Gv1).to(torch.float64) / loss_factor
     y = (G.mT @ u1 if Gtu1 is None else Gtu1).to(torch.float64) / loss_factor
@@ -185,7 +191,12 @@ def gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next: fl
     sums = torch.stack([s.sum(), (s * s).sum()] + [t.to(torch.float64).sum() * scale**2 for t in (hess, hess_lo, hess_hi)])
     finite = torch.isfinite(torch.cat([x, y, sums])).all().to(torch.float64)
     n = torch.tensor([float(proj.shape[0])], dtype=torch.float64, device=G.device)
-    return torch.cat([n, sums, K[None], hg, finite[None]])
+    if known is None:
+        kn = torch.zeros(1, dtype=torch.float64, device=G.device)
+    else:
+        M = known.reshape(known.shape[0], -1)
+        kn = (known_scale * (U[:, 0].to(torch.float64) @ (M @ V[:, 0].to(M.dtype)).to(torch.float64)))[None]
+    return torch.cat([n, sums, K[None], hg, finite[None], kn])
 
 
 def update_statistics(x: Tensor, y: Tensor, U, S, V, sigma_next: float) -> Tensor:

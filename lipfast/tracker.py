@@ -96,7 +96,10 @@ class _StepReadback:
                 layers.append(vector_parts)
         self._logged = dict(logged)
         self._tensor_keys = [k for k, v in logged.items() if isinstance(v, Tensor)]
-        parts = [t for layer in layers for t in layer] + [logged[k].reshape(1) for k in self._tensor_keys]
+        # What adapters keep of the step (a grouped convolution's block σ1s), after the logged values.
+        self._after = [(cap.adapter, p["after_step"]) for cap, p, _, _ in entries if p.get("after_step") is not None]
+        parts = ([t for layer in layers for t in layer] + [logged[k].reshape(1) for k in self._tensor_keys]
+                 + [t for _, t in self._after])
         device = parts[0].device if parts else torch.device("cpu")
         flat = (torch.cat([_float64_on(t, device) for t in parts]) if parts
                 else torch.empty(0, dtype=torch.float64))
@@ -112,6 +115,11 @@ class _StepReadback:
         else:
             self._host = flat
 
+    def done(self) -> None:
+        """The step's records are built: the adapters let go of what they read for them."""
+        for adapter, _ in self._after:
+            adapter.read_after_step(None)
+
     def read(self) -> tuple[list[list[float]], dict[str, float]]:
         """(one list of floats per layer that has a vector, the logged values as floats)."""
         if self._event is not None and not self._event.query():  # query(): no wait when it has landed
@@ -119,23 +127,17 @@ class _StepReadback:
         flat = self._host.tolist()
         w, n = self._width, self._layers
         logged = {k: (float(v) if not isinstance(v, Tensor) else NAN) for k, v in self._logged.items()}
-        logged.update(zip(self._tensor_keys, flat[n * w:]))
+        at = n * w + len(self._tensor_keys)
+        logged.update(zip(self._tensor_keys, flat[n * w:at]))
+        for adapter, t in self._after:
+            adapter.read_after_step(flat[at:at + t.numel()])
+            at += t.numel()
         return [flat[i * w:(i + 1) * w] for i in range(n)], logged
 
 
 def _float64_on(t: Tensor, device: torch.device) -> Tensor:
     """``t`` as float64 on ``device``; the ops' statistics already are, and skip a dispatched no-op ``.to``."""
     return t if t.dtype == torch.float64 and t.device == device else t.to(device, torch.float64)
-
-
-_ZERO: dict[torch.device, Tensor] = {}
-
-
-def _zero(device: torch.device) -> Tensor:
-    """A float64 ``[0.0]`` on ``device``, made once (a layer's momentum term when it has none)."""
-    if device not in _ZERO:
-        _ZERO[device] = torch.zeros(1, dtype=torch.float64, device=device)
-    return _ZERO[device]
 
 
 def _top_pair_overlap(before: Spectrum, after: Spectrum | None, device: torch.device) -> Tensor:
@@ -585,7 +587,7 @@ class Tracker:
         statistics (on the weight's device, unread: :func:`_fill_host` completes the spectrum from them), in
         one op call; ``(None, None)`` when the step left NaN/Inf in the weight. ΔW is read through the old
         top pair riding along in the new spectrum's GEMMs."""
-        W = cap.adapter.matrix(cap.weight)
+        W = cap.adapter.weight_matrix()
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
         m, n = W.shape
         exact = needs_exact(m, n, self.rank)
@@ -666,29 +668,29 @@ class Tracker:
         N = int(proj.shape[0])
         loss_factor = float(N) if self.loss_reduction == "sum" else 1.0
         scale = 1.0 if self.loss_reduction == "sum" else float(N)
-        G = cap.adapter.matrix(grad)
-        known = None
-        if coef.known is not None:
-            buf_v1 = cap.adapter.matrix(coef.known) @ spec.V[:, 0].to(coef.known.dtype)
-            known = coef.known_scale * (spec.U64[:, 0] @ buf_v1.double())
+        # The op reads a weight-shaped gradient (and momentum buffer) as its matrix itself: where the matrix is
+        # the weight's rows (Linear, Conv2d), no view is made here (one dispatched op less per tensor and step).
+        G = grad if cap.adapter.as_rows else cap.adapter.matrix(grad)
+        known = None if coef.known is None else coef.known if cap.adapter.as_rows else cap.adapter.matrix(coef.known)
         # ḡ·v1 and ḡᵀ·u1 from the per-sample sums, so that ḡ is exactly the mean of the G_i whose spread the
         # noise terms measure (gradient clipping or an extra loss term change weight.grad, not the G_i). Under
         # DDP ḡ must be the global batch's, which weight.grad is after DDP's all-reduce.
         products = (gv, gtu) if self._group is None and gv is not None else (None, None)
         if coef.precond is None and products[0] is not None and not cap.uses_checked:
             cap.uses_checked = True  # (under an adaptive optimizer gv is Σ (P ⊙ G_i) v1, not weight.grad's)
-            self._check_uses(cap, spec, G, gv)
+            self._check_uses(cap, spec, cap.adapter.matrix(grad), gv)
         if coef.precond is not None and products[0] is None:
-            G = cap.adapter.matrix(coef.precond).to(G.dtype) * G
+            G = cap.adapter.matrix(coef.precond).to(G.dtype) * cap.adapter.matrix(grad)
+        # With the momentum (known) term u1ᵀ(known_scale·M)v1 as the result's last entry: no ops of its own.
         sums = self.impl.gradient_statistics(proj, hess, hess_lo, hess_hi, G, spec.U, spec.S, spec.V,
-                                             spec.host[2], scale, loss_factor, *products)
+                                             spec.host[2], scale, loss_factor, *products, known, coef.known_scale)
         # ΔW will be read through W·v1 and Wᵀ·u1 (all MATH.md §2 needs of it): before the step they come
         # free with the spectrum (W v1 = σ1 u1 for a Ritz pair; Wᵀu1 from its last sweep), after it they
         # ride along in the next spectrum's GEMMs. No copy of W is kept.
         # The record needs coef's scalars only: let go of its weight-sized tensors (P, the known step) before
         # the step, rather than hold them until the records are read.
         coef = dataclasses.replace(coef, known=None, precond=None)
-        return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor, known=known)
+        return dict(spec=spec, sums=sums, coef=coef, c=coef.fresh * loss_factor)
 
     def _check_uses(self, cap: LayerCapture, spec: Spectrum, G: Tensor, gv: Tensor) -> None:
         """Once per layer (its first tracked step, one GEMV and a host read): ``weight.grad·v1`` must be the
@@ -737,8 +739,11 @@ class Tracker:
         unread, self._unread = self._unread, None
         if unread is not None:
             vectors, logged = unread.read()
-            rows = [self._record(cap, p, spec_after, vectors[i] if i is not None else None, unread.step)
-                    for cap, p, spec_after, i in unread.entries]
+            try:
+                rows = [self._record(cap, p, spec_after, vectors[i] if i is not None else None, unread.step)
+                        for cap, p, spec_after, i in unread.entries]
+            finally:
+                unread.done()
             if self._records_here:
                 net = self._network_record(rows, unread.step, logged)
                 if self.keep_records:
@@ -778,12 +783,14 @@ class Tracker:
         spec_after, stats = self._advance(cap, p["spec"])
         if spec_after is not None:
             self._cache[cap.name] = _Cached(spec_after, cap.weight._version)
+            # (a grouped convolution's block σ1s after the step: read back with the vector, not now)
+            p["after_step"] = cap.adapter.after_step()
         sums = self._reduce(p["sums"])
         stats = stats if stats is not None else torch.full((_N_TRACK_STATS,), NAN, dtype=torch.float64, device=sums.device)
-        known = p["known"].reshape(1) if p["known"] is not None else _zero(sums.device)
+        # (sums: gradient_statistics' 11 values and, last, the momentum term known_scale·u1ᵀMv1)
         # The before-step spectrum's top two residuals ride along unread: the record's sigma_err.
         res = _top_residuals(p["spec"], sums.device)
-        return cap, p, spec_after, (stats, sums, known, res, _top_pair_overlap(p["spec"], spec_after, sums.device))
+        return cap, p, spec_after, (stats, sums, res, _top_pair_overlap(p["spec"], spec_after, sums.device))
 
     def _record(self, cap: LayerCapture, p: dict, spec_after: Spectrum | None, values: list[float] | None,
                 step: int) -> dict:

@@ -26,7 +26,7 @@ EXPECTED_SCHEMAS = {
     "gradient_statistics": (
         "lipfast::gradient_statistics(Tensor proj, Tensor hess, Tensor hess_lo, Tensor hess_hi, Tensor G, Tensor U, "
         "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor, Tensor? Gv1=None, "
-        "Tensor? Gtu1=None) -> Tensor"
+        "Tensor? Gtu1=None, Tensor? known=None, float known_scale=0.) -> Tensor"
     ),
     "update_statistics": (
         "lipfast::update_statistics(Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next) -> Tensor"

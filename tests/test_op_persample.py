@@ -219,6 +219,33 @@ def test_persample_linear_sums_match_the_gradient(device, dtype, shape):
             assert_close(o, r, TOL["parity"][dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_persample_linear_takes_rows(device, dtype):
+    """X [B, n], D [B, m] (an MLP's layer, one position per sample) are read as [B, 1, n], [B, 1, m]: the
+    tracker hands them over without a view. The kernel, the composite .sums and the twin, .default and .sums,
+    and the preconditioned op, give the same numbers as for the [B, 1, *] inputs."""
+    args = _raw_inputs(9, 1, 7, 5, 3, dtype, device)
+    X, D, U, S, V, sn = args
+    rows = (X[:, 0], D[:, 0], U, S, V, sn)
+    P = torch.rand(5, 7, dtype=dtype, device=device)
+    for got, want in [(ops.persample_linear(*rows), ops.persample_linear(*args)),
+                      (ops.persample_linear(*rows, sums=True), ops.persample_linear(*args, sums=True)),
+                      (torch.ops.lipfast.persample_linear.sums.redispatch(_COMPOSITE, *rows),
+                       torch.ops.lipfast.persample_linear.sums.redispatch(_COMPOSITE, *args)),
+                      (reference.persample_linear(*rows, sums=True), reference.persample_linear(*args, sums=True)),
+                      (ops.persample_linear_precond(X[:, 0], D[:, 0], P, U, S, V, sn),
+                       ops.persample_linear_precond(X, D, P, U, S, V, sn)),
+                      (torch.ops.lipfast.persample_linear_precond.default.redispatch(
+                          _COMPOSITE, X[:, 0], D[:, 0], P, U, S, V, sn),
+                       torch.ops.lipfast.persample_linear_precond.default(X, D, P, U, S, V, sn)),
+                      (reference.persample_linear_precond(X[:, 0], D[:, 0], P, U, S, V, sn),
+                       reference.persample_linear_precond(X, D, P, U, S, V, sn))]:
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_close(g, w, TOL["parity"][dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
 def test_persample_linear_non_contiguous(dtype, layout):
@@ -356,7 +383,8 @@ def _with(i, fn):
 
 
 @pytest.mark.parametrize("args, match", [
-    (_with(0, lambda t: t[0]), r"lipfast::persample_linear: X must have shape \[B, T, n\] \(3 dims\), got \[2, 4\]"),
+    (_with(0, lambda t: t[0, 0]), r"lipfast::persample_linear: X must have shape \[B, T, n\] \(3 dims\), got \[4\]"),
+    (_with(0, lambda t: t[0]), r"lipfast::persample_linear: D must have shape \[B, m\] \(2 dims\) to match X \[2, 4\], got \[3, 2, 6\]"),
     (_with(1, lambda t: t[0]), r"D must have shape \[B, T, m\] \(3 dims\), got \[2, 6\]"),
     (_with(1, lambda t: t[:2]), r"D must have shape \[B, T, m\] = \[3, 2, m\] to match X \[3, 2, 4\], got \[2, 2, 6\]"),
     (_with(1, lambda t: t[:, :1]), r"D must have shape \[B, T, m\] = \[3, 2, m\] to match X \[3, 2, 4\], got \[3, 1, 6\]"),

@@ -41,7 +41,7 @@ def test_gradient_statistics_matches_reference(dtype, N, transposed):
     G = torch.randn(m, n, generator=g, dtype=dtype)
     args = (proj, hess, lo, hi, G, spec.U, spec.S, spec.V, float(spec.sigma_next), 3.0, 2.0)
     got, want = ops.gradient_statistics(*args), reference.gradient_statistics(*args)
-    assert got.shape == (11,) and got.dtype == F64
+    assert got.shape == (12,) and got.dtype == F64 and float(got[11]) == 0.0
     scale = torch.cat([want.abs(), torch.ones(1, dtype=F64)]).max()
     torch.testing.assert_close(got, want, rtol=TOL["parity"][dtype]["rtol"], atol=TOL["parity"][dtype]["atol"] * scale)
     assert float(got[10]) == 1.0
@@ -66,6 +66,53 @@ def test_gradient_statistics_with_given_products_matches_reading_the_gradient(dt
     torch.testing.assert_close(ops.gradient_statistics(*p, torch.full_like(G, float("nan")), *args[5:], Gv1, Gtu1),
                                ops.gradient_statistics(*args, Gv1, Gtu1))
     assert torch.equal(Gv1, before)
+
+
+_COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("given", [False, True])
+def test_gradient_statistics_known_step_and_weight_shaped_gradient(dtype, given):
+    """The known (momentum) step's term u1ᵀ(known_scale·M)v1 rides in entry [11], and a gradient and buffer in a
+    convolution weight's shape [m, C, kh, kw] are read as [m, n]: the CPU kernel, the composite kernel (what CUDA
+    falls back to, run here on the CPU) and the twin agree, and agree with the terms formed densely."""
+    m, C, kh, kw, k = 12, 3, 3, 2, 4
+    n = C * kh * kw
+    spec = _spectrum(decaying_matrix(m, n, dtype), k)
+    g = torch.Generator().manual_seed(5)
+    p = [torch.randn(6, generator=g, dtype=F64) for _ in range(4)]
+    G4 = torch.randn(m, C, kh, kw, generator=g, dtype=dtype)
+    M4 = torch.randn(m, C, kh, kw, generator=g, dtype=dtype)
+    G, M = G4.reshape(m, n), M4.reshape(m, n)
+    products = (G @ spec.V[:, 0].to(dtype), G.mT @ spec.U[:, 0].to(dtype)) if given else (None, None)
+    head = (*p, G4, spec.U, spec.S, spec.V, float(spec.sigma_next), 3.0, 2.0)
+    op = torch.ops.lipfast.gradient_statistics.default
+    got = {"cpu": ops.gradient_statistics(*head, *products, M4, -0.7),
+           "composite": op.redispatch(_COMPOSITE, *head, *products, M4, -0.7),
+           "reference": reference.gradient_statistics(*head, *products, M4, -0.7)}
+    plain = ops.gradient_statistics(*p, G, *head[5:], *products)  # the [m, n] gradient, no known step
+    U64, V64 = spec.U.double(), spec.V.double()
+    want_known = -0.7 * float(U64[:, 0] @ M.double() @ V64[:, 0])
+    tol = TOL["parity"][dtype]
+    for name, out in got.items():
+        assert out.shape == (12,) and out.dtype == F64, name
+        torch.testing.assert_close(out[:11], plain[:11], rtol=tol["rtol"], atol=tol["atol"] * float(plain.abs().max()),
+                                   msg=lambda m_: f"{name}: {m_}")
+        assert out[11].item() == pytest.approx(want_known, rel=tol["rtol"], abs=tol["atol"] * abs(want_known)), name
+    # The CPU kernel and the composite kernel are twins: the same numbers to rounding.
+    torch.testing.assert_close(got["cpu"], got["composite"], rtol=tol["rtol"], atol=tol["atol"] * float(plain.abs().max()))
+    assert float(got["cpu"][11]) == pytest.approx(float(got["composite"][11]), rel=1e-12 if dtype == F64 else 1e-5)
+
+
+def test_gradient_statistics_known_step_messages():
+    U, S, V = spectrum_of(gapped_matrix(6, 4), 2)[:3]
+    p = [torch.randn(5, dtype=F64) for _ in range(4)]
+    G = torch.randn(6, 4, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"lipfast::gradient_statistics: known must have G's shape \[6, 4\]"):
+        torch.ops.lipfast.gradient_statistics(*p, G, U, S, V, 0.1, 5.0, 1.0, None, None, torch.randn(6, 5, dtype=F64), 1.0)
+    with pytest.raises(RuntimeError, match=r"lipfast::gradient_statistics: G must have shape \[m, n\]"):
+        torch.ops.lipfast.gradient_statistics(*p, torch.randn(24, dtype=F64), U, S, V, 0.1, 5.0, 1.0)
 
 
 @pytest.mark.parametrize("which, match", [
@@ -199,6 +246,9 @@ def test_step_ops_opcheck(device, requires_grad):
         samples.append((torch.ops.lipfast.gradient_statistics.default,
                         (*p, G, U.to(dtype), S, V.to(dtype), 0.1, 5.0, 1.0, torch.randn(6, dtype=dtype, device=device),
                          torch.randn(4, dtype=dtype, device=device))))
+        samples.append((torch.ops.lipfast.gradient_statistics.default,
+                        (*p, G.detach().reshape(6, 2, 2), U.to(dtype), S, V.to(dtype), 0.1, 5.0, 1.0, None, None,
+                         torch.randn(6, 2, 2, dtype=dtype, device=device), -0.3)))
         samples.append((torch.ops.lipfast.update_statistics.default,
                         (torch.randn(6, dtype=F64, device=device), torch.randn(4, dtype=F64, device=device),
                          U, S, V, 0.1)))

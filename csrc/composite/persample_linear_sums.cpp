@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& X, const at::Tensor& D, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
     double sigma_next) {
   auto [proj, hess, lo, hi] = call_persample_linear(X, D, U, S, V, sigma_next);  // checks the inputs
-  const int64_t n = X.size(2), m = D.size(2);
+  const int64_t n = X.size(-1), m = D.size(-1);  // X [B, T, n] or [B, n]
   const auto X2 = X.reshape({-1, n}), D2 = D.reshape({-1, m});
   const auto xv = at::mv(X2, V.select(1, 0).to(X.scalar_type()).contiguous());
   const auto du = at::mv(D2, U.select(1, 0).to(X.scalar_type()).contiguous());

@@ -24,10 +24,11 @@ Stats3 call_hessian_contract(const at::Tensor& a, const at::Tensor& b, const at:
   return op.call(a, b, xn, yn, S, sigma_next);
 }
 
-Stats6 persample_linear_precond_composite(const at::Tensor& X, const at::Tensor& D, const at::Tensor& P,
+Stats6 persample_linear_precond_composite(const at::Tensor& X_, const at::Tensor& D_, const at::Tensor& P,
                                           const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                                           double sigma_next) {
-  check_persample_linear_precond_inputs(X, D, P, U, S, V);
+  check_persample_linear_precond_inputs(X_, D_, P, U, S, V);
+  const auto X = as_positions(X_), D = as_positions(D_);  // [B, n] as [B, 1, n]
   const int64_t B = X.size(0), T = X.size(1), n = X.size(2), m = D.size(2);
   const auto dtype = X.scalar_type();
   const auto X2 = X.reshape({B * T, n}), D2 = D.reshape({B * T, m});

@@ -42,13 +42,24 @@ void check_spectrum_inputs(const char* op, int64_t m, int64_t n, const at::Tenso
 }  // namespace
 
 // Shared with the CPU kernels (csrc/cpu/step_statistics_cpu.cpp).
+at::Tensor as_matrix(const at::Tensor& t) { return t.dim() == 2 ? t : t.reshape({t.size(0), -1}); }
+
 void check_gradient_statistics_inputs(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
-                                      const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
+                                      const at::Tensor& hess_hi, const at::Tensor& G_, const at::Tensor& U,
                                       const at::Tensor& S, const at::Tensor& V, const c10::optional<at::Tensor>& Gv1,
-                                      const c10::optional<at::Tensor>& Gtu1) {
+                                      const c10::optional<at::Tensor>& Gtu1, const c10::optional<at::Tensor>& known) {
   constexpr const char* op = "lipfast::gradient_statistics";
-  LIPFAST_CHECK_DIM("lipfast::gradient_statistics", G, "G", 2, "[m, n]");
+  LIPFAST_CHECK(G_.dim() >= 2 && G_.size(0) > 0, op, ": G must have shape [m, n] (or a weight's shape [m, ...], read as "
+                "[m, n]), got ", G_.sizes());
+  const auto G = as_matrix(G_);
   check_spectrum_inputs(op, G.size(0), G.size(1), U, S, V);
+  if (known.has_value()) {
+    LIPFAST_CHECK(known->dim() >= 2 && known->size(0) == G.size(0) && known->numel() == G.numel(), op,
+                  ": known must have G's shape ", G_.sizes(), " (or [m, n]), got ", known->sizes());
+    LIPFAST_CHECK_SAME_DEVICE("lipfast::gradient_statistics", *known, "known", G);
+    LIPFAST_CHECK(at::isFloatingType(known->scalar_type()), op, ": known must be a floating-point tensor, got ",
+                  known->scalar_type());
+  }
   LIPFAST_CHECK(proj.dim() == 1 && hess.sizes() == proj.sizes() && hess_lo.sizes() == proj.sizes() &&
                     hess_hi.sizes() == proj.sizes(),
                 op, ": proj, hess, hess_lo, hess_hi must all have shape [N], got ", proj.sizes(), ", ",
@@ -76,23 +87,26 @@ void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, co
 
 namespace {
 
-// gradient_statistics: before the step. Returns float64 [11]:
+// gradient_statistics: before the step. Returns float64 [12]:
 //   0 N, 1 Σ(s_i − K), 2 Σ(s_i − K)², 3 Σ H[G_i,G_i], 4 Σ lo, 5 Σ hi   (additive across ranks)
-//   6 K = u1ᵀ ḡ v1 (the shift, ≈ mean s_i), 7 H[ḡ,ḡ], 8 lo, 9 hi, 10 1.0 if everything is finite else 0.0
+//   6 K = u1ᵀ ḡ v1 (the shift, ≈ mean s_i), 7 H[ḡ,ḡ], 8 lo, 9 hi, 10 1.0 if everything is finite else 0.0,
+//   11 known_scale·u1ᵀ M v1 for the known (momentum) step's buffer M (0 without one)
 // with s_i = scale·proj_i, H[G_i,G_i] = scale²·hess_i, ḡ = G / loss_factor (G·v1 and Gᵀ·u1 read from Gv1,
-// Gtu1 when given).
+// Gtu1 when given). G and M may have a weight's shape [m, ...]: they are read as [m, n].
 at::Tensor gradient_statistics(const at::Tensor& proj,     // [N] float64
                                                        const at::Tensor& hess,     // [N]
                                                        const at::Tensor& hess_lo,  // [N]
                                                        const at::Tensor& hess_hi,  // [N]
-                                                       const at::Tensor& G,        // [m, n] weight gradient
+                                                       const at::Tensor& G_,       // [m, n] weight gradient
                                                        const at::Tensor& U,        // [m, k]
                                                        const at::Tensor& S,        // [k]
                                                        const at::Tensor& V,        // [n, k]
                                                        double sigma_next, double scale, double loss_factor,
                                                        const c10::optional<at::Tensor>& Gv1,
-                                                       const c10::optional<at::Tensor>& Gtu1) {
-  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G, U, S, V, Gv1, Gtu1);
+                                                       const c10::optional<at::Tensor>& Gtu1,
+                                                       const c10::optional<at::Tensor>& known, double known_scale) {
+  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G_, U, S, V, Gv1, Gtu1, known);
+  const auto G = as_matrix(G_);
   auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), S64 = S.to(at::kDouble);
   auto u1 = U.select(1, 0).to(G.scalar_type()), v1 = V.select(1, 0).to(G.scalar_type());
   auto x = (Gv1.has_value() ? *Gv1 : at::mv(G, v1)).to(at::kDouble).div(loss_factor);       // ḡ v1
@@ -105,7 +119,13 @@ at::Tensor gradient_statistics(const at::Tensor& proj,     // [N] float64
                          hess_lo.to(at::kDouble).sum().mul(s2), hess_hi.to(at::kDouble).sum().mul(s2)});
   auto finite = at::cat({x, y, sums}).isfinite().all().to(at::kDouble).reshape({1});
   auto n = at::full({1}, static_cast<double>(proj.size(0)), sums.options());
-  return at::cat({n, sums, K.reshape({1}), hg, finite});
+  // The known step's projection u1ᵀ M v1: M v1 in M's dtype, the rest in float64.
+  auto kn = known.has_value()
+                ? U64.select(1, 0).dot(at::mv(as_matrix(*known), V.select(1, 0).to(known->scalar_type())).to(at::kDouble))
+                      .mul(known_scale)
+                      .reshape({1})
+                : at::zeros({1}, sums.options());
+  return at::cat({n, sums, K.reshape({1}), hg, finite, kn});
 }
 
 // update_statistics: after the step, from x = ΔW v1 [m] and y = ΔWᵀ u1 [n] (float64) and the spectrum
@@ -132,8 +152,10 @@ at::Tensor gradient_statistics_composite(const at::Tensor& proj, const at::Tenso
                                          const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
                                          const at::Tensor& S, const at::Tensor& V, double sigma_next, double scale,
                                          double loss_factor, const c10::optional<at::Tensor>& Gv1,
-                                         const c10::optional<at::Tensor>& Gtu1) {
-  return gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next, scale, loss_factor, Gv1, Gtu1);
+                                         const c10::optional<at::Tensor>& Gtu1, const c10::optional<at::Tensor>& known,
+                                         double known_scale) {
+  return gradient_statistics(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_next, scale, loss_factor, Gv1, Gtu1,
+                             known, known_scale);
 }
 
 at::Tensor update_statistics_composite(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,

@@ -15,11 +15,17 @@
 
 namespace lipfast {
 
-void check_persample_linear_inputs(const at::Tensor& X, const at::Tensor& D, const at::Tensor& U,
-                                   const at::Tensor& S, const at::Tensor& V, bool half_ok) {
+void check_persample_linear_inputs(const at::Tensor& X_, const at::Tensor& D_, const at::Tensor& U,
+                                   const at::Tensor& S, const at::Tensor& V, bool half_ok, bool rows_ok) {
   constexpr const char* op = "lipfast::persample_linear";
-  LIPFAST_CHECK_DIM("lipfast::persample_linear", X, "X", 3, "[B, T, n]");
-  LIPFAST_CHECK_DIM("lipfast::persample_linear", D, "D", 3, "[B, T, m]");
+  if (rows_ok && X_.dim() == 2) {  // [B, n]: one position per sample
+    LIPFAST_CHECK(D_.dim() == 2, op, ": D must have shape [B, m] (2 dims) to match X ", X_.sizes(), ", got ",
+                  D_.sizes());
+  } else {
+    LIPFAST_CHECK_DIM("lipfast::persample_linear", X_, "X", 3, "[B, T, n]");
+    LIPFAST_CHECK_DIM("lipfast::persample_linear", D_, "D", 3, "[B, T, m]");
+  }
+  const auto X = as_positions(X_), D = as_positions(D_);
   LIPFAST_CHECK_DIM("lipfast::persample_linear", U, "U", 2, "[m, k]");
   LIPFAST_CHECK_DIM("lipfast::persample_linear", S, "S", 1, "[k]");
   LIPFAST_CHECK_DIM("lipfast::persample_linear", V, "V", 2, "[n, k]");
@@ -110,9 +116,10 @@ void sample_statistics(const scalar_t* Xi, const scalar_t* Di, const scalar_t* X
   out_hi[i] = h.hi;
 }
 
-Stats6 persample_linear_impl(const at::Tensor& X_, const at::Tensor& D_, const at::Tensor& U, const at::Tensor& S_,
+Stats6 persample_linear_impl(const at::Tensor& X2, const at::Tensor& D2, const at::Tensor& U, const at::Tensor& S_,
                              const at::Tensor& V, double sigma_next, bool sums) {
-  check_persample_linear_inputs(X_, D_, U, S_, V, /*half_ok=*/false);
+  check_persample_linear_inputs(X2, D2, U, S_, V, /*half_ok=*/false, /*rows_ok=*/true);
+  const auto X_ = as_positions(X2), D_ = as_positions(D2);  // [B, n] as [B, 1, n]
   const int64_t B = X_.size(0), T = X_.size(1), n = X_.size(2), m = D_.size(2), k = U.size(1);
   const auto dtype = X_.scalar_type();
   auto X = X_.contiguous();

@@ -20,9 +20,9 @@ namespace lipfast {
 void check_persample_linear_precond_inputs(const at::Tensor& X, const at::Tensor& D, const at::Tensor& P,
                                            const at::Tensor& U, const at::Tensor& S, const at::Tensor& V) {
   constexpr const char* op = "lipfast::persample_linear_precond";
-  check_persample_linear_inputs(X, D, U, S, V, /*half_ok=*/false);
+  check_persample_linear_inputs(X, D, U, S, V, /*half_ok=*/false, /*rows_ok=*/true);
   LIPFAST_CHECK_DIM("lipfast::persample_linear_precond", P, "P", 2, "[m, n]");
-  const int64_t n = X.size(2), m = D.size(2);
+  const int64_t n = X.size(-1), m = D.size(-1);
   LIPFAST_CHECK(P.size(0) == m && P.size(1) == n, op, ": P must have the weight's shape [m, n] = [", m, ", ", n,
                 "], got ", P.sizes());
   LIPFAST_CHECK(P.scalar_type() == X.scalar_type(), op, ": P must have X's dtype ", X.scalar_type(), ", got ",
@@ -49,10 +49,11 @@ void project(const double* M, const double* x, int64_t k, int64_t len, double* a
   }
 }
 
-Stats6 persample_linear_precond_cpu(const at::Tensor& X_, const at::Tensor& D_, const at::Tensor& P_,
+Stats6 persample_linear_precond_cpu(const at::Tensor& X2, const at::Tensor& D2, const at::Tensor& P_,
                                     const at::Tensor& U, const at::Tensor& S_, const at::Tensor& V,
                                     double sigma_next) {
-  check_persample_linear_precond_inputs(X_, D_, P_, U, S_, V);
+  check_persample_linear_precond_inputs(X2, D2, P_, U, S_, V);
+  const auto X_ = as_positions(X2), D_ = as_positions(D2);  // [B, n] as [B, 1, n]
   const int64_t B = X_.size(0), T = X_.size(1), n = X_.size(2), m = D_.size(2), k = U.size(1);
   const auto dtype = X_.scalar_type();
   auto S = S_.to(at::kDouble).contiguous();

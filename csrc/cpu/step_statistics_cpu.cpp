@@ -72,11 +72,13 @@ at::Tensor vector_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous
 }  // namespace
 
 at::Tensor gradient_statistics_cpu(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
-                                   const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
+                                   const at::Tensor& hess_hi, const at::Tensor& G_, const at::Tensor& U,
                                    const at::Tensor& S_, const at::Tensor& V, double sigma_next, double scale,
                                    double loss_factor, const c10::optional<at::Tensor>& Gv1,
-                                   const c10::optional<at::Tensor>& Gtu1) {
-  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G, U, S_, V, Gv1, Gtu1);
+                                   const c10::optional<at::Tensor>& Gtu1, const c10::optional<at::Tensor>& known,
+                                   double known_scale) {
+  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G_, U, S_, V, Gv1, Gtu1, known);
+  const auto G = as_matrix(G_);  // a weight-shaped gradient [m, ...] read as [m, n]
   const int64_t m = G.size(0), n = G.size(1), k = U.size(1), N = proj.size(0);
   const auto S = vector_f64(S_);
   // ḡ v1 and ḡᵀ u1: given, or two GEMVs with the gradient in its dtype, through BLAS (contiguous vectors: a
@@ -101,7 +103,14 @@ at::Tensor gradient_statistics_cpu(const at::Tensor& proj, const at::Tensor& hes
     su += pq[i];
   }
   const double sc2 = scale * scale;
-  auto out = at::empty({11}, G.options().dtype(at::kDouble));
+  // The known step's projection u1ᵀ M v1: M v1 by one GEMV in M's dtype, then u1ᵀ(·) in float64.
+  double kn = 0.0;
+  if (known.has_value()) {
+    const auto z = vector_f64(at::mv(as_matrix(*known), V.select(1, 0).to(known->scalar_type()).contiguous()));
+    project_columns(U, z.data_ptr<double>(), m, 1, &kn);
+    kn *= known_scale;
+  }
+  auto out = at::empty({12}, G.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
   o[0] = static_cast<double>(N);
   o[1] = s1;
@@ -116,6 +125,7 @@ at::Tensor gradient_statistics_cpu(const at::Tensor& proj, const at::Tensor& hes
   bool finite = g.finite;
   for (int i = 1; i <= 6; ++i) finite = finite && std::isfinite(o[i]);
   o[10] = finite ? 1.0 : 0.0;
+  o[11] = kn;
   return out;
 }
 

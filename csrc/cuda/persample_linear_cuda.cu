@@ -192,12 +192,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> persample_linear_cuda
     const at::Tensor& S_,  // [k]
     const at::Tensor& V,   // [n, k]
     double sigma_next) {
-  check_persample_linear_inputs(X_, D_, U, S_, V, /*half_ok=*/true);
+  check_persample_linear_inputs(X_, D_, U, S_, V, /*half_ok=*/true, /*rows_ok=*/true);
   TORCH_INTERNAL_ASSERT(X_.is_cuda(), kOp, ": CUDA kernel called with a ", X_.device(), " tensor");
   const c10::cuda::CUDAGuard device_guard(X_.device());
   const int64_t B = X_.size(0), k = U.size(1);
-  auto X = X_.contiguous();
-  auto D = D_.contiguous();
+  auto X = as_positions(X_).contiguous();  // [B, n] as [B, 1, n]
+  auto D = as_positions(D_).contiguous();
   auto S = S_.to(at::kDouble).contiguous();
   auto opts = S.options();
   // outputs

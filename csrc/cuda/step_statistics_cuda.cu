@@ -93,7 +93,8 @@ __global__ void gradient_statistics_kernel(const double* __restrict__ proj, cons
                                            int64_t N, const double* __restrict__ x, int64_t m,
                                            const double* __restrict__ y, int64_t n, double inv_loss_factor, Matrix U,
                                            Matrix V, const double* __restrict__ S, int64_t k, double sigma_next,
-                                           double scale, double* __restrict__ out) {
+                                           double scale, const double* __restrict__ z, double known_scale,
+                                           double* __restrict__ out) {
   extern __shared__ double ab[];
   double xx, yy, bad;
   project_direction<scalar_t>(x, m, y, n, inv_loss_factor, U, V, k, ab, xx, yy, bad);
@@ -108,9 +109,14 @@ __global__ void gradient_statistics_kernel(const double* __restrict__ proj, cons
     su += hess_hi[i];
   }
   cuda::block_sum2(s1, s2);
+  // The known step's projection u1ᵀz, z = M v1 [m] (float64; null without a known step).
+  double kz = 0.0;
+  if (z != nullptr) {
+    const auto* u = static_cast<const scalar_t*>(U.data);
+    for (int64_t i = threadIdx.x; i < m; i += blockDim.x) kz += static_cast<double>(u[i * U.s0]) * z[i];
+  }
   cuda::block_sum2(sh, sl);
-  double unused = 0.0;
-  cuda::block_sum2(su, unused);
+  cuda::block_sum2(su, kz);
   if (threadIdx.x != 0) return;
   const double sc2 = scale * scale;
   const double sums[5] = {s1, s2, sh * sc2, sl * sc2, su * sc2};
@@ -124,6 +130,7 @@ __global__ void gradient_statistics_kernel(const double* __restrict__ proj, cons
   out[8] = h.lo;
   out[9] = h.hi;
   out[10] = finite ? 1.0 : 0.0;
+  out[11] = z != nullptr ? known_scale * kz : 0.0;
 }
 
 at::Tensor vector_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
@@ -133,15 +140,17 @@ Matrix strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.strid
 }  // namespace
 
 at::Tensor gradient_statistics_cuda(const at::Tensor& proj, const at::Tensor& hess, const at::Tensor& hess_lo,
-                                    const at::Tensor& hess_hi, const at::Tensor& G, const at::Tensor& U,
+                                    const at::Tensor& hess_hi, const at::Tensor& G_, const at::Tensor& U,
                                     const at::Tensor& S_, const at::Tensor& V, double sigma_next, double scale,
                                     double loss_factor, const c10::optional<at::Tensor>& Gv1,
-                                    const c10::optional<at::Tensor>& Gtu1) {
-  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G, U, S_, V, Gv1, Gtu1);
+                                    const c10::optional<at::Tensor>& Gtu1, const c10::optional<at::Tensor>& known,
+                                    double known_scale) {
+  check_gradient_statistics_inputs(proj, hess, hess_lo, hess_hi, G_, U, S_, V, Gv1, Gtu1, known);
+  const auto G = as_matrix(G_);  // a weight-shaped gradient [m, ...] read as [m, n]
   const int64_t m = G.size(0), n = G.size(1), k = U.size(1), N = proj.size(0);
   if (k > kMaxK || U.scalar_type() != V.scalar_type()) {
-    return gradient_statistics_composite(proj, hess, hess_lo, hess_hi, G, U, S_, V, sigma_next, scale, loss_factor,
-                                         Gv1, Gtu1);
+    return gradient_statistics_composite(proj, hess, hess_lo, hess_hi, G_, U, S_, V, sigma_next, scale, loss_factor,
+                                         Gv1, Gtu1, known, known_scale);
   }
   const c10::cuda::CUDAGuard device_guard(G.device());
   const auto dt = G.scalar_type();
@@ -150,12 +159,17 @@ at::Tensor gradient_statistics_cuda(const at::Tensor& proj, const at::Tensor& he
   const auto y = vector_f64(Gtu1.has_value() ? *Gtu1 : at::mv(G.t(), U.select(1, 0).to(dt)));
   const auto S = vector_f64(S_);
   const auto p = vector_f64(proj), h = vector_f64(hess), lo = vector_f64(hess_lo), hi = vector_f64(hess_hi);
-  auto out = at::empty({11}, G.options().dtype(at::kDouble));
+  // The known step's M v1 by one GEMV in M's dtype (cuBLAS); the kernel contracts it with u1 in float64.
+  const auto z = known.has_value()
+                     ? vector_f64(at::mv(as_matrix(*known), V.select(1, 0).to(known->scalar_type())))
+                     : at::Tensor();
+  auto out = at::empty({12}, G.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "gradient_statistics", [&] {
     LIPFAST_CUDA_LAUNCH(gradient_statistics_kernel<scalar_t>, 1, kThreads, 2 * k * sizeof(double), p.data_ptr<double>(),
                         h.data_ptr<double>(), lo.data_ptr<double>(), hi.data_ptr<double>(), N, x.data_ptr<double>(), m,
                         y.data_ptr<double>(), n, 1.0 / loss_factor, strided(U), strided(V), S.data_ptr<double>(), k,
-                        sigma_next, scale, out.data_ptr<double>());
+                        sigma_next, scale, z.defined() ? z.data_ptr<double>() : nullptr, known_scale,
+                        out.data_ptr<double>());
   });
   return out;
 }
