@@ -28,6 +28,10 @@ EXPECTED_SCHEMAS = {
         "Tensor S, Tensor V, float sigma_next, float scale, float loss_factor, Tensor? Gv1=None, "
         "Tensor? Gtu1=None, Tensor? known=None, float known_scale=0.) -> Tensor"
     ),
+    "hessian_tail": (
+        "lipfast::hessian_tail(Tensor W, Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next, "
+        "int max_iters, float tol) -> Tensor"
+    ),
     "update_statistics": (
         "lipfast::update_statistics(Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next) -> Tensor"
     ),
