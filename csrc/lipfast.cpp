@@ -48,8 +48,8 @@ TORCH_LIBRARY(lipfast, m) {
   //   (warm-started from basis [n, p], or exact when `exact`), with the old spectrum U [m, k], S [k],
   //   V [n, k], sigma_next and Wt_u1 = Wᵀu1 [n] before the step giving ΔW v1, ΔWᵀ u1 through probes.
   //   Returns the new U [m, k], S [k], V [n, k], sigma_next [], residuals [k], basis [n, p], Wt_u1 [n], and
-  //   stats [12] float64: update_statistics' 7 values, new σ1, σ2 (σ_{k+1} when k = 1), σ_{k+1}, max
-  //   residual, sweeps.
+  //   stats [16] float64: update_statistics' 7 values, new σ1, σ2 (σ_{k+1} when k = 1), σ_{k+1}, max
+  //   residual, sweeps, |u1ᵀu1'|, |v1ᵀv1'| (old and new top pair), new r1, r2 (r2 = r1 when k = 1).
   m.def("track_update(Tensor W, Tensor basis, Tensor U, Tensor S, Tensor V, float sigma_next, Tensor Wt_u1, "
         "int max_iters, float tol, bool exact) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, "
         "Tensor residuals, Tensor basis, Tensor Wt_u1, Tensor stats)");

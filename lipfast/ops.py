@@ -140,9 +140,10 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
 
     Returns:
         The new spectrum's ``U [m, k], S [k], V [n, k], sigma_next [], residuals [k], basis [n, p],
-        Wt_u1 [n]`` and float64 ``stats [12]``: ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]`` value/lo/hi, 1.0 when finite,
+        Wt_u1 [n]`` and float64 ``stats [16]``: ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]`` value/lo/hi, 1.0 when finite,
         ``‖ΔW v1‖``, ``‖ΔWᵀu1‖``, new ``σ1``, ``σ2`` (``σ_{k+1}`` when k = 1), ``σ_{k+1}``, max residual,
-        sweeps.
+        sweeps, ``|u1ᵀu1'|`` and ``|v1ᵀv1'|`` (the old and the new top pair), the new ``r1``, ``r2``
+        (``‖Wᵀu_j − σ_j v_j‖`` of the top two pairs; ``r2 = r1`` when k = 1).
     """
     return torch.ops.lipfast.track_update.default(
         _d(W), _d(basis), _d(U), _d(S), _d(V), float(sigma_next), _d(Wt_u1),
@@ -220,7 +221,7 @@ def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exa
         torch.empty((kk,), **f64),
         W.new_empty((p, n)).mT,
         torch.empty((n,), **f64),
-        torch.empty((12,), **f64),
+        torch.empty((16,), **f64),
     )
 
 

@@ -227,6 +227,9 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     y = Wt_u1_new_probe[:, 0] - Wt_u1.to(torch.float64)
     upd = update_statistics(x, y, U, S64, V, sigma_next)
     s2 = Sn[1] if kk > 1 else sigma_next_new
+    overlap = torch.stack((U[:, 0].to(torch.float64) @ Un[:, 0].to(torch.float64),
+                           V[:, 0].to(torch.float64) @ Vn[:, 0].to(torch.float64))).abs()
+    r12 = res[:2].to(torch.float64) if kk > 1 else res[:1].to(torch.float64).repeat(2)
     stats = torch.cat([upd, Sn[:1], s2.reshape(1), sigma_next_new.reshape(1), res.max().reshape(1),
-                       torch.as_tensor(it, dtype=torch.float64, device=Sn.device).reshape(1)])
+                       torch.as_tensor(it, dtype=torch.float64, device=Sn.device).reshape(1), overlap, r12])
     return Un, Sn, Vn, sigma_next_new, res, basis_new, Wt_u1_new, stats

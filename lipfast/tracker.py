@@ -78,7 +78,9 @@ class _Cached:
 
 
 _DEFER_ON_CPU = False  # tests switch the lazy read-back on for CPU runs, to check it without a GPU
-_N_TRACK_STATS = 12  # lipfast::track_update's statistics: update_statistics' seven, σ1, σ2, σ_{k+1}, residual, sweeps
+# lipfast::track_update's statistics: update_statistics' seven, σ1, σ2, σ_{k+1}, residual, sweeps, the overlaps
+# |u1ᵀu1'|, |v1ᵀv1'| of the old and the new top pair, the new r1, r2.
+_N_TRACK_STATS = 16
 
 
 class _StepReadback:
@@ -138,18 +140,13 @@ def _zero(device: torch.device) -> Tensor:
     return _ZERO[device]
 
 
-def _top_pair_overlap(before: Spectrum, after: Spectrum | None, device: torch.device) -> Tensor:
-    """``[|u1ᵀu1'|, |v1ᵀv1'|]`` of the top singular pair before and after the step (float64, unread): near 1
-    when the step moved the pair a little, near 0 when another pair took the top (a level crossing)."""
-    if after is None:
-        return torch.full((2,), NAN, dtype=torch.float64, device=device)
-    return torch.stack((before.U[:, 0] @ after.U[:, 0], before.V[:, 0] @ after.V[:, 0])).abs().double()
-
-
-def _top_residuals(spec: Spectrum, device: torch.device) -> Tensor:
-    """``[r1, r2]``: the residuals of the top two singular pairs (r2 = r1 when only one is kept), unread."""
-    res = spec.residuals[:2].to(device, torch.float64)
-    return res if res.numel() == 2 else res.repeat(2)
+def _top_residuals(spec: Spectrum) -> tuple[float, float]:
+    """``(r1, r2)``: the residuals of the top two singular pairs (r2 = r1 when only one is kept), from the
+    ``track_update`` that made ``spec`` (:meth:`Tracker._fill_host`), else read off the device once."""
+    if "top_residuals" not in spec.__dict__:
+        res = spec.residuals[:2].tolist()
+        spec.__dict__["top_residuals"] = (res[0], res[-1])
+    return spec.__dict__["top_residuals"]
 
 
 def _sigma_error(theta1: float, theta2: float, r1: float, r2: float) -> float:
@@ -581,7 +578,7 @@ class Tracker:
             return None
 
     def _advance(self, cap: LayerCapture, spec: Spectrum) -> tuple[Spectrum | None, Tensor | None]:
-        """The spectrum after the optimizer step, warm-started from ``spec``, and ``track_update``'s twelve
+        """The spectrum after the optimizer step, warm-started from ``spec``, and ``track_update``'s sixteen
         statistics (on the weight's device, unread: :func:`_fill_host` completes the spectrum from them), in
         one op call; ``(None, None)`` when the step left NaN/Inf in the weight. ΔW is read through the old
         top pair riding along in the new spectrum's GEMMs."""
@@ -607,8 +604,9 @@ class Tracker:
 
     def _fill_host(self, spec: Spectrum, stats: list[float]) -> None:
         """Complete a spectrum from its ``track_update`` statistics, read back: σ1, σ2, σ_{k+1}, the
-        residual and (iterated spectra) the sweep count."""
+        residual, the top two residuals and (iterated spectra) the sweep count."""
         with_host_values(spec, stats[7], stats[8], stats[9], stats[10])
+        spec.__dict__["top_residuals"] = (stats[14], stats[15])
         if not needs_exact(*spec.shape, self.rank):
             object.__setattr__(spec, "iters", int(stats[11]))  # a frozen dataclass, completed once here
 
@@ -781,9 +779,7 @@ class Tracker:
         sums = self._reduce(p["sums"])
         stats = stats if stats is not None else torch.full((_N_TRACK_STATS,), NAN, dtype=torch.float64, device=sums.device)
         known = p["known"].reshape(1) if p["known"] is not None else _zero(sums.device)
-        # The before-step spectrum's top two residuals ride along unread: the record's sigma_err.
-        res = _top_residuals(p["spec"], sums.device)
-        return cap, p, spec_after, (stats, sums, known, res, _top_pair_overlap(p["spec"], spec_after, sums.device))
+        return cap, p, spec_after, (stats, sums, known)
 
     def _record(self, cap: LayerCapture, p: dict, spec_after: Spectrum | None, values: list[float] | None,
                 step: int) -> dict:
@@ -793,9 +789,9 @@ class Tracker:
         spec: Spectrum = p["spec"]
         coef: StepCoefficients = p["coef"]
         c = p["c"]
-        update, sums, known = (values[:_N_TRACK_STATS], values[_N_TRACK_STATS:-5], values[-5])
-        r1, r2 = values[-4:-2]  # ‖Wᵀu_j − σ_j v_j‖ of the top two pairs the record's σ1, σ2 come from
-        overlap = min(values[-2:])  # |u1ᵀu1'| and |v1ᵀv1'| of the old and the new top pair
+        update, sums, known = (values[:_N_TRACK_STATS], values[_N_TRACK_STATS:-1], values[-1])
+        r1, r2 = _top_residuals(spec)  # ‖Wᵀu_j − σ_j v_j‖ of the top two pairs the record's σ1, σ2 come from
+        overlap = min(update[12:14])  # |u1ᵀu1'| and |v1ᵀv1'| of the old and the new top pair (NaN: no new pair)
         if spec_after is not None and not update[7] > 0:
             # σ1 after the step NaN: the step left NaN/Inf in W (the CUDA kernel says so with NaN, the CPU
             # kernel raised: _advance gave None). σ1 = 0: W is zero, and so is the warm block it leaves. Either

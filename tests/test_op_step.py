@@ -131,7 +131,7 @@ def test_track_update_matches_reference(dtype, case):
     args = (W2, spec.basis, spec.U, spec.S, spec.V, float(spec.sigma_next), spec.Wt_u1, 2, 0.0, exact)
     got, want = ops.track_update(*args), reference.track_update(*args)
     kk = min(k, m, n)
-    assert got[0].shape == (m, kk) and got[2].shape == (n, kk) and got[1].shape == (kk,) and got[7].shape == (12,)
+    assert got[0].shape == (m, kk) and got[2].shape == (n, kk) and got[1].shape == (kk,) and got[7].shape == (16,)
     tol = TOL["parity"][dtype]
     assert_close(got[1], want[1], tol)                                    # S
     # The top pair (well separated in these matrices); trailing Ritz vectors of a few sweeps are not
@@ -143,6 +143,11 @@ def test_track_update_matches_reference(dtype, case):
     torch.testing.assert_close(got[7][:7], want[7][:7], rtol=tol["rtol"], atol=tol["atol"] * scale)
     assert_close(got[7][7:10], want[7][7:10], tol)                        # σ1, σ2, σ_{k+1}
     assert float(got[7][4]) == 1.0
+    assert_close(got[7][12:14], want[7][12:14], tol)                      # |u1ᵀu1'|, |v1ᵀv1'|
+    assert float(got[7][12]) > 0.99 and float(got[7][13]) > 0.99          # a small step: the pair stays
+    # r1, r2: the new top two residuals (r2 = r1 at k = 1), as the returned residuals say
+    r = got[4].to(torch.float64)
+    assert got[7][14:16].tolist() == [float(r[0]), float(r[1] if r.numel() > 1 else r[0])]
 
 
 @pytest.mark.parametrize("case", TRACK_CASES)
@@ -157,6 +162,12 @@ def test_track_update_against_dense_truth(case):
     S_true = torch.linalg.svdvals(W2)
     assert float(S[0]) == pytest.approx(float(S_true[0]), rel=1e-9)
     assert float(stats[7]) == float(S[0])
+    # The overlaps of the old and the new top pair, against LAPACK's vectors of both weights.
+    Ub, _, Vbh = torch.linalg.svd(W, full_matrices=False)
+    Ua, _, Vah = torch.linalg.svd(W2, full_matrices=False)
+    assert float(stats[12]) == pytest.approx(abs(float(Ub[:, 0] @ Ua[:, 0])), abs=1e-9)
+    assert float(stats[13]) == pytest.approx(abs(float(Vbh[0] @ Vah[0])), abs=1e-9)
+    assert float(stats[14]) == float(res[0])
     U0, S0, V0, _ = reference.spectrum_exact(W, k)
     dW = W2 - W
     first = float(U0[:, 0] @ dW @ V0[:, 0])

@@ -116,8 +116,14 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
   const auto y = Wt_u1n_probe.select(1, 0) - Wt_u1.to(at::kDouble);
   const auto upd = call_update_statistics(x, y, U, S64, V, sigma_next);
   const auto s2 = kk > 1 ? Sn.select(0, 1) : sigma_next_new;
+  // |u1ᵀu1'|, |v1ᵀv1'| of the old and the new top pair (the `crossing` flag), and the new spectrum's top two
+  // residuals r1, r2 (r2 = r1 when k = 1; the next step's sigma_err).
+  const auto overlap = at::stack({U.select(1, 0).to(at::kDouble).dot(Un.select(1, 0).to(at::kDouble)),
+                                  V.select(1, 0).to(at::kDouble).dot(Vn.select(1, 0).to(at::kDouble))})
+                           .abs();
+  const auto r12 = kk > 1 ? res.slice(0, 0, 2).to(at::kDouble) : res.slice(0, 0, 1).to(at::kDouble).repeat({2});
   const auto stats = at::cat({upd, Sn.slice(0, 0, 1), s2.reshape({1}), sigma_next_new.reshape({1}),
-                              res.max().reshape({1}), iters.to(at::kDouble).reshape({1})});
+                              res.max().reshape({1}), iters.to(at::kDouble).reshape({1}), overlap, r12});
   return {Un, Sn, Vn, sigma_next_new, res, basis_new, Wt_u1_new, stats};
 }
 

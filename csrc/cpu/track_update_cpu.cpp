@@ -186,7 +186,7 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
   for (int64_t c = 0; c < n; ++c) py[c] = wtu[c] - pw[c];
   const auto upd = update_statistics_cpu(x, y, U, S, V, sigma_next);
 
-  auto stats = at::empty({12}, f64);
+  auto stats = at::empty({16}, f64);
   double* st = stats.data_ptr<double>();
   std::copy(upd.data_ptr<double>(), upd.data_ptr<double>() + 7, st);
   const double* sn = Sn.data_ptr<double>();
@@ -196,6 +196,15 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
   st[9] = sigma_next_new;
   st[10] = *std::max_element(pr, pr + kk);
   st[11] = iters;
+  // |u1ᵀu1'|, |v1ᵀv1'| of the old and the new top pair, and the new spectrum's top two residuals.
+  const auto v1_old = first_column(V), u1_new = first_column(Un), v1_new = first_column(Vn);
+  double du = 0.0, dv = 0.0;
+  for (int64_t i = 0; i < m; ++i) du += u1_old[i] * u1_new[i];
+  for (int64_t c = 0; c < n; ++c) dv += v1_old[c] * v1_new[c];
+  st[12] = std::abs(du);
+  st[13] = std::abs(dv);
+  st[14] = pr[0];
+  st[15] = kk > 1 ? pr[1] : pr[0];
   return {Un, Sn, Vn, at::scalar_tensor(sigma_next_new, f64), res, basis_new, Wt_u1_new, stats};
 }
 
