@@ -78,9 +78,11 @@ class _Cached:
 
 
 _DEFER_ON_CPU = False  # tests switch the lazy read-back on for CPU runs, to check it without a GPU
-# lipfast::track_update's statistics: update_statistics' seven, σ1, σ2, σ_{k+1}, residual, sweeps, the overlaps
-# |u1ᵀu1'|, |v1ᵀv1'| of the old and the new top pair, the new r1, r2.
-_N_TRACK_STATS = 16
+# lipfast::track_update's statistics: update_statistics' seven (the first four the cluster expansion's when the
+# step took a cluster), σ1, σ2, σ_{k+1}, residual, sweeps, the overlaps ‖U_Cᵀu1'‖, ‖V_Cᵀv1'‖ of the new top pair
+# with the old cluster, the new r1, r2, the step on the cluster and the cluster's gap, the cluster size used and
+# the next step's.
+_N_TRACK_STATS = 20
 
 
 class _StepReadback:
@@ -197,6 +199,12 @@ class Tracker:
             misses, the ``closure`` and ``crossing`` flags measure.
         closure_tol: a step is flagged ``closure`` when ``|delta_obs − delta_pred|`` exceeds
             ``closure_tol·|delta_obs| + 1e-6·σ1``: the second-order expansion did not explain the step.
+        cluster: expand each step on the top *cluster* (MATH.md §2, RELIABILITY.md §3.4): the pairs whose σ_j
+            lie within 4 times the last step's ``max(‖ΔW v1‖, ‖ΔWᵀu1‖)`` of σ1. Where it has more than one
+            pair, ``first_order`` is ``μ − σ1`` (μ the top singular value of ``U_Cᵀ W' V_C``, exact on the
+            cluster), ``second_order`` the rotated pair's coupling to the rest, ``large_step`` compares
+            ``max(‖ΔW V_C‖₂, ‖ΔWᵀU_C‖₂)`` with the gap below the cluster, and ``crossing`` the new top pair
+            with the old cluster's span. Off (the default), every step takes the pair expansion at σ1.
         iters: the sweep budget of a spectrum update: at most this many warm-started subspace sweeps (each
             two GEMMs with W, one power step of the block), fewer once the top two singular pairs'
             residuals are below ``tol``·σ1. A spectrum still short of that after ``iters`` sweeps shows in
@@ -240,8 +248,8 @@ class Tracker:
     - ``small_gap``: ``(σ1 − σ2)/σ1 < gap_tol``: the top pair is nearly tied; derivatives are large.
     - ``large_step``: the step's rotating part is large against the gap (``step_tol``).
     - ``crossing``: the top singular pair after the step is nearly orthogonal to the one before
-      (``min(|u1ᵀu1'|, |v1ᵀv1'|)² < ½``): another pair took the top, a level crossing that no expansion at
-      the old W describes.
+      (``min(|u1ᵀu1'|, |v1ᵀv1'|)² < ½``; with ``cluster``, to the old cluster's span): another pair took the
+      top, a level crossing that no expansion at the old W describes.
     - ``closure``: the realised expansion failed (``closure_tol``).
     - ``unresolved_gap``: σ1 and σ2 cannot be told apart: equal to working precision (8 eps of the spectrum's
       dtype), or, for an iterated spectrum, closer than σ2's Ritz residual (more sweeps, ``iters``, resolve
@@ -277,7 +285,8 @@ class Tracker:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
                  layers: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
                  loss_reduction: str = "mean", dataset_size: int | None = None, *,
-                 gap_tol: float = 1e-3, step_tol: float = 2.0, closure_tol: float = 0.1, iters: int = 16,
+                 gap_tol: float = 1e-3, step_tol: float = 2.0, closure_tol: float = 0.1, cluster: bool = False,
+                 iters: int = 16,
                  tol: float | None = None,
                  on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True,
                  implementation: str = "compiled", records_on: str = "rank0",
@@ -302,6 +311,9 @@ class Tracker:
         self.gap_tol = float(gap_tol)
         self.step_tol = float(step_tol)
         self.closure_tol = float(closure_tol)
+        if not isinstance(cluster, bool):
+            raise ValueError(f"Tracker: cluster must be True or False, got {cluster!r}")
+        self.cluster = cluster
         self.iters = iters
         self.tol = tol
         self.on_nonfinite = on_nonfinite
@@ -592,8 +604,11 @@ class Tracker:
             basis = basis if basis.shape[1] == p else resize_block(basis, p, 0)
         tol = default_tol(W.dtype) if self.tol is None else float(self.tol)
         try:
+            # The top cluster the last track_update chose for this step (1 for a fresh spectrum, or without
+            # `cluster`: the pair).
             U, S, V, sigma_next, res, basis, Wt_u1, stats = self.impl.track_update(
-                W, basis, spec.U, spec.S, spec.V, spec.host[2], spec.Wt_u1, self.iters, tol, exact)
+                W, basis, spec.U, spec.S, spec.V, spec.host[2], spec.Wt_u1, self.iters, tol, exact,
+                spec.__dict__.get("cluster", 1) if self.cluster else 1)
         except RuntimeError:  # NaN/Inf in W (the subspace iteration refuses it)
             if bool(torch.isfinite(W).all()):
                 raise
@@ -607,6 +622,7 @@ class Tracker:
         residual, the top two residuals and (iterated spectra) the sweep count."""
         with_host_values(spec, stats[7], stats[8], stats[9], stats[10])
         spec.__dict__["top_residuals"] = (stats[14], stats[15])
+        spec.__dict__["cluster"] = int(stats[19]) if stats[19] >= 1 else 1  # (NaN: a step that left NaN in W)
         if not needs_exact(*spec.shape, self.rank):
             object.__setattr__(spec, "iters", int(stats[11]))  # a frozen dataclass, completed once here
 
@@ -803,11 +819,14 @@ class Tracker:
         if spec_after is not None:
             self._fill_host(spec_after, update)
             first, second, _, _, finite_after, x_norm, y_norm = update[:7]
-            # How far the step rotates the top singular pair, against the gap (MATH.md §1 degenerate gap).
+            # How far the step rotates the top singular pair, against the gap (MATH.md §1 degenerate gap); a
+            # step that took a cluster of c > 1 pairs: ‖ΔW on the cluster‖₂ against the gap below the cluster.
             dw_norm = max(x_norm, y_norm)
+            cluster_step, cluster_gap, cluster = update[16:19]
             sigma_next = spec_after.host[0]
         else:  # the step left NaN/Inf in W
-            first = second = dw_norm = sigma_next = NAN
+            first = second = dw_norm = sigma_next = cluster_step = cluster_gap = NAN
+            cluster = 1
             finite_after = 0.0
         N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = sums
         N = int(N)
@@ -840,7 +859,10 @@ class Tracker:
         else:
             diffusion = ito = ito_lo = ito_hi = NAN
         gap = (sigma - sigma2) / sigma if sigma > 0 else 0.0
-        step_ratio = dw_norm / (sigma - sigma2) if sigma > sigma2 else math.inf
+        if cluster > 1:
+            step_ratio = cluster_step / cluster_gap if cluster_gap > 0 else math.inf
+        else:
+            step_ratio = dw_norm / (sigma - sigma2) if sigma > sigma2 else math.inf
         delta_obs, delta_pred = sigma_next - sigma, first + second
         nonfinite = not (finite_after and finite_grad)
         # Why the step's expansion is not to be trusted, each flag from a measurement (the Tracker docs).
@@ -850,8 +872,9 @@ class Tracker:
             flags.append("small_gap")
         if step_ratio > self.step_tol:
             flags.append("large_step")
-        # The new top pair is closer to the old pair's complement than to it, or (grouped convolutions) another
-        # block of the weight overtook the one the record follows.
+        # The new top pair is closer to the complement of the old top pair (of the old cluster's span, when the
+        # step took a cluster) than to it, or (grouped convolutions) another block of the weight overtook the one
+        # the record follows.
         if overlap * overlap < 0.5 or (spec_after is not None and cap.adapter.overtaken(sigma_next)):
             flags.append("crossing")
         if abs(delta_obs - delta_pred) > self.closure_tol * abs(delta_obs) + CLOSURE_FLOOR * sigma:
