@@ -22,7 +22,10 @@ For each run: the median and mean per-step error |Δσ_exact − pred| (relative
 miss the closure criterion (|Δσ_exact − pred| > 10%·|Δσ_exact| + 1e-6·σ1), on the steps flagged ``closure``
 today and on all steps.
 
-Usage: python bench/cluster_prediction.py [--quick] [--taus 0.5,1,2,4,8]
+``--tracker``: the tracker itself on the same runs, ``cluster=False`` against ``cluster=True`` (float32,
+each on its own bit-identical copy of the run): closure flags and mean |delta_obs − delta_pred|.
+
+Usage: python bench/cluster_prediction.py [--quick] [--taus 0.5,1,2,4,8] [--runs cnn,mlp,resnet] [--tracker]
 """
 
 from __future__ import annotations
@@ -214,17 +217,74 @@ def summarise(name, pairs, flags, taus):
     return rows
 
 
+def tracker_ab(name, make, steps):
+    """The tracker itself, ``cluster=False`` against ``cluster=True`` on bit-identical runs (two copies, the same
+    batches): closure misses of its float32 ``delta_pred`` and the flags, per run."""
+    out = {}
+    for on in (False, True):
+        model, opt, batch = make()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lipfast.LipfastWarning)
+            tracker = lipfast.Tracker(model, opt, rank=RANK, cluster=on)
+        for t in range(steps):
+            x, y = batch(t)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        out[on] = tracker.records
+        tracker.close()
+    print(f"\n{name}, the tracker (float32): cluster=False vs cluster=True")
+    for on, recs in out.items():
+        flags = [r["flag_names"].split(";") for r in recs]
+        err = [abs(r["delta_obs"] - r["delta_pred"]) for r in recs]
+        print(f"  cluster={on!s:<5} {len(recs)} records: closure {sum('closure' in f for f in flags)}, large_step "
+              f"{sum('large_step' in f for f in flags)}, crossing {sum('crossing' in f for f in flags)}; "
+              f"mean |delta_obs − delta_pred| {statistics.fmean(err):.3e}")
+
+
+def _mnist_maker(model_name, widths):
+    ds = data.load_dataset("mnist-sample", test_fraction=0.2, seed=0)
+
+    def make():
+        model = models.build_model(model_name, ds.input_shape, ds.n_classes, widths=widths, seed=0)
+
+        def batch(t):
+            idx = torch.randperm(ds.x_train.shape[0], generator=torch.Generator().manual_seed(t))[:32]
+            return ds.x_train[idx], ds.y_train[idx]
+        return model, torch.optim.SGD(model.parameters(), lr=0.05), batch
+    return make
+
+
+def _resnet_maker():
+    def make():
+        torch.manual_seed(0)
+        model = models.ResNet18()
+        g = torch.Generator().manual_seed(1)
+        return (model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4),
+                lambda t: (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)))
+    return make
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few steps of each run (a smoke run)")
     p.add_argument("--taus", default="0.5,1,2,4,8")
     p.add_argument("--runs", default="cnn,mlp,resnet")
+    p.add_argument("--tracker", action="store_true", help="only the tracker's cluster=False/True comparison")
     args = p.parse_args()
     torch.set_num_threads(2)
     taus = [float(t) for t in args.taus.split(",")]
     q = 10 if args.quick else 1
     print(f"lipfast {lipfast.__version__}, torch {torch.__version__}; rank {RANK}")
     runs = args.runs.split(",")
+    if args.tracker:
+        if "cnn" in runs:
+            tracker_ab("MNIST-sample CNN [128, 128], 80 steps", _mnist_maker("cnn", (128, 128)), 80 // q)
+        if "mlp" in runs:
+            tracker_ab("MNIST-sample MLP [128, 128], 200 steps", _mnist_maker("mlp", (128, 128)), 200 // q)
+        if "resnet" in runs:
+            tracker_ab("ResNet-18, 30 steps", _resnet_maker(), max(30 // q, 2))
+        return 0
     if "cnn" in runs:
         summarise("MNIST-sample CNN [128, 128], 80 steps", *mnist("cnn", (128, 128), 80 // q), taus)
     if "mlp" in runs:
