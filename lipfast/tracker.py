@@ -342,7 +342,8 @@ class Tracker:
             raise
         if self._group is not None:
             self._group.check_same_model(distributed.describe_tracker([(n, u[0][1]) for n, u in chosen], dict(
-                rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol, implementation=implementation)))
+                rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol,
+                implementation=implementation, cluster=cluster)))
         adaptive = is_adaptive(optimizer)
         for name, uses in chosen:
             cap = self.captures[name] = LayerCapture(name, uses, self, [self._batch_fact(root, n) for n, _ in uses])
