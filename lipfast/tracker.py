@@ -591,7 +591,7 @@ class Tracker:
             return None
 
     def _advance(self, cap: LayerCapture, spec: Spectrum) -> tuple[Spectrum | None, Tensor | None]:
-        """The spectrum after the optimizer step, warm-started from ``spec``, and ``track_update``'s sixteen
+        """The spectrum after the optimizer step, warm-started from ``spec``, and ``track_update``'s twenty
         statistics (on the weight's device, unread: :func:`_fill_host` completes the spectrum from them), in
         one op call; ``(None, None)`` when the step left NaN/Inf in the weight. ΔW is read through the old
         top pair riding along in the new spectrum's GEMMs."""

@@ -1,10 +1,12 @@
 // lipfast::track_update: everything the tracker does for one layer after an optimizer step, in one call
 // (MATH.md §2, §5): the new spectrum, warm-started from the old block, with the old top pair as probes
 // riding in its GEMMs, then ΔW v1 and ΔWᵀ u1 from those probes and the step's first- and second-order
-// prediction. Composed from lipfast::subspace_iteration and lipfast::update_statistics through the
-// dispatcher, so every backend runs its own kernels; results stay on the device until the caller reads
-// the one `stats` vector (one call instead of some forty Python-level tensor operations per layer and
-// step). The CPU has its own kernel with the same arithmetic (csrc/cpu/track_update_cpu.cpp).
+// prediction (with a top cluster of c > 1 pairs: the old cluster's pairs as probes and the cluster expansion,
+// cluster_statistics below; its three small eigh synchronise with the host on CUDA, on cluster steps only).
+// Composed from lipfast::subspace_iteration and lipfast::update_statistics through the dispatcher, so every
+// backend runs its own kernels; results stay on the device until the caller reads the one `stats` vector (one
+// call instead of some forty Python-level tensor operations per layer and step). The CPU has its own kernel
+// with the same arithmetic (csrc/cpu/track_update_cpu.cpp).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
