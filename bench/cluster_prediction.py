@@ -11,8 +11,8 @@ rank k (8) of the before-step spectrum (exact top-k triplets, the rest a tail br
   ``μ − σ1 + ½ [Σ_{j∉C, j≤k} (σ1(a_j² + b_j²) + 2σ_j a_j b_j)/(σ1² − σ_j²) + R/σ1]`` with
   a_j = u_jᵀ(I − U_C U_Cᵀ)ΔW V_C b, b_j = v_jᵀ(I − V_C V_Cᵀ)ΔWᵀU_C a. With |C| = 1 it is ``pair`` exactly.
 
-The runs: the CNN of ``lipfast train --dataset mnist-sample --model cnn`` (widths 128, 128; SGD lr 0.05, batch
-32; 80 steps), an MLP [128, 128] on the same data (200 steps), and ResNet-18 from its random initialisation
+The runs: the model and optimizer of ``lipfast train --dataset mnist-sample --model cnn`` (widths 128, 128; SGD lr
+0.05, batch 32; 80 steps; batches drawn here), an MLP [128, 128] on the same data (200 steps), and ResNet-18 from its random initialisation
 (SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 16 of random 3x32x32; 30 steps) on its layers with at most
 128·1152 weights (conv1, layer1, layer2's first block, fc: LAPACK on the rest is slow on a CPU). A default
 Tracker rides along, so each record also says which steps are flagged ``closure`` today (its ``delta_pred`` is
