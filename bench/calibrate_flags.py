@@ -8,7 +8,10 @@ random 3x32x32). For each threshold: the share of records it flags, the share of
 held (flagged although the expansion explained the step), and the share of closure failures it leaves to
 the ``closure`` flag alone.
 
-Usage: python bench/calibrate_flags.py [--quick] [--thresholds 0.5,1,2,4]
+With ``--cluster`` the tracker expands steps on the top cluster (``Tracker(cluster=True)``), and a cluster
+step's ratio is ``max(‖ΔW V_C‖₂, ‖ΔWᵀU_C‖₂)/(σ_c − σ_{c+1})``, what ``large_step`` then compares.
+
+Usage: python bench/calibrate_flags.py [--quick] [--thresholds 0.5,1,2,4] [--cluster]
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class RatioTracker(lipfast.Tracker):
             sigma, sigma2, _ = p["spec"].host
             x_norm, y_norm = values[5], values[6]
             ratio = max(x_norm, y_norm) / (sigma - sigma2) if sigma > sigma2 else math.inf
+            if values[18] > 1:  # a step expanded on a cluster (cluster=True): its step against the gap below it
+                ratio = values[16] / values[17] if values[17] > 0 else math.inf
             self.ratios.append((ratio, row))
         return row
 
@@ -63,10 +68,13 @@ def _batch(x, y, t, B):
     return x[idx], y[idx]
 
 
+CLUSTER = False
+
+
 def _train(model, opt, batch, steps) -> list:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lipfast.LipfastWarning)  # BatchNorm's notice
-        tracker = RatioTracker(model, opt, step_tol=math.inf)
+        tracker = RatioTracker(model, opt, step_tol=math.inf, cluster=CLUSTER)
     tracker.ratios = []
     for t in range(steps):
         x, y = batch(t)
@@ -95,7 +103,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--thresholds", default="0.5,1,2,4")
     p.add_argument("--quick", action="store_true", help="a few steps of each run (a smoke run)")
+    p.add_argument("--cluster", action="store_true", help="the tracker with cluster=True (its cluster steps' ratio: "
+                   "max(‖ΔW V_C‖₂, ‖ΔWᵀU_C‖₂) over the gap below the cluster)")
     args = p.parse_args()
+    global CLUSTER
+    CLUSTER = args.cluster
     torch.set_num_threads(2)
     thresholds = [float(t) for t in args.thresholds.split(",")]
     k = 10 if args.quick else 1

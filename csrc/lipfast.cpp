@@ -60,10 +60,12 @@ TORCH_LIBRARY(lipfast, m) {
   //   (warm-started from basis [n, p], or exact when `exact`), with the old spectrum U [m, k], S [k],
   //   V [n, k], sigma_next and Wt_u1 = Wᵀu1 [n] before the step giving ΔW v1, ΔWᵀ u1 through probes.
   //   Returns the new U [m, k], S [k], V [n, k], sigma_next [], residuals [k], basis [n, p], Wt_u1 [n], and
-  //   stats [12] float64: update_statistics' 7 values, new σ1, σ2 (σ_{k+1} when k = 1), σ_{k+1}, max
-  //   residual, sweeps.
+  //   stats [20] float64: update_statistics' 7 values (the first four from the cluster expansion when
+  //   cluster > 1), new σ1, σ2 (σ_{k+1} when k = 1), σ_{k+1}, max residual, sweeps, ‖U_Cᵀu1'‖, ‖V_Cᵀv1'‖
+  //   (the new top pair in the old cluster's span), new r1, r2 (r2 = r1 when k = 1), max(‖ΔW V_C‖₂,
+  //   ‖ΔWᵀU_C‖₂), the cluster's gap σ_c − σ_{c+1}, the cluster size c used, and the next step's.
   m.def("track_update(Tensor W, Tensor basis, Tensor U, Tensor S, Tensor V, float sigma_next, Tensor Wt_u1, "
-        "int max_iters, float tol, bool exact) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, "
+        "int max_iters, float tol, bool exact, int cluster=1) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, "
         "Tensor residuals, Tensor basis, Tensor Wt_u1, Tensor stats)");
   // conv2d_projections: the per-sample products of a Conv2d (groups=1, zero padding) with the weight's top
   //   singular pair, G_i = Σ_positions d_i(p) x_i(p)ᵀ never formed and x never unfolded: x [B, C_in, H, W],

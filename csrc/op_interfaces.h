@@ -42,6 +42,21 @@ void check_hessian_tail_inputs(const at::Tensor& W, const at::Tensor& x, const a
 void check_track_update_inputs(const at::Tensor& W, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                                const at::Tensor& Wt_u1, bool exact);
 
+// --- track_update's cluster expansion (csrc/composite/track_update.cpp; the CPU kernel calls it too) -------
+// A pair j joins the top cluster when σ1 − σ_j <= kClusterTau · max(‖ΔW v1‖, ‖ΔWᵀu1‖) (RELIABILITY.md §3.4).
+constexpr double kClusterTau = 4.0;
+
+// The degenerate expansion on the top c pairs (MATH.md §2), from DV = ΔW V_C [m, c], DU = ΔWᵀ U_C [n, c]
+// (float64) and the spectrum before the step. Returns float64 [6]: μ − σ1 (μ the top singular value of
+// U_Cᵀ W' V_C), ½H of the rotated pair's coupling to the pairs outside C and the tail (value, lo, hi),
+// max(‖DV‖₂, ‖DU‖₂), and the gap σ_c − σ_{c+1} (σ_{k+1} = sigma_next when c = k).
+at::Tensor cluster_statistics(const at::Tensor& DV, const at::Tensor& DU, const at::Tensor& U, const at::Tensor& S,
+                              const at::Tensor& V, double sigma_next);
+
+// Pairs of the spectrum S [k] (float64, descending) within kClusterTau·step of S[0] (at least 1): the cluster
+// the next step's expansion takes.
+int64_t cluster_size(const double* S, int64_t k, double step);
+
 void check_conv2d_projections_inputs(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& u1,
                                      const at::Tensor& v1, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation);

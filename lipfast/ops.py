@@ -153,7 +153,7 @@ def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tenso
 
 
 def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,
-                 max_iters: int, tol: float, exact: bool):
+                 max_iters: int, tol: float, exact: bool, cluster: int = 1):
     """One tracked layer after an optimizer step (MATH.md §2, §5), in one call.
 
     Args:
@@ -162,16 +162,23 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
         U, S, V, sigma_next, Wt_u1: that spectrum (``Wt_u1 = Wᵀu1 [n]`` float64 before the step).
         max_iters, tol: sweeps of the warm-started iteration; exact: the matrix is small enough for the
             exact spectrum (``k >= min(m, n)`` or a full block).
+        cluster: pairs ``c`` of the top cluster (clamped to ``[1, k]``): with ``c > 1`` the step's prediction is
+            the cluster expansion (MATH.md §2), and its pairs ride along as probes. The returned ``stats[19]``
+            is the next step's.
 
     Returns:
         The new spectrum's ``U [m, k], S [k], V [n, k], sigma_next [], residuals [k], basis [n, p],
-        Wt_u1 [n]`` and float64 ``stats [12]``: ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]`` value/lo/hi, 1.0 when finite,
-        ``‖ΔW v1‖``, ``‖ΔWᵀu1‖``, new ``σ1``, ``σ2`` (``σ_{k+1}`` when k = 1), ``σ_{k+1}``, max residual,
-        sweeps.
+        Wt_u1 [n]`` and float64 ``stats [20]``: ``first_order``, ``second_order`` value/lo/hi (c = 1:
+        ``⟨J, ΔW⟩``, ``½H[ΔW,ΔW]``; c > 1: ``μ − σ1`` and the rotated pair's coupling, MATH.md §2), 1.0 when
+        finite, ``‖ΔW v1‖``, ``‖ΔWᵀu1‖``, new ``σ1``, ``σ2`` (``σ_{k+1}`` when k = 1), ``σ_{k+1}``, max
+        residual, sweeps, ``‖U_Cᵀu1'‖`` and ``‖V_Cᵀv1'‖`` (the new top pair in the old cluster's span; c = 1:
+        ``|u1ᵀu1'|``, ``|v1ᵀv1'|``), the new ``r1``, ``r2`` (``‖Wᵀu_j − σ_j v_j‖`` of the top two pairs; ``r2 = r1``
+        when k = 1), ``max(‖ΔW V_C‖₂, ‖ΔWᵀU_C‖₂)``, the cluster's gap ``σ_c − σ_{c+1}``, ``c``, and the next
+        step's cluster size.
     """
     return torch.ops.lipfast.track_update.default(
         _d(W), _d(basis), _d(U), _d(S), _d(V), float(sigma_next), _d(Wt_u1),
-        int(max_iters), float(tol), bool(exact))
+        int(max_iters), float(tol), bool(exact), int(cluster))
 
 
 def conv2d_projections(x: Tensor, grad_out: Tensor, u1: Tensor, v1: Tensor, kernel_size, stride, padding, dilation):
@@ -227,7 +234,7 @@ def _conv2d_projections_fake(x, grad_out, u1, v1, kernel_size, stride, padding, 
 
 
 @torch.library.register_fake("lipfast::track_update")
-def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exact):
+def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exact, cluster=1):
     from .functional import block_size  # functional imports this module
     torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
     m, n = W.shape
@@ -245,7 +252,7 @@ def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exa
         torch.empty((kk,), **f64),
         W.new_empty((p, n)).mT,
         torch.empty((n,), **f64),
-        torch.empty((12,), **f64),
+        torch.empty((20,), **f64),
     )
 
 

@@ -256,12 +256,35 @@ def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tenso
     return torch.tensor(out, dtype=torch.float64, device=W.device)
 
 
+CLUSTER_TAU = 4.0  # csrc/op_interfaces.h's kClusterTau
+
+
+def cluster_statistics(DV: Tensor, DU: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float) -> Tensor:
+    """Twin of track_update's cluster expansion (csrc/op_interfaces.h): ``[μ − σ1, ½H value, lo, hi,
+    max(‖ΔW V_C‖₂, ‖ΔWᵀU_C‖₂), σ_c − σ_{c+1}]`` from ``DV = ΔW V_C``, ``DU = ΔWᵀ U_C`` (float64)."""
+    c, k = DV.shape[1], U.shape[1]
+    U64, V64, S64 = U.to(torch.float64), V.to(torch.float64), S.to(torch.float64)
+    UC, VC = U64[:, :c], V64[:, :c]
+    M = torch.diag(S64[:c]) + UC.mT @ DV
+    evals, evecs = torch.linalg.eigh(M.mT @ M)
+    b, mu = evecs[:, -1], evals[-1].clamp_min(0).sqrt()
+    a = M @ b / mu
+    x, y = DV @ b, DU @ a
+    x, y = x - UC @ (UC.mT @ x), y - VC @ (VC.mT @ y)
+    Uo, Vo = torch.cat([U64[:, :1], U64[:, c:]], 1), torch.cat([V64[:, :1], V64[:, c:]], 1)
+    upd = update_statistics(x, y, Uo, torch.cat([S64[:1], S64[c:]]), Vo, sigma_next)
+    step = torch.maximum(torch.linalg.eigvalsh(DV.mT @ DV)[-1], torch.linalg.eigvalsh(DU.mT @ DU)[-1]).clamp_min(0).sqrt()
+    below = S64[c] if c < k else S64.new_tensor(sigma_next)
+    return torch.cat([(mu - S64[0]).reshape(1), upd[1:4], step.reshape(1), (S64[c - 1] - below).reshape(1)])
+
+
 def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,
-                 max_iters: int, tol: float, exact: bool):
+                 max_iters: int, tol: float, exact: bool, cluster: int = 1):
     """Twin of ``lipfast::track_update``: the new spectrum and the step's update statistics."""
     m, n = W.shape
     k, r = U.shape[1], min(m, n)
-    v1, u1 = V[:, :1].to(W.dtype), U[:, :1].to(W.dtype)
+    c = min(max(int(cluster), 1), k)
+    v1, u1 = V[:, :c].to(W.dtype), U[:, :c].to(W.dtype)
     if exact:
         tall = m >= n
         A = W if tall else W.mT
@@ -285,11 +308,29 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     x = W_v1[:, 0] - U[:, 0].to(torch.float64) * S64[0]
     y = Wt_u1_new_probe[:, 0] - Wt_u1.to(torch.float64)
     upd = update_statistics(x, y, U, S64, V, sigma_next)
-    tail = hessian_tail(W, x, y, U, S64, V, sigma_next, 32, 1e-3)  # the kernels' kTailMaxSteps, kTailTol
-    s1, mass = float(S64[0]), tail[4]
-    truncated = torch.stack([mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)])
-    upd = torch.cat([upd[:1], upd[1:4] + 0.5 * (tail[:3] - truncated), upd[4:]])
+    if c > 1:
+        U64, V64 = U.to(torch.float64), V.to(torch.float64)
+        DV = W_v1 - U64[:, :c] * S64[:c]
+        WtU = V64[:, 1:c] * S64[1:c] if exact else basis[:, 1:c].to(torch.float64)
+        DU = Wt_u1_new_probe - torch.cat([Wt_u1.to(torch.float64)[:, None], WtU], 1)
+        cs = cluster_statistics(DV, DU, U, S64, V, sigma_next)
+        upd = torch.cat([cs[:4], upd[4:]])
+        step_gap = cs[4:6]
+    else:
+        tail = hessian_tail(W, x, y, U, S64, V, sigma_next, 32, 1e-3)  # the kernels' kTailMaxSteps, kTailTol
+        s1, mass = float(S64[0]), tail[4]
+        truncated = torch.stack([mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)])
+        upd = torch.cat([upd[:1], upd[1:4] + 0.5 * (tail[:3] - truncated), upd[4:]])
+        below = S64[1] if k > 1 else S64.new_tensor(sigma_next)
+        step_gap = torch.stack([torch.maximum(upd[5], upd[6]), S64[0] - below])
     s2 = Sn[1] if kk > 1 else sigma_next_new
+    overlap = torch.stack(((U[:, :c].to(torch.float64).mT @ Un[:, 0].to(torch.float64)).norm(),
+                           (V[:, :c].to(torch.float64).mT @ Vn[:, 0].to(torch.float64)).norm()))
+    r12 = res[:2].to(torch.float64) if kk > 1 else res[:1].to(torch.float64).repeat(2)
+    Sn64 = Sn.to(torch.float64)
+    c_next = (Sn64[0] - Sn64 <= torch.maximum(upd[5], upd[6]) * CLUSTER_TAU).sum().to(torch.float64).clamp_min(1)
+    counts = torch.stack([Sn64.new_tensor(float(c)), c_next])
     stats = torch.cat([upd, Sn[:1], s2.reshape(1), sigma_next_new.reshape(1), res.max().reshape(1),
-                       torch.as_tensor(it, dtype=torch.float64, device=Sn.device).reshape(1)])
+                       torch.as_tensor(it, dtype=torch.float64, device=Sn.device).reshape(1), overlap, r12, step_gap,
+                       counts])
     return Un, Sn, Vn, sigma_next_new, res, basis_new, Wt_u1_new, stats

@@ -78,7 +78,11 @@ class _Cached:
 
 
 _DEFER_ON_CPU = False  # tests switch the lazy read-back on for CPU runs, to check it without a GPU
-_N_TRACK_STATS = 12  # lipfast::track_update's statistics: update_statistics' seven, σ1, σ2, σ_{k+1}, residual, sweeps
+# lipfast::track_update's statistics: update_statistics' seven (the first four the cluster expansion's when the
+# step took a cluster), σ1, σ2, σ_{k+1}, residual, sweeps, the overlaps ‖U_Cᵀu1'‖, ‖V_Cᵀv1'‖ of the new top pair
+# with the old cluster, the new r1, r2, the step on the cluster and the cluster's gap, the cluster size used and
+# the next step's.
+_N_TRACK_STATS = 20
 
 
 class _StepReadback:
@@ -140,18 +144,13 @@ def _float64_on(t: Tensor, device: torch.device) -> Tensor:
     return t if t.dtype == torch.float64 and t.device == device else t.to(device, torch.float64)
 
 
-def _top_pair_overlap(before: Spectrum, after: Spectrum | None, device: torch.device) -> Tensor:
-    """``[|u1ᵀu1'|, |v1ᵀv1'|]`` of the top singular pair before and after the step (float64, unread): near 1
-    when the step moved the pair a little, near 0 when another pair took the top (a level crossing)."""
-    if after is None:
-        return torch.full((2,), NAN, dtype=torch.float64, device=device)
-    return torch.stack((before.U[:, 0] @ after.U[:, 0], before.V[:, 0] @ after.V[:, 0])).abs().double()
-
-
-def _top_residuals(spec: Spectrum, device: torch.device) -> Tensor:
-    """``[r1, r2]``: the residuals of the top two singular pairs (r2 = r1 when only one is kept), unread."""
-    res = spec.residuals[:2].to(device, torch.float64)
-    return res if res.numel() == 2 else res.repeat(2)
+def _top_residuals(spec: Spectrum) -> tuple[float, float]:
+    """``(r1, r2)``: the residuals of the top two singular pairs (r2 = r1 when only one is kept), from the
+    ``track_update`` that made ``spec`` (:meth:`Tracker._fill_host`), else read off the device once."""
+    if "top_residuals" not in spec.__dict__:
+        res = spec.residuals[:2].tolist()
+        spec.__dict__["top_residuals"] = (res[0], res[-1])
+    return spec.__dict__["top_residuals"]
 
 
 def _sigma_error(theta1: float, theta2: float, r1: float, r2: float) -> float:
@@ -202,6 +201,12 @@ class Tracker:
             misses, the ``closure`` and ``crossing`` flags measure.
         closure_tol: a step is flagged ``closure`` when ``|delta_obs − delta_pred|`` exceeds
             ``closure_tol·|delta_obs| + 1e-6·σ1``: the second-order expansion did not explain the step.
+        cluster: expand each step on the top *cluster* (MATH.md §2, RELIABILITY.md §3.5): the pairs whose σ_j
+            lie within 4 times the last step's ``max(‖ΔW v1‖, ‖ΔWᵀu1‖)`` of σ1. Where it has more than one
+            pair, ``first_order`` is ``μ − σ1`` (μ the top singular value of ``U_Cᵀ W' V_C``, exact on the
+            cluster), ``second_order`` the rotated pair's coupling to the rest, ``large_step`` compares
+            ``max(‖ΔW V_C‖₂, ‖ΔWᵀU_C‖₂)`` with the gap below the cluster, and ``crossing`` the new top pair
+            with the old cluster's span. Off (the default), every step takes the pair expansion at σ1.
         iters: the sweep budget of a spectrum update: at most this many warm-started subspace sweeps (each
             two GEMMs with W, one power step of the block), fewer once the top two singular pairs'
             residuals are below ``tol``·σ1. A spectrum still short of that after ``iters`` sweeps shows in
@@ -245,8 +250,8 @@ class Tracker:
     - ``small_gap``: ``(σ1 − σ2)/σ1 < gap_tol``: the top pair is nearly tied; derivatives are large.
     - ``large_step``: the step's rotating part is large against the gap (``step_tol``).
     - ``crossing``: the top singular pair after the step is nearly orthogonal to the one before
-      (``min(|u1ᵀu1'|, |v1ᵀv1'|)² < ½``): another pair took the top, a level crossing that no expansion at
-      the old W describes.
+      (``min(|u1ᵀu1'|, |v1ᵀv1'|)² < ½``; with ``cluster``, to the old cluster's span): another pair took the
+      top, a level crossing that no expansion at the old W describes.
     - ``closure``: the realised expansion failed (``closure_tol``).
     - ``unresolved_gap``: σ1 and σ2 cannot be told apart: equal to working precision (8 eps of the spectrum's
       dtype), or, for an iterated spectrum, closer than σ2's Ritz residual (more sweeps, ``iters``, resolve
@@ -282,7 +287,8 @@ class Tracker:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 8, every: int = 1,
                  layers: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
                  loss_reduction: str = "mean", dataset_size: int | None = None, *,
-                 gap_tol: float = 1e-3, step_tol: float = 2.0, closure_tol: float = 0.1, iters: int = 16,
+                 gap_tol: float = 1e-3, step_tol: float = 2.0, closure_tol: float = 0.1, cluster: bool = False,
+                 iters: int = 16,
                  tol: float | None = None,
                  on_nonfinite: str = "flag", on_record: Callable | None = None, keep_records: bool = True,
                  implementation: str = "compiled", records_on: str = "rank0",
@@ -307,6 +313,9 @@ class Tracker:
         self.gap_tol = float(gap_tol)
         self.step_tol = float(step_tol)
         self.closure_tol = float(closure_tol)
+        if not isinstance(cluster, bool):
+            raise ValueError(f"Tracker: cluster must be True or False, got {cluster!r}")
+        self.cluster = cluster
         self.iters = iters
         self.tol = tol
         self.on_nonfinite = on_nonfinite
@@ -335,7 +344,8 @@ class Tracker:
             raise
         if self._group is not None:
             self._group.check_same_model(distributed.describe_tracker([(n, u[0][1]) for n, u in chosen], dict(
-                rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol, implementation=implementation)))
+                rank=rank, every=every, loss_reduction=loss_reduction, iters=iters, tol=tol,
+                implementation=implementation, cluster=cluster)))
         adaptive = is_adaptive(optimizer)
         for name, uses in chosen:
             cap = self.captures[name] = LayerCapture(name, uses, self, [self._batch_fact(root, n) for n, _ in uses])
@@ -583,7 +593,7 @@ class Tracker:
             return None
 
     def _advance(self, cap: LayerCapture, spec: Spectrum) -> tuple[Spectrum | None, Tensor | None]:
-        """The spectrum after the optimizer step, warm-started from ``spec``, and ``track_update``'s twelve
+        """The spectrum after the optimizer step, warm-started from ``spec``, and ``track_update``'s twenty
         statistics (on the weight's device, unread: :func:`_fill_host` completes the spectrum from them), in
         one op call; ``(None, None)`` when the step left NaN/Inf in the weight. ΔW is read through the old
         top pair riding along in the new spectrum's GEMMs."""
@@ -597,8 +607,11 @@ class Tracker:
             basis = basis if basis.shape[1] == p else resize_block(basis, p, 0)
         tol = default_tol(W.dtype) if self.tol is None else float(self.tol)
         try:
+            # The top cluster the last track_update chose for this step (1 for a fresh spectrum, or without
+            # `cluster`: the pair).
             U, S, V, sigma_next, res, basis, Wt_u1, stats = self.impl.track_update(
-                W, basis, spec.U, spec.S, spec.V, spec.host[2], spec.Wt_u1, self.iters, tol, exact)
+                W, basis, spec.U, spec.S, spec.V, spec.host[2], spec.Wt_u1, self.iters, tol, exact,
+                spec.__dict__.get("cluster", 1) if self.cluster else 1)
         except RuntimeError:  # NaN/Inf in W (the subspace iteration refuses it)
             if bool(torch.isfinite(W).all()):
                 raise
@@ -609,8 +622,10 @@ class Tracker:
 
     def _fill_host(self, spec: Spectrum, stats: list[float]) -> None:
         """Complete a spectrum from its ``track_update`` statistics, read back: σ1, σ2, σ_{k+1}, the
-        residual and (iterated spectra) the sweep count."""
+        residual, the top two residuals and (iterated spectra) the sweep count."""
         with_host_values(spec, stats[7], stats[8], stats[9], stats[10])
+        spec.__dict__["top_residuals"] = (stats[14], stats[15])
+        spec.__dict__["cluster"] = int(stats[19]) if stats[19] >= 1 else 1  # (NaN: a step that left NaN in W)
         if not needs_exact(*spec.shape, self.rank):
             object.__setattr__(spec, "iters", int(stats[11]))  # a frozen dataclass, completed once here
 
@@ -788,9 +803,7 @@ class Tracker:
         sums = self._reduce(p["sums"])
         stats = stats if stats is not None else torch.full((_N_TRACK_STATS,), NAN, dtype=torch.float64, device=sums.device)
         # (sums: gradient_statistics' 11 values and, last, the momentum term known_scale·u1ᵀMv1)
-        # The before-step spectrum's top two residuals ride along unread: the record's sigma_err.
-        res = _top_residuals(p["spec"], sums.device)
-        return cap, p, spec_after, (stats, sums, res, _top_pair_overlap(p["spec"], spec_after, sums.device))
+        return cap, p, spec_after, (stats, sums)
 
     def _record(self, cap: LayerCapture, p: dict, spec_after: Spectrum | None, values: list[float] | None,
                 step: int) -> dict:
@@ -800,9 +813,9 @@ class Tracker:
         spec: Spectrum = p["spec"]
         coef: StepCoefficients = p["coef"]
         c = p["c"]
-        update, sums, known = (values[:_N_TRACK_STATS], values[_N_TRACK_STATS:-5], values[-5])
-        r1, r2 = values[-4:-2]  # ‖Wᵀu_j − σ_j v_j‖ of the top two pairs the record's σ1, σ2 come from
-        overlap = min(values[-2:])  # |u1ᵀu1'| and |v1ᵀv1'| of the old and the new top pair
+        update, sums, known = (values[:_N_TRACK_STATS], values[_N_TRACK_STATS:-1], values[-1])
+        r1, r2 = _top_residuals(spec)  # ‖Wᵀu_j − σ_j v_j‖ of the top two pairs the record's σ1, σ2 come from
+        overlap = min(update[12:14])  # |u1ᵀu1'| and |v1ᵀv1'| of the old and the new top pair (NaN: no new pair)
         if spec_after is not None and not update[7] > 0:
             # σ1 after the step NaN: the step left NaN/Inf in W (the CUDA kernel says so with NaN, the CPU
             # kernel raised: _advance gave None). σ1 = 0: W is zero, and so is the warm block it leaves. Either
@@ -814,11 +827,14 @@ class Tracker:
         if spec_after is not None:
             self._fill_host(spec_after, update)
             first, second, _, _, finite_after, x_norm, y_norm = update[:7]
-            # How far the step rotates the top singular pair, against the gap (MATH.md §1 degenerate gap).
+            # How far the step rotates the top singular pair, against the gap (MATH.md §1 degenerate gap); a
+            # step that took a cluster of c > 1 pairs: ‖ΔW on the cluster‖₂ against the gap below the cluster.
             dw_norm = max(x_norm, y_norm)
+            cluster_step, cluster_gap, cluster = update[16:19]
             sigma_next = spec_after.host[0]
         else:  # the step left NaN/Inf in W
-            first = second = dw_norm = sigma_next = NAN
+            first = second = dw_norm = sigma_next = cluster_step = cluster_gap = NAN
+            cluster = 1
             finite_after = 0.0
         N, sum_s, sum_ss, h, h_lo, h_hi, K, hg, hg_lo, hg_hi, finite_grad = sums
         N = int(N)
@@ -851,7 +867,10 @@ class Tracker:
         else:
             diffusion = ito = ito_lo = ito_hi = NAN
         gap = (sigma - sigma2) / sigma if sigma > 0 else 0.0
-        step_ratio = dw_norm / (sigma - sigma2) if sigma > sigma2 else math.inf
+        if cluster > 1:
+            step_ratio = cluster_step / cluster_gap if cluster_gap > 0 else math.inf
+        else:
+            step_ratio = dw_norm / (sigma - sigma2) if sigma > sigma2 else math.inf
         delta_obs, delta_pred = sigma_next - sigma, first + second
         nonfinite = not (finite_after and finite_grad)
         # Why the step's expansion is not to be trusted, each flag from a measurement (the Tracker docs).
@@ -861,8 +880,9 @@ class Tracker:
             flags.append("small_gap")
         if step_ratio > self.step_tol:
             flags.append("large_step")
-        # The new top pair is closer to the old pair's complement than to it, or (grouped convolutions) another
-        # block of the weight overtook the one the record follows.
+        # The new top pair is closer to the complement of the old top pair (of the old cluster's span, when the
+        # step took a cluster) than to it, or (grouped convolutions) another block of the weight overtook the one
+        # the record follows.
         if overlap * overlap < 0.5 or (spec_after is not None and cap.adapter.overtaken(sigma_next)):
             flags.append("crossing")
         if abs(delta_obs - delta_pred) > self.closure_tol * abs(delta_obs) + CLOSURE_FLOOR * sigma:

@@ -14,6 +14,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 @pytest.mark.parametrize("script", ["bench_ops.py", "bench_step.py", "bench_step_adamw.py", "bench_memory.py",
                                     "profile_step.py", "floor_step.py", "sde_orders.py", "truncation_error.py",
                                     pytest.param("accuracy_resnet18.py", marks=pytest.mark.slow),  # a ResNet-18, ~1 min
+                                    pytest.param("cluster_prediction.py", marks=pytest.mark.slow),  # LAPACK per step
                                     "bench_integrations.py", "bench_layers.py",
                                     "bench_step_gpu.py"])  # without a GPU: the CPU dry run, tiny shapes
 def test_bench_script_runs_quick(script):

@@ -1,10 +1,12 @@
 // lipfast::track_update: everything the tracker does for one layer after an optimizer step, in one call
 // (MATH.md §2, §5): the new spectrum, warm-started from the old block, with the old top pair as probes
 // riding in its GEMMs, then ΔW v1 and ΔWᵀ u1 from those probes and the step's first- and second-order
-// prediction. Composed from lipfast::subspace_iteration and lipfast::update_statistics through the
-// dispatcher, so every backend runs its own kernels; results stay on the device until the caller reads
-// the one `stats` vector (one call instead of some forty Python-level tensor operations per layer and
-// step). The CPU has its own kernel with the same arithmetic (csrc/cpu/track_update_cpu.cpp).
+// prediction (with a top cluster of c > 1 pairs: the old cluster's pairs as probes and the cluster expansion,
+// cluster_statistics below; its three small eigh synchronise with the host on CUDA, on cluster steps only).
+// Composed from lipfast::subspace_iteration and lipfast::update_statistics through the dispatcher, so every
+// backend runs its own kernels; results stay on the device until the caller reads the one `stats` vector (one
+// call instead of some forty Python-level tensor operations per layer and step). The CPU has its own kernel
+// with the same arithmetic (csrc/cpu/track_update_cpu.cpp).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -32,6 +34,47 @@ void check_track_update_inputs(const at::Tensor& W, const at::Tensor& U, const a
   LIPFAST_CHECK(Wt_u1.dim() == 1 && Wt_u1.size(0) == n, op, ": Wt_u1 must have shape [n=", n, "], got ",
                 Wt_u1.sizes());
   LIPFAST_CHECK(exact || k < r, op, ": an iterated spectrum needs k < min(m, n) = ", r, ", got k = ", k);
+}
+
+int64_t cluster_size(const double* S, int64_t k, double step) {
+  int64_t c = 1;
+  while (c < k && S[0] - S[c] <= kClusterTau * step) ++c;
+  return c;
+}
+
+namespace {
+at::Tensor call_update_statistics(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U, const at::Tensor& S,
+                                  const at::Tensor& V, double sigma_next);
+}  // namespace
+
+at::Tensor cluster_statistics(const at::Tensor& DV, const at::Tensor& DU, const at::Tensor& U, const at::Tensor& S,
+                              const at::Tensor& V, double sigma_next) {
+  const int64_t c = DV.size(1), k = U.size(1);
+  const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), S64 = S.to(at::kDouble);
+  const auto UC = U64.slice(1, 0, c), VC = V64.slice(1, 0, c);
+  // M = U_Cᵀ W' V_C = diag(S_C) + U_Cᵀ ΔW V_C (W V_C = U_C S_C for Ritz pairs) and its top singular triplet.
+  const auto M = at::diag(S64.slice(0, 0, c)) + UC.t().mm(DV);
+  auto [evals, evecs] = at::linalg_eigh(M.t().mm(M));  // ascending
+  const auto b = evecs.select(1, c - 1);
+  const auto mu = evals.select(0, c - 1).clamp_min(0.0).sqrt();
+  const auto a = M.mv(b).div(mu);
+  // The rotated pair's coupling to everything outside the cluster: ΔW V_C b and ΔWᵀ U_C a without their parts
+  // in the cluster's span, contracted against u1 (carrying σ1) and the pairs j >= c, the rest the tail.
+  auto x = DV.mv(b), y = DU.mv(a);
+  x = x - UC.mv(UC.t().mv(x));
+  y = y - VC.mv(VC.t().mv(y));
+  const auto Uo = at::cat({U64.slice(1, 0, 1), U64.slice(1, c, k)}, 1);
+  const auto Vo = at::cat({V64.slice(1, 0, 1), V64.slice(1, c, k)}, 1);
+  const auto So = at::cat({S64.slice(0, 0, 1), S64.slice(0, c, k)});
+  const auto upd = call_update_statistics(x, y, Uo, So, Vo, sigma_next);
+  // ‖ΔW V_C‖₂ and ‖ΔWᵀ U_C‖₂ from the c×c Grams; the gap that separates the cluster from the rest.
+  const auto step = at::maximum(at::linalg_eigvalsh(DV.t().mm(DV)).select(0, c - 1),
+                                at::linalg_eigvalsh(DU.t().mm(DU)).select(0, c - 1))
+                        .clamp_min(0.0)
+                        .sqrt();
+  const auto below = c < k ? S64.select(0, c) : at::scalar_tensor(sigma_next, S64.options());
+  const auto gap = S64.select(0, c - 1) - below;
+  return at::cat({(mu - S64.select(0, 0)).reshape({1}), upd.slice(0, 1, 4), step.reshape({1}), gap.reshape({1})});
 }
 
 namespace {
@@ -74,11 +117,14 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
              const at::Tensor& V,      // [n, k]
              double sigma_next,        // its σ_{k+1}
              const at::Tensor& Wt_u1,  // [n] float64, Wᵀu1 before the step
-             int64_t max_iters, double tol, bool exact) {
+             int64_t max_iters, double tol, bool exact,
+             int64_t cluster) {       // pairs in the top cluster (1: the pair expansion)
   check_track_update_inputs(W, U, S, V, Wt_u1, exact);
   const int64_t m = W.size(0), n = W.size(1), k = U.size(1), r = std::min(m, n);
+  const int64_t c = std::clamp<int64_t>(cluster, 1, k);
   const auto dtype = W.scalar_type();
-  const auto v1 = V.slice(1, 0, 1).to(dtype), u1 = U.slice(1, 0, 1).to(dtype);
+  // The old cluster's pairs ride along as probes (c = 1: the top pair).
+  const auto v1 = V.slice(1, 0, c).to(dtype), u1 = U.slice(1, 0, c).to(dtype);
 
   at::Tensor Un, Sn, Vn, res, iters, next, W_v1, Wt_u1n_probe, sigma_next_new, basis_new, Wt_u1_new;
   int64_t kk = k;
@@ -124,16 +170,47 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
   const auto x = W_v1.select(1, 0) - U.select(1, 0).to(at::kDouble) * S64.select(0, 0);
   const auto y = Wt_u1n_probe.select(1, 0) - Wt_u1.to(at::kDouble);
   auto upd = call_update_statistics(x, y, U, S64, V, sigma_next);
-  // ½H[ΔW,ΔW]'s unknown tail solved instead of estimated: replace ½R/σ1 and the bracket's ½R/(σ1 ± σ_{k+1}) by
-  // the solved tail and its bracket (unchanged when the solve takes no step). The solve runs on W after the
-  // step, a difference of the expansion's own third order (MATH.md §1).
-  const auto tail = call_hessian_tail(W, x, y, U, S64, V, sigma_next);
-  const auto s1 = S64.select(0, 0), mass = tail.select(0, 4);
-  const auto truncated = at::stack({mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)});
-  upd = at::cat({upd.slice(0, 0, 1), upd.slice(0, 1, 4) + 0.5 * (tail.slice(0, 0, 3) - truncated), upd.slice(0, 4)});
+  at::Tensor step_gap;  // the step on the cluster, and the gap below it
+  if (c > 1) {
+    // ΔW V_C = W' V_C − U_C S_C; ΔWᵀ U_C = W'ᵀ U_C − Wᵀ U_C, Wᵀ U_C before the step from the old block (an
+    // iterated block is Wᵀ U of its last sweep) or V_C S_C (exact), its first column the Wt_u1 given.
+    const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble);
+    const auto DV = W_v1 - U64.slice(1, 0, c) * S64.slice(0, 0, c);
+    const auto WtU = exact ? V64.slice(1, 1, c) * S64.slice(0, 1, c) : basis.slice(1, 1, c).to(at::kDouble);
+    const auto DU = Wt_u1n_probe - at::cat({Wt_u1.to(at::kDouble).reshape({n, 1}), WtU}, 1);
+    const auto cs = cluster_statistics(DV, DU, U, S64, V, sigma_next);
+    upd = at::cat({cs.slice(0, 0, 4), upd.slice(0, 4, 7)});
+    step_gap = cs.slice(0, 4, 6);
+  } else {
+    // ½H[ΔW,ΔW]'s unknown tail solved instead of estimated: replace ½R/σ1 and the bracket's ½R/(σ1 ± σ_{k+1}) by
+    // the solved tail and its bracket (unchanged when the solve takes no step). The solve runs on W after the
+    // step, a difference of the expansion's own third order (MATH.md §1). The cluster expansion above keeps
+    // its truncation bracket.
+    const auto tail = call_hessian_tail(W, x, y, U, S64, V, sigma_next);
+    const auto s1 = S64.select(0, 0), mass = tail.select(0, 4);
+    const auto truncated = at::stack({mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)});
+    upd = at::cat({upd.slice(0, 0, 1), upd.slice(0, 1, 4) + 0.5 * (tail.slice(0, 0, 3) - truncated), upd.slice(0, 4)});
+    const auto below = k > 1 ? S64.select(0, 1) : at::scalar_tensor(sigma_next, S64.options());
+    step_gap = at::stack({at::maximum(upd.select(0, 5), upd.select(0, 6)), S64.select(0, 0) - below});
+  }
   const auto s2 = kk > 1 ? Sn.select(0, 1) : sigma_next_new;
+  // ‖U_Cᵀu1'‖, ‖V_Cᵀv1'‖: how much of the new top pair lies in the old cluster's span (c = 1: |u1ᵀu1'|,
+  // |v1ᵀv1'|; the `crossing` flag), and the new spectrum's top two residuals r1, r2 (r2 = r1 when k = 1; the
+  // next step's sigma_err).
+  const auto overlap = at::stack({U.slice(1, 0, c).to(at::kDouble).t().mv(Un.select(1, 0).to(at::kDouble)).norm(),
+                                  V.slice(1, 0, c).to(at::kDouble).t().mv(Vn.select(1, 0).to(at::kDouble)).norm()});
+  const auto r12 = kk > 1 ? res.slice(0, 0, 2).to(at::kDouble) : res.slice(0, 0, 1).to(at::kDouble).repeat({2});
+  // The cluster the next step takes: the new spectrum's pairs within kClusterTau times this step of σ1'.
+  // (On the device, with no host read: S' is descending, so the count is cluster_size's.)
+  const auto Sn64 = Sn.to(at::kDouble);
+  const auto c_next = (Sn64.select(0, 0) - Sn64 <= at::maximum(upd.select(0, 5), upd.select(0, 6)) * kClusterTau)
+                          .sum()
+                          .to(at::kDouble)
+                          .clamp_min(1.0);
+  const auto counts = at::stack({at::scalar_tensor(static_cast<double>(c), S64.options()), c_next});
   const auto stats = at::cat({upd, Sn.slice(0, 0, 1), s2.reshape({1}), sigma_next_new.reshape({1}),
-                              res.max().reshape({1}), iters.to(at::kDouble).reshape({1})});
+                              res.max().reshape({1}), iters.to(at::kDouble).reshape({1}), overlap, r12, step_gap,
+                              counts});
   return {Un, Sn, Vn, sigma_next_new, res, basis_new, Wt_u1_new, stats};
 }
 

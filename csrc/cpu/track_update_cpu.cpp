@@ -89,23 +89,38 @@ SmallExact small_exact(const at::Tensor& R) {  // [r, L] contiguous
   return out;
 }
 
-// W v [m] and Wᵀ u [n] in float64, one pass over the rows of W [m, n] (contiguous).
+// The first c columns of t [rows, k] as float64, one column after another.
+std::vector<double> columns(const at::Tensor& t, int64_t c) {
+  std::vector<double> out;
+  out.reserve(t.size(0) * c);
+  for (int64_t j = 0; j < c; ++j) {
+    const auto col = t.select(1, j).to(at::kDouble).contiguous();
+    out.insert(out.end(), col.data_ptr<double>(), col.data_ptr<double>() + col.numel());
+  }
+  return out;
+}
+
+// W V_C [m, c] and Wᵀ U_C [n, c] in float64 (V_C, U_C as from columns()), one pass over the rows of W [m, n]
+// (contiguous).
 std::pair<at::Tensor, at::Tensor> probes(const at::Tensor& W, const std::vector<double>& v,
-                                         const std::vector<double>& u) {
+                                         const std::vector<double>& u, int64_t c) {
   const int64_t m = W.size(0), n = W.size(1);
-  auto Wv = at::empty({m, 1}, W.options().dtype(at::kDouble)), Wtu = at::zeros({n, 1}, Wv.options());
+  auto Wv = at::empty({c, m}, W.options().dtype(at::kDouble)), Wtu = at::zeros({c, n}, Wv.options());
   double *pwv = Wv.data_ptr<double>(), *pwtu = Wtu.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "track_update_probes", [&] {
     const scalar_t* pw = W.data_ptr<scalar_t>();
     for (int64_t i = 0; i < m; ++i) {
       const scalar_t* row = pw + i * n;
-      double dot = 0.0;
-      for (int64_t c = 0; c < n; ++c) dot += static_cast<double>(row[c]) * v[c];
-      pwv[i] = dot;
-      rows::add_scaled(pwtu, u[i], row, n);
+      for (int64_t j = 0; j < c; ++j) {
+        const double* vj = v.data() + j * n;
+        double dot = 0.0;
+        for (int64_t col = 0; col < n; ++col) dot += static_cast<double>(row[col]) * vj[col];
+        pwv[j * m + i] = dot;
+        rows::add_scaled(pwtu + j * n, u[j * m + i], row, n);
+      }
     }
   });
-  return {Wv, Wtu};
+  return {Wv.t(), Wtu.t()};
 }
 
 }  // namespace
@@ -113,12 +128,14 @@ std::pair<at::Tensor, at::Tensor> probes(const at::Tensor& W, const std::vector<
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor& U, const at::Tensor& S,
                  const at::Tensor& V, double sigma_next, const at::Tensor& Wt_u1, int64_t max_iters, double tol,
-                 bool exact) {
+                 bool exact, int64_t cluster) {
   check_track_update_inputs(W, U, S, V, Wt_u1, exact);
   const int64_t m = W.size(0), n = W.size(1), k = U.size(1), r = std::min(m, n);
+  const int64_t c = std::clamp<int64_t>(cluster, 1, k);
   const auto dtype = W.scalar_type();
   const auto f64 = W.options().dtype(at::kDouble);
-  const auto v1 = V.slice(1, 0, 1).to(dtype), u1 = U.slice(1, 0, 1).to(dtype);
+  // The old cluster's pairs ride along as probes (c = 1: the top pair).
+  const auto v1 = V.slice(1, 0, c).to(dtype), u1 = U.slice(1, 0, c).to(dtype);
 
   at::Tensor Un, Sn, Vn, res, basis_new, Wt_u1_new, W_v1, Wt_u1_probe;
   double sigma_next_new, iters;
@@ -141,7 +158,7 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
     sigma_next_new = k >= r ? 0.0 : sig[kk];
     basis_new = Vrows.slice(0, 0, block_size(kk, r)).clone().t();
     Wt_u1_new = Vrows.select(0, 0).to(at::kDouble).mul(sig[0]);
-    std::tie(W_v1, Wt_u1_probe) = probes(Wc, first_column(V), first_column(U));
+    std::tie(W_v1, Wt_u1_probe) = probes(Wc, columns(V, c), columns(U, c), c);
   } else if (exact) {
     // As the composite kernel: one sweep with the identity block on the tall orientation is the exact SVD.
     const bool tall = m >= n;
@@ -186,19 +203,20 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
   double *px = x.data_ptr<double>(), *py = y.data_ptr<double>();
   const double* pw = wtu_old.data_ptr<double>();
   for (int64_t i = 0; i < m; ++i) px[i] = wv[i] - u1_old[i] * s1_old;
-  for (int64_t c = 0; c < n; ++c) py[c] = wtu[c] - pw[c];
+  for (int64_t col = 0; col < n; ++col) py[col] = wtu[col] - pw[col];
   const auto upd = update_statistics_cpu(x, y, U, S, V, sigma_next);
 
-  auto stats = at::empty({12}, f64);
+  auto stats = at::empty({20}, f64);
   double* st = stats.data_ptr<double>();
   std::copy(upd.data_ptr<double>(), upd.data_ptr<double>() + 7, st);
-  // ½H[ΔW,ΔW]'s unknown tail solved instead of estimated, as in the composite kernel.
-  const auto tail = hessian_tail_cpu(W, x, y, U, S, V, sigma_next, kTailMaxSteps, kTailTol);
-  const double* tl = tail.data_ptr<double>();
-  const double mass = tl[4];
-  st[1] += 0.5 * (tl[0] - mass / s1_old);
-  st[2] += 0.5 * (tl[1] - mass / (s1_old + sigma_next));
-  st[3] += 0.5 * (tl[2] - mass / (s1_old - sigma_next));
+  if (c == 1) {  // ½H[ΔW,ΔW]'s unknown tail solved instead of estimated, as in the composite kernel
+    const auto tail = hessian_tail_cpu(W, x, y, U, S, V, sigma_next, kTailMaxSteps, kTailTol);
+    const double* tl = tail.data_ptr<double>();
+    const double mass = tl[4];
+    st[1] += 0.5 * (tl[0] - mass / s1_old);
+    st[2] += 0.5 * (tl[1] - mass / (s1_old + sigma_next));
+    st[3] += 0.5 * (tl[2] - mass / (s1_old - sigma_next));
+  }
   const double* sn = Sn.data_ptr<double>();
   const double* pr = res.data_ptr<double>();
   st[7] = sn[0];
@@ -206,6 +224,42 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
   st[9] = sigma_next_new;
   st[10] = *std::max_element(pr, pr + kk);
   st[11] = iters;
+  const auto S_old = S.to(at::kDouble).contiguous();
+  const double* s_old = S_old.data_ptr<double>();
+  if (c > 1) {
+    // The cluster expansion (the composite kernel's arithmetic, shared): ΔW V_C = W' V_C − U_C S_C and
+    // ΔWᵀ U_C = W'ᵀ U_C − Wᵀ U_C, Wᵀ U_C before the step from the old block or V_C S_C (exact).
+    const auto S64 = S.to(at::kDouble);
+    const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble);
+    const auto DV = W_v1 - U64.slice(1, 0, c) * S64.slice(0, 0, c);
+    const auto WtU = exact ? V64.slice(1, 1, c) * S64.slice(0, 1, c) : basis.slice(1, 1, c).to(at::kDouble);
+    const auto DU = Wt_u1_probe - at::cat({Wt_u1.to(at::kDouble).reshape({n, 1}), WtU}, 1);
+    const auto cs = cluster_statistics(DV, DU, U, S64, V, sigma_next).contiguous();
+    const double* pc = cs.data_ptr<double>();
+    std::copy(pc, pc + 4, st);
+    st[16] = pc[4];
+    st[17] = pc[5];
+  } else {
+    st[16] = std::max(st[5], st[6]);
+    st[17] = s_old[0] - (k > 1 ? s_old[1] : sigma_next);
+  }
+  // ‖U_Cᵀu1'‖, ‖V_Cᵀv1'‖: the new top pair in the old cluster's span (c = 1: |u1ᵀu1'|, |v1ᵀv1'|), and the
+  // new spectrum's top two residuals.
+  const auto u_old = columns(U, c), v_old = columns(V, c), u1_new = first_column(Un), v1_new = first_column(Vn);
+  double ou = 0.0, ov = 0.0;
+  for (int64_t j = 0; j < c; ++j) {
+    double du = 0.0, dv = 0.0;
+    for (int64_t i = 0; i < m; ++i) du += u_old[j * m + i] * u1_new[i];
+    for (int64_t col = 0; col < n; ++col) dv += v_old[j * n + col] * v1_new[col];
+    ou += du * du;
+    ov += dv * dv;
+  }
+  st[12] = std::sqrt(ou);
+  st[13] = std::sqrt(ov);
+  st[14] = pr[0];
+  st[15] = kk > 1 ? pr[1] : pr[0];
+  st[18] = static_cast<double>(c);
+  st[19] = static_cast<double>(cluster_size(sn, kk, std::max(st[5], st[6])));
   return {Un, Sn, Vn, at::scalar_tensor(sigma_next_new, f64), res, basis_new, Wt_u1_new, stats};
 }
 
