@@ -829,7 +829,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     """Read a run folder.
 
     A partial last line in a CSV (the process was killed mid-write) is dropped and counted in
-    ``Run.dropped_lines``; a missing CSV reads as no rows.
+    ``Run.dropped_lines``, as are layer rows of a step whose network row was never written (the step was
+    cut short); a missing CSV reads as no rows.
 
     Raises:
         RunFolderError: the folder is missing, config.json is missing or invalid, the run was
@@ -871,6 +872,14 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         raise RunFolderError(f"{cfg_path}: 'config' must be an object, got {config!r}")
     layers, d1 = _read_csv(path / LAYERS_FILE, LAYER_COLUMNS)
     network, d2 = _read_csv(path / NETWORK_FILE, NETWORK_COLUMNS)
+    if network:
+        # A step is committed by its network row, written after its layer rows: layer rows past the last one
+        # are a step cut short (a SIGKILL can land inside the write of a step's lines, leaving some of them).
+        last = network[-1]["step"]
+        uncommitted = sum(r["step"] > last for r in layers)
+        if uncommitted:
+            layers = [r for r in layers if r["step"] <= last]
+            d1 += uncommitted
     return Run(
         path=path,
         config=config,

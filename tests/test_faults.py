@@ -365,7 +365,8 @@ def test_faults_fast(tmp_path, reference, capsys, monkeypatch):
     ]
     assert outcomes[0].net_steps >= 6 and outcomes[0].rc == -signal.SIGKILL
     assert outcomes[3].rc == 2 and 0 < outcomes[3].layer_steps < N_STEPS  # the limit bites mid-run
-    assert outcomes[4].rc == 2 and (outcomes[4].net_steps, outcomes[4].layer_steps) == (7, 8)
+    # step 7's layer rows went in, its network row did not: an uncommitted step, which load_run leaves out
+    assert outcomes[4].rc == 2 and (outcomes[4].net_steps, outcomes[4].layer_steps) == (7, 7)
 
 
 @pytest.mark.slow

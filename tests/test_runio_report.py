@@ -326,6 +326,7 @@ def test_failed_append_keeps_earlier_rows(tmp_path, steps, monkeypatch):
         assert run.dropped_lines == 0
         assert [r["step"] for r in run.layers] == [s for s in range(5) for _ in range(2)]
         w.write_layers(steps[5][0])  # the writer is still usable
+        w.write_network(steps[5][1])
     assert runio.load_run(path).layers[-1]["step"] == 5
 
 
@@ -555,6 +556,17 @@ def test_unexplained_steps_fall_back_and_are_counted(tmp_path):
     table = report.summary_table(run, sim)
     assert any(line.startswith("warning: layer 'fc1':") and "not explained by the forces" in line
                for line in table.splitlines())
+
+
+def test_a_step_cut_short_is_not_loaded(tmp_path, steps):
+    """A SIGKILL can land inside the write of a step's layer lines (the kernel stops a write between pages):
+    the layer rows of a step with no network row are left out and counted, whole steps are kept."""
+    path = write_run(tmp_path / "run", steps[:3])
+    with runio.RunWriter(path, CONFIG, resume=True, resume_from_step=3) as w:
+        w.write_layers(steps[3][0][:1])  # one of its two layer rows, and no network row
+    run = runio.load_run(path)
+    assert [r["step"] for r in run.layers] == [0, 0, 1, 1, 2, 2] and len(run.network) == 3
+    assert run.dropped_lines == 1
 
 
 def test_a_run_written_before_the_sigma_err_column_still_loads(tmp_path, steps):
