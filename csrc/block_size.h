@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace lipfast {
@@ -21,5 +22,11 @@ inline int64_t tracked_pairs(int64_t k) { return std::min<int64_t>(2, k + 1); }
 // with a gap of 20% about 6 (MATH.md §1).
 constexpr int64_t kTailMaxSteps = 32;
 constexpr double kTailTol = 1e-3;
+// ... or when the bracket moves the step's prediction first + second by less than kTailTol of its size: a tail
+// small against the first-order term needs no more digits than that (the bracket is in H's units, twice the
+// second-order term's).
+inline double tail_atol(double first, double second_truncated) {
+  return 2.0 * kTailTol * (std::abs(first) + std::abs(second_truncated));
+}
 
 }  // namespace lipfast

@@ -51,11 +51,11 @@ TORCH_LIBRARY(lipfast, m) {
   //   x = E v1 [m], y = Eᵀu1 [n] (float64), the spectrum U [m, k], S [k], V [n, k] and sigma_next (an upper
   //   bound of the unknown singular values), W [m, n] the matrix whose tail is solved. Conjugate gradients on
   //   (σ1 I − [[0, W], [Wᵀ, 0]]) restricted to the unknown pairs, at most max_iters steps, stopping when the
-  //   bracket is within tol of the value. Returns float64 [5]: the tail's value, its lower and upper bound,
+  //   bracket is within tol of its lower end, or within atol. Returns float64 [5]: the tail's value, its lower and upper bound,
   //   the steps taken, and R = the unknown mass ‖[x; y] off the known pairs‖² (0 steps: the truncation
   //   bracket R/(σ1 ± σ_{k+1}) and estimate R/σ1 of MATH.md §1, as when that bracket already meets tol).
   m.def("hessian_tail(Tensor W, Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next, "
-        "int max_iters, float tol) -> Tensor");
+        "int max_iters, float tol, float atol=0.) -> Tensor");
   // track_update: one layer's work after an optimizer step, in one call: the new spectrum of W [m, n]
   //   (warm-started from basis [n, p], or exact when `exact`), with the old spectrum U [m, k], S [k],
   //   V [n, k], sigma_next and Wt_u1 = Wᵀu1 [n] before the step giving ΔW v1, ΔWᵀ u1 through probes.

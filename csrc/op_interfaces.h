@@ -37,7 +37,8 @@ void check_update_statistics_inputs(const at::Tensor& x, const at::Tensor& y, co
                                     const at::Tensor& S, const at::Tensor& V);
 
 void check_hessian_tail_inputs(const at::Tensor& W, const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
-                               const at::Tensor& S, const at::Tensor& V, int64_t max_iters, double tol);
+                               const at::Tensor& S, const at::Tensor& V, int64_t max_iters, double tol,
+                               double atol);
 
 void check_track_update_inputs(const at::Tensor& W, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                                const at::Tensor& Wt_u1, bool exact);

@@ -133,15 +133,15 @@ def update_statistics(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sig
 
 
 def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float,
-                 max_iters: int = 32, tol: float = 1e-3) -> Tensor:
+                 max_iters: int = 32, tol: float = 1e-3, atol: float = 0.0) -> Tensor:
     """The unknown tail of ``H[E,E]`` (MATH.md §1, "Truncated spectrum") solved by conjugate gradients
     instead of bracketed.
 
     Args:
         W: ``[m, n]`` the matrix; x: ``[m]`` ``E v1`` and y: ``[n]`` ``Eᵀ u1`` (float64); U, S, V: its top-k
             triplets; sigma_next: an upper bound of the other singular values (``σ_{k+1}``).
-        max_iters: conjugate-gradient steps at most (each reads W once); tol: stop when the bracket's
-            width is below ``tol`` times its lower end.
+        max_iters: conjugate-gradient steps at most (each reads W once); tol, atol: stop when the
+            bracket's width is below ``tol`` times its lower end, or below ``atol``.
 
     Returns:
         float64 ``[5]``: the tail's value, its lower and upper bound, the steps taken, and the unknown
@@ -149,7 +149,7 @@ def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tenso
         ``core_k`` plus the value is ``H[E,E]``.
     """
     return torch.ops.lipfast.hessian_tail.default(
-        _d(W), _d(x), _d(y), _d(U), _d(S), _d(V), float(sigma_next), int(max_iters), float(tol))
+        _d(W), _d(x), _d(y), _d(U), _d(S), _d(V), float(sigma_next), int(max_iters), float(tol), float(atol))
 
 
 def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,
@@ -264,7 +264,7 @@ def _gradient_statistics_fake(proj, hess, hess_lo, hess_hi, G, U, S, V, sigma_ne
 
 
 @torch.library.register_fake("lipfast::hessian_tail")
-def _hessian_tail_fake(W, x, y, U, S, V, sigma_next, max_iters, tol):
+def _hessian_tail_fake(W, x, y, U, S, V, sigma_next, max_iters, tol, atol=0.0):
     torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
     return torch.empty((5,), dtype=torch.float64, device=W.device)
 

@@ -209,7 +209,7 @@ def update_statistics(x: Tensor, y: Tensor, U, S, V, sigma_next: float) -> Tenso
 
 
 def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float,
-                 max_iters: int = 32, tol: float = 1e-3) -> Tensor:
+                 max_iters: int = 32, tol: float = 1e-3, atol: float = 0.0) -> Tensor:
     """Twin of ``lipfast::hessian_tail``: conjugate gradients on ``σ1 I − [[0, W], [Wᵀ, 0]]`` off the known pairs."""
     U64, V64, s1 = U.to(torch.float64), V.to(torch.float64), float(S[0])
 
@@ -226,7 +226,7 @@ def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tenso
     T, steps = 0.0, 0
 
     def meets_tol():
-        return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo)
+        return rr * (inv_hi - inv_lo) <= max(tol * (T + rr * inv_lo), atol)
 
     broke = False
     if s1 > sigma_next and not meets_tol():
@@ -317,7 +317,8 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
         upd = torch.cat([cs[:4], upd[4:]])
         step_gap = cs[4:6]
     else:
-        tail = hessian_tail(W, x, y, U, S64, V, sigma_next, 32, 1e-3)  # the kernels' kTailMaxSteps, kTailTol
+        # the kernels' kTailMaxSteps, kTailTol and tail_atol (csrc/block_size.h)
+        tail = hessian_tail(W, x, y, U, S64, V, sigma_next, 32, 1e-3, 2e-3 * (abs(float(upd[0])) + abs(float(upd[1]))))
         s1, mass = float(S64[0]), tail[4]
         truncated = torch.stack([mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)])
         upd = torch.cat([upd[:1], upd[1:4] + 0.5 * (tail[:3] - truncated), upd[4:]])

@@ -30,7 +30,7 @@ EXPECTED_SCHEMAS = {
     ),
     "hessian_tail": (
         "lipfast::hessian_tail(Tensor W, Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next, "
-        "int max_iters, float tol) -> Tensor"
+        "int max_iters, float tol, float atol=0.) -> Tensor"
     ),
     "update_statistics": (
         "lipfast::update_statistics(Tensor x, Tensor y, Tensor U, Tensor S, Tensor V, float sigma_next) -> Tensor"

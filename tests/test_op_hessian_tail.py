@@ -83,6 +83,18 @@ def test_zero_steps_is_the_truncation_bracket(dtype):
     assert R == pytest.approx(float(x @ x - a @ a + y @ y - b @ b), rel=1e-9)
 
 
+def test_atol_stops_at_an_absolute_width():
+    """track_update asks for the tail only to 1e-3 of the step's prediction: atol ends the solve there."""
+    W = _flat_matrix(60, 80)
+    (x, y, U, S, V, sn), tail = _case(W, 8)
+    strict = ops.hessian_tail(W, x, y, U, S, V, sn, tol=1e-10, max_iters=200)
+    width = 0.05 * tail
+    loose = ops.hessian_tail(W, x, y, U, S, V, sn, tol=1e-10, atol=width, max_iters=200)
+    assert 0 < float(loose[3]) < float(strict[3])
+    assert float(loose[2] - loose[1]) <= width and float(loose[1]) <= tail <= float(loose[2]) * (1 + 1e-12)
+    assert float(ops.hessian_tail(W, x, y, U, S, V, sn, atol=1e6)[3]) == 0.0
+
+
 def test_nothing_unknown_takes_no_step():
     W = gapped_matrix(12, 5)
     g = torch.Generator().manual_seed(1)
@@ -125,14 +137,15 @@ def test_opcheck(device):
     ("V", r"V must have shape \[n=14, k=3\]"),
     ("iters", "max_iters must be >= 0, got -1"),
     ("tol", "tol must be >= 0"),
+    ("atol", "atol must be >= 0, got -1"),
     ("W", r"W must have shape \[m, n\] \(2 dims\), got \[14\]"),
 ])
 def test_bad_input_names_the_argument(which, match):
     W = gapped_matrix(20, 14)
     (x, y, U, S, V, sn), _ = _case(W, 3)
-    args = dict(W=W, x=x, y=y, U=U, S=S, V=V, sigma_next=sn, max_iters=8, tol=1e-3)
+    args = dict(W=W, x=x, y=y, U=U, S=S, V=V, sigma_next=sn, max_iters=8, tol=1e-3, atol=0.0)
     bad = {"x": ("x", x[:-1]), "y": ("y", y[:-2]), "V": ("V", V[:, :2]), "iters": ("max_iters", -1),
-           "tol": ("tol", -1.0), "W": ("W", W[0])}[which]
+           "tol": ("tol", -1.0), "atol": ("atol", -1.0), "W": ("W", W[0])}[which]
     args[bad[0]] = bad[1]
     with pytest.raises(RuntimeError, match=match):
         torch.ops.lipfast.hessian_tail(*args.values())

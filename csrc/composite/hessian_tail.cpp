@@ -16,7 +16,7 @@ namespace lipfast {
 
 // Shared with the CPU kernel.
 void check_hessian_tail_inputs(const at::Tensor& W, const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
-                               const at::Tensor& S, const at::Tensor& V, int64_t max_iters, double tol) {
+                               const at::Tensor& S, const at::Tensor& V, int64_t max_iters, double tol, double atol) {
   constexpr const char* op = "lipfast::hessian_tail";
   LIPFAST_CHECK_DIM("lipfast::hessian_tail", W, "W", 2, "[m, n]");
   LIPFAST_CHECK_FLOAT("lipfast::hessian_tail", W, "W");
@@ -38,6 +38,7 @@ void check_hessian_tail_inputs(const at::Tensor& W, const at::Tensor& x, const a
   }
   LIPFAST_CHECK(max_iters >= 0, op, ": max_iters must be >= 0, got ", max_iters);
   LIPFAST_CHECK(tol >= 0.0, op, ": tol must be >= 0, got ", tol);
+  LIPFAST_CHECK(atol >= 0.0, op, ": atol must be >= 0, got ", atol);
 }
 
 namespace {
@@ -46,8 +47,8 @@ at::Tensor hessian_tail(const at::Tensor& W,  // [m, n] the matrix whose unknown
                         const at::Tensor& x,  // [m] float64, E v1
                         const at::Tensor& y,  // [n] float64, Eᵀ u1
                         const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,  // the k known triplets
-                        double sigma_next, int64_t max_iters, double tol) {
-  check_hessian_tail_inputs(W, x, y, U, S, V, max_iters, tol);
+                        double sigma_next, int64_t max_iters, double tol, double atol) {
+  check_hessian_tail_inputs(W, x, y, U, S, V, max_iters, tol, atol);
   const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), x64 = x.to(at::kDouble), y64 = y.to(at::kDouble);
   const auto dtype = W.scalar_type();
   const double s1h = S.select(0, 0).item<double>();
@@ -68,7 +69,7 @@ at::Tensor hessian_tail(const at::Tensor& W,  // [m, n] the matrix whose unknown
   double rr = (b1.dot(b1) + b2.dot(b2)).item<double>();
   const double mass = rr;
   double T = 0.0, steps = 0.0;
-  auto meets_tol = [&] { return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo); };
+  auto meets_tol = [&] { return rr * (inv_hi - inv_lo) <= std::max(tol * (T + rr * inv_lo), atol); };
   bool broke = false;
   if (s1h > sigma_next && !meets_tol()) {
     for (int64_t it = 0; it < max_iters; ++it) {

@@ -92,12 +92,13 @@ SubspaceResult call_subspace_iteration(const at::Tensor& W, const at::Tensor& V0
 }
 
 at::Tensor call_hessian_tail(const at::Tensor& W, const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
-                             const at::Tensor& S, const at::Tensor& V, double sigma_next) {
+                             const at::Tensor& S, const at::Tensor& V, double sigma_next, double atol) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lipfast::hessian_tail", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, double, int64_t, double)>();
-  return op.call(W, x, y, U, S, V, sigma_next, kTailMaxSteps, kTailTol);
+                                         const at::Tensor&, const at::Tensor&, double, int64_t, double,
+                                         double)>();
+  return op.call(W, x, y, U, S, V, sigma_next, kTailMaxSteps, kTailTol, atol);
 }
 
 at::Tensor call_update_statistics(const at::Tensor& x, const at::Tensor& y, const at::Tensor& U, const at::Tensor& S,
@@ -186,7 +187,8 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
     // the solved tail and its bracket (unchanged when the solve takes no step). The solve runs on W after the
     // step, a difference of the expansion's own third order (MATH.md §1). The cluster expansion above keeps
     // its truncation bracket.
-    const auto tail = call_hessian_tail(W, x, y, U, S64, V, sigma_next);
+    const auto tail = call_hessian_tail(W, x, y, U, S64, V, sigma_next,
+                                        tail_atol(upd.select(0, 0).item<double>(), upd.select(0, 1).item<double>()));
     const auto s1 = S64.select(0, 0), mass = tail.select(0, 4);
     const auto truncated = at::stack({mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)});
     upd = at::cat({upd.slice(0, 0, 1), upd.slice(0, 1, 4) + 0.5 * (tail.slice(0, 0, 3) - truncated), upd.slice(0, 4)});

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "checks.h"
@@ -33,8 +34,8 @@ double dot(const std::vector<double>& a, const std::vector<double>& b) {
 
 at::Tensor hessian_tail_cpu(const at::Tensor& W, const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
                             const at::Tensor& S, const at::Tensor& V, double sigma_next, int64_t max_iters,
-                            double tol) {
-  check_hessian_tail_inputs(W, x, y, U, S, V, max_iters, tol);
+                            double tol, double atol) {
+  check_hessian_tail_inputs(W, x, y, U, S, V, max_iters, tol, atol);
   const int64_t m = W.size(0), n = W.size(1), k = U.size(1);
   const auto Ut = U.t().to(at::kDouble).contiguous(), Vt = V.t().to(at::kDouble).contiguous();
   const double *pu = Ut.data_ptr<double>(), *pv = Vt.data_ptr<double>();
@@ -48,7 +49,7 @@ at::Tensor hessian_tail_cpu(const at::Tensor& W, const at::Tensor& x, const at::
   double rr = dot(r1, r1) + dot(r2, r2);
   const double mass = rr, inv_hi = 1.0 / (s1 - sigma_next), inv_lo = 1.0 / (s1 + sigma_next);
   double T = 0.0, steps = 0.0;
-  auto meets_tol = [&] { return rr * (inv_hi - inv_lo) <= tol * (T + rr * inv_lo); };
+  auto meets_tol = [&] { return rr * (inv_hi - inv_lo) <= std::max(tol * (T + rr * inv_lo), atol); };
   // q = P(σ1 p − [W p2; Wᵀ p1]): the two GEMVs in W's dtype through ATen (BLAS: ~10× a plain float64 loop
   // here; rounding p to float32 costs ~1e-7 relative, far below the 1e-3 the solve is asked for).
   const auto dtype = W.scalar_type();

@@ -26,7 +26,7 @@ at::Tensor update_statistics_cpu(const at::Tensor& x, const at::Tensor& y, const
                                  const at::Tensor& V, double sigma_next);
 at::Tensor hessian_tail_cpu(const at::Tensor& W, const at::Tensor& x, const at::Tensor& y, const at::Tensor& U,
                             const at::Tensor& S, const at::Tensor& V, double sigma_next, int64_t max_iters,
-                            double tol);
+                            double tol, double atol);
 
 namespace {
 
@@ -210,7 +210,8 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
   double* st = stats.data_ptr<double>();
   std::copy(upd.data_ptr<double>(), upd.data_ptr<double>() + 7, st);
   if (c == 1) {  // ½H[ΔW,ΔW]'s unknown tail solved instead of estimated, as in the composite kernel
-    const auto tail = hessian_tail_cpu(W, x, y, U, S, V, sigma_next, kTailMaxSteps, kTailTol);
+    const auto tail = hessian_tail_cpu(W, x, y, U, S, V, sigma_next, kTailMaxSteps, kTailTol,
+                                       tail_atol(st[0], st[1]));
     const double* tl = tail.data_ptr<double>();
     const double mass = tl[4];
     st[1] += 0.5 * (tl[0] - mass / s1_old);
