@@ -46,6 +46,20 @@ LIPFAST_HOST_DEVICE inline HessianTerms hessian_terms(const double* a, const dou
   return {core + rest / s1, core + rest / (s1 + sigma_next), core + rest / (s1 - sigma_next)};
 }
 
+// The step's second-order term solves its unknown tail (lipfast::hessian_tail) inside lipfast::track_update:
+// at most this many conjugate-gradient steps (each reads W once), stopping when the tail's bracket is within
+// this relative width. Measured on flat spectra (a random initialisation: σ_{k+1} ≈ 0.97 σ1) it takes ~20 steps;
+// with a gap of 20% about 6 (MATH.md §1).
+constexpr int64_t kTailMaxSteps = 32;
+constexpr double kTailTol = 1e-3;
+// ... or when the bracket moves the step's prediction first + second by less than kTailTol of its size: a tail
+// small against the first-order term needs no more digits than that (the bracket is in H's units, twice the
+// second-order term's).
+inline double tail_atol(double first, double second_truncated) {
+  return 2.0 * kTailTol * (std::abs(first) + std::abs(second_truncated));
+}
+
+
 // lipfast::hessian_tail's result [value, lo, hi, steps, mass] from its conjugate-gradient state: partial sum
 // T, residual ‖r‖² = rr, unknown mass R, σ1, σ_{k+1} (MATH.md §1, "Solving the tail instead"). The solve runs
 // on W after the step; the tail at W before it lies in the truncation bracket R/(σ1 ± σ_{k+1}) whatever the

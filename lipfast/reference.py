@@ -317,7 +317,7 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
         upd = torch.cat([cs[:4], upd[4:]])
         step_gap = cs[4:6]
     else:
-        # the kernels' kTailMaxSteps, kTailTol and tail_atol (csrc/block_size.h)
+        # the kernels' kTailMaxSteps, kTailTol and tail_atol (csrc/math.h)
         tail = hessian_tail(W, x, y, U, S64, V, sigma_next, 32, 1e-3, 2e-3 * (abs(float(upd[0])) + abs(float(upd[1]))))
         s1, mass = float(S64[0]), tail[4]
         truncated = torch.stack([mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)])

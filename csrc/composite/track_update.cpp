@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "math.h"
 #include "block_size.h"
 #include "op_interfaces.h"
 

@@ -13,6 +13,7 @@
 
 #include "block_size.h"
 #include "checks.h"
+#include "math.h"
 #include "row_kernels.h"
 #include "../small_linalg.h"
 #include "op_interfaces.h"
