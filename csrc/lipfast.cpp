@@ -64,8 +64,10 @@ TORCH_LIBRARY(lipfast, m) {
   //   cluster > 1), new σ1, σ2 (σ_{k+1} when k = 1), σ_{k+1}, max residual, sweeps, ‖U_Cᵀu1'‖, ‖V_Cᵀv1'‖
   //   (the new top pair in the old cluster's span), new r1, r2 (r2 = r1 when k = 1), max(‖ΔW V_C‖₂,
   //   ‖ΔWᵀU_C‖₂), the cluster's gap σ_c − σ_{c+1}, the cluster size c used, and the next step's.
+  //   solve_tail=False leaves ½H[ΔW,ΔW]'s unknown tail at its truncation estimate (lipfast::hessian_tail not
+  //   run): for a caller that wants the new spectrum only.
   m.def("track_update(Tensor W, Tensor basis, Tensor U, Tensor S, Tensor V, float sigma_next, Tensor Wt_u1, "
-        "int max_iters, float tol, bool exact, int cluster=1) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, "
+        "int max_iters, float tol, bool exact, int cluster=1, bool solve_tail=True) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, "
         "Tensor residuals, Tensor basis, Tensor Wt_u1, Tensor stats)");
   // conv2d_projections: the per-sample products of a Conv2d (groups=1, zero padding) with the weight's top
   //   singular pair, G_i = Σ_positions d_i(p) x_i(p)ᵀ never formed and x never unfolded: x [B, C_in, H, W],

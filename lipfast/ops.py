@@ -153,7 +153,7 @@ def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tenso
 
 
 def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,
-                 max_iters: int, tol: float, exact: bool, cluster: int = 1):
+                 max_iters: int, tol: float, exact: bool, cluster: int = 1, solve_tail: bool = True):
     """One tracked layer after an optimizer step (MATH.md §2, §5), in one call.
 
     Args:
@@ -165,6 +165,8 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
         cluster: pairs ``c`` of the top cluster (clamped to ``[1, k]``): with ``c > 1`` the step's prediction is
             the cluster expansion (MATH.md §2), and its pairs ride along as probes. The returned ``stats[19]``
             is the next step's.
+        solve_tail: False leaves ``second_order``'s unknown tail at its truncation estimate (no
+            ``hessian_tail`` solve), for a caller that wants the new spectrum only.
 
     Returns:
         The new spectrum's ``U [m, k], S [k], V [n, k], sigma_next [], residuals [k], basis [n, p],
@@ -178,7 +180,7 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     """
     return torch.ops.lipfast.track_update.default(
         _d(W), _d(basis), _d(U), _d(S), _d(V), float(sigma_next), _d(Wt_u1),
-        int(max_iters), float(tol), bool(exact), int(cluster))
+        int(max_iters), float(tol), bool(exact), int(cluster), bool(solve_tail))
 
 
 def conv2d_projections(x: Tensor, grad_out: Tensor, u1: Tensor, v1: Tensor, kernel_size, stride, padding, dilation):
@@ -234,7 +236,7 @@ def _conv2d_projections_fake(x, grad_out, u1, v1, kernel_size, stride, padding, 
 
 
 @torch.library.register_fake("lipfast::track_update")
-def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exact, cluster=1):
+def _track_update_fake(W, basis, U, S, V, sigma_next, Wt_u1, max_iters, tol, exact, cluster=1, solve_tail=True):
     from .functional import block_size  # functional imports this module
     torch._check(W.dim() == 2, lambda: f"W must have shape [m, n], got {tuple(W.shape)}")
     m, n = W.shape

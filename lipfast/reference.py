@@ -279,7 +279,7 @@ def cluster_statistics(DV: Tensor, DU: Tensor, U: Tensor, S: Tensor, V: Tensor, 
 
 
 def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float, Wt_u1: Tensor,
-                 max_iters: int, tol: float, exact: bool, cluster: int = 1):
+                 max_iters: int, tol: float, exact: bool, cluster: int = 1, solve_tail: bool = True):
     """Twin of ``lipfast::track_update``: the new spectrum and the step's update statistics."""
     m, n = W.shape
     k, r = U.shape[1], min(m, n)
@@ -317,11 +317,13 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
         upd = torch.cat([cs[:4], upd[4:]])
         step_gap = cs[4:6]
     else:
-        # the kernels' kTailMaxSteps, kTailTol and tail_atol (csrc/math.h)
-        tail = hessian_tail(W, x, y, U, S64, V, sigma_next, 32, 1e-3, 2e-3 * (abs(float(upd[0])) + abs(float(upd[1]))))
-        s1, mass = float(S64[0]), tail[4]
-        truncated = torch.stack([mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)])
-        upd = torch.cat([upd[:1], upd[1:4] + 0.5 * (tail[:3] - truncated), upd[4:]])
+        if solve_tail:
+            # the kernels' kTailMaxSteps, kTailTol and tail_atol (csrc/math.h)
+            tail = hessian_tail(W, x, y, U, S64, V, sigma_next, 32, 1e-3,
+                                2e-3 * (abs(float(upd[0])) + abs(float(upd[1]))))
+            s1, mass = float(S64[0]), tail[4]
+            truncated = torch.stack([mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)])
+            upd = torch.cat([upd[:1], upd[1:4] + 0.5 * (tail[:3] - truncated), upd[4:]])
         below = S64[1] if k > 1 else S64.new_tensor(sigma_next)
         step_gap = torch.stack([torch.maximum(upd[5], upd[6]), S64[0] - below])
     s2 = Sn[1] if kk > 1 else sigma_next_new

@@ -571,7 +571,7 @@ class Tracker:
                 return cached.spec
         if cached is not None and cached.spec.k == min(self.rank, *cached.spec.shape) and cached.spec.shape == tuple(W.shape):
             # Stale after untracked steps (every > 1): the same warm sweep as after a tracked step, one op call.
-            spec, stats = self._advance(cap, cached.spec)
+            spec, stats = self._advance(cap, cached.spec, prediction=False)
             if spec is not None:
                 self._fill_host(spec, stats.tolist())
         else:
@@ -592,11 +592,13 @@ class Tracker:
                 raise
             return None
 
-    def _advance(self, cap: LayerCapture, spec: Spectrum) -> tuple[Spectrum | None, Tensor | None]:
+    def _advance(self, cap: LayerCapture, spec: Spectrum,
+                 prediction: bool = True) -> tuple[Spectrum | None, Tensor | None]:
         """The spectrum after the optimizer step, warm-started from ``spec``, and ``track_update``'s twenty
         statistics (on the weight's device, unread: :func:`_fill_host` completes the spectrum from them), in
         one op call; ``(None, None)`` when the step left NaN/Inf in the weight. ΔW is read through the old
-        top pair riding along in the new spectrum's GEMMs."""
+        top pair riding along in the new spectrum's GEMMs. Without ``prediction`` (a stale spectrum refreshed,
+        its statistics unused but the spectrum's) the second-order tail is not solved."""
         W = cap.adapter.weight_matrix()
         W = W if W.dtype in (torch.float32, torch.float64) else W.float()
         m, n = W.shape
@@ -611,7 +613,7 @@ class Tracker:
             # `cluster`: the pair).
             U, S, V, sigma_next, res, basis, Wt_u1, stats = self.impl.track_update(
                 W, basis, spec.U, spec.S, spec.V, spec.host[2], spec.Wt_u1, self.iters, tol, exact,
-                spec.__dict__.get("cluster", 1) if self.cluster else 1)
+                spec.__dict__.get("cluster", 1) if self.cluster else 1, prediction)
         except RuntimeError:  # NaN/Inf in W (the subspace iteration refuses it)
             if bool(torch.isfinite(W).all()):
                 raise

@@ -37,7 +37,7 @@ EXPECTED_SCHEMAS = {
     ),
     "track_update": (
         "lipfast::track_update(Tensor W, Tensor basis, Tensor U, Tensor S, Tensor V, float sigma_next, Tensor Wt_u1, "
-        "int max_iters, float tol, bool exact, int cluster=1) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, "
+        "int max_iters, float tol, bool exact, int cluster=1, bool solve_tail=True) -> (Tensor U, Tensor S, Tensor V, Tensor sigma_next, "
         "Tensor residuals, "
         "Tensor basis, Tensor Wt_u1, Tensor stats)"
     ),

@@ -230,6 +230,27 @@ def test_track_update_against_dense_truth(case):
     torch.testing.assert_close(Wt_u1, W2.mT @ U[:, 0], rtol=1e-6, atol=1e-9 * float(S[0]))
 
 
+@pytest.mark.parametrize("case", TRACK_CASES[:2])
+def test_track_update_without_the_tail_solve(case):
+    """solve_tail=False (a stale spectrum refreshed): the same new spectrum, and the second-order term at
+    update_statistics' truncation estimate and bracket."""
+    m, n, k, exact = case
+    W = gapped_matrix(m, n)
+    spec = _spectrum(W, k)
+    W2 = _step(W, scale=1e-2)
+    args = (W2, spec.basis, spec.U, spec.S, spec.V, float(spec.sigma_next), spec.Wt_u1, 4, 0.0, exact)
+    solved, bare = ops.track_update(*args), ops.track_update(*args, solve_tail=False)
+    for a, b in zip(solved[:7], bare[:7]):
+        assert torch.equal(a, b)
+    assert torch.equal(solved[7][[0, 4, 5, 6]], bare[7][[0, 4, 5, 6]]) and torch.equal(solved[7][7:], bare[7][7:])
+    S64 = spec.S.to(torch.float64)
+    dW = (W2 - W).to(torch.float64)
+    xv, yv = dW @ spec.V64[:, 0], dW.mT @ spec.U64[:, 0]
+    want = ops.update_statistics(xv, yv, spec.U, S64, spec.V, float(spec.sigma_next))
+    torch.testing.assert_close(bare[7][1:4], want[1:4], rtol=1e-6, atol=1e-12)
+    assert not torch.equal(solved[7][1:4], bare[7][1:4])  # the solve did move them on this matrix
+
+
 def test_track_update_non_finite_weight_is_refused():
     W = gapped_matrix(90, 70)
     spec = _spectrum(W, 5)

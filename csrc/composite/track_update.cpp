@@ -120,7 +120,8 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
              double sigma_next,        // its σ_{k+1}
              const at::Tensor& Wt_u1,  // [n] float64, Wᵀu1 before the step
              int64_t max_iters, double tol, bool exact,
-             int64_t cluster) {       // pairs in the top cluster (1: the pair expansion)
+             int64_t cluster,         // pairs in the top cluster (1: the pair expansion)
+             bool solve_tail) {       // false: the tail's truncation estimate (the new spectrum is all wanted)
   check_track_update_inputs(W, U, S, V, Wt_u1, exact);
   const int64_t m = W.size(0), n = W.size(1), k = U.size(1), r = std::min(m, n);
   const int64_t c = std::clamp<int64_t>(cluster, 1, k);
@@ -188,11 +189,14 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
     // the solved tail and its bracket (unchanged when the solve takes no step). The solve runs on W after the
     // step, a difference of the expansion's own third order (MATH.md §1). The cluster expansion above keeps
     // its truncation bracket.
-    const auto tail = call_hessian_tail(W, x, y, U, S64, V, sigma_next,
-                                        tail_atol(upd.select(0, 0).item<double>(), upd.select(0, 1).item<double>()));
-    const auto s1 = S64.select(0, 0), mass = tail.select(0, 4);
-    const auto truncated = at::stack({mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)});
-    upd = at::cat({upd.slice(0, 0, 1), upd.slice(0, 1, 4) + 0.5 * (tail.slice(0, 0, 3) - truncated), upd.slice(0, 4)});
+    if (solve_tail) {
+      const auto tail = call_hessian_tail(W, x, y, U, S64, V, sigma_next,
+                                          tail_atol(upd.select(0, 0).item<double>(), upd.select(0, 1).item<double>()));
+      const auto s1 = S64.select(0, 0), mass = tail.select(0, 4);
+      const auto truncated = at::stack({mass / s1, mass / (s1 + sigma_next), mass / (s1 - sigma_next)});
+      upd = at::cat({upd.slice(0, 0, 1), upd.slice(0, 1, 4) + 0.5 * (tail.slice(0, 0, 3) - truncated),
+                     upd.slice(0, 4)});
+    }
     const auto below = k > 1 ? S64.select(0, 1) : at::scalar_tensor(sigma_next, S64.options());
     step_gap = at::stack({at::maximum(upd.select(0, 5), upd.select(0, 6)), S64.select(0, 0) - below});
   }

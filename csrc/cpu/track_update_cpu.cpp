@@ -129,7 +129,7 @@ std::pair<at::Tensor, at::Tensor> probes(const at::Tensor& W, const std::vector<
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor& U, const at::Tensor& S,
                  const at::Tensor& V, double sigma_next, const at::Tensor& Wt_u1, int64_t max_iters, double tol,
-                 bool exact, int64_t cluster) {
+                 bool exact, int64_t cluster, bool solve_tail) {
   check_track_update_inputs(W, U, S, V, Wt_u1, exact);
   const int64_t m = W.size(0), n = W.size(1), k = U.size(1), r = std::min(m, n);
   const int64_t c = std::clamp<int64_t>(cluster, 1, k);
@@ -210,7 +210,7 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
   auto stats = at::empty({20}, f64);
   double* st = stats.data_ptr<double>();
   std::copy(upd.data_ptr<double>(), upd.data_ptr<double>() + 7, st);
-  if (c == 1) {  // ½H[ΔW,ΔW]'s unknown tail solved instead of estimated, as in the composite kernel
+  if (c == 1 && solve_tail) {  // ½H[ΔW,ΔW]'s unknown tail solved instead of estimated, as in the composite kernel
     const auto tail = hessian_tail_cpu(W, x, y, U, S, V, sigma_next, kTailMaxSteps, kTailTol,
                                        tail_atol(st[0], st[1]));
     const double* tl = tail.data_ptr<double>();
