@@ -1026,6 +1026,8 @@ class Tracker:
         for cap in self.captures.values():
             cap.remove()
         self._pending.clear()
+        if self._inflight is not None:  # a step's all-reduce left in flight (closed between its hooks)
+            self._group.retire(self._inflight.work)
         self._inflight = None
 
     def __enter__(self) -> "Tracker":

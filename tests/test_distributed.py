@@ -143,8 +143,28 @@ def _scenarios(out_dir: str) -> None:
         Tracker(ddp, torch.optim.SGD(model.parameters(), lr=LR))
 
     results["renamed"] = _capture(renamed)
+    results["retired"] = _capture(retired_collectives)
     results["after_errors"] = _capture(ddp_run, "equal")  # the group still works after the errors above
     torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
+
+
+def retired_collectives() -> dict:
+    """Which step all-reduce the tracker still holds after each step and after close (see TrackerGroup.retire)."""
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    tracker = Tracker(ddp, opt, rank=8)
+    x, y = make_data()
+    lo, hi = SPLITS["equal"][dist.get_rank()]
+    held = []
+    for t in range(STEPS):
+        opt.zero_grad()
+        F.cross_entropy(ddp(x[t, lo:hi]), y[t, lo:hi]).backward()
+        opt.step()
+        held.append(tracker._group._retired)
+    tracker.close()
+    return dict(one_per_step=len({id(w) for w in held}) == STEPS and None not in held,
+                completed=all(w.is_completed() for w in held), last_kept=tracker._group._retired is held[-1])
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +223,13 @@ def test_untracked_steps_communicate_nothing_and_tracked_ones_match(scenarios):
     want_rows, want_net = single_process_records(every=2)
     assert [n["step"] for n in got["network"]] == [0, 2]
     assert_records_close(got["records"], want_rows, FORCE + ("batch",), "every=2")
+
+
+def test_each_step_s_finished_all_reduce_stays_referenced_past_close(scenarios):
+    """Dropped at once, gloo's worker thread could hold its last reference and take the GIL to free its
+    tensor while the interpreter exits: a finished run then aborted (TrackerGroup.retire)."""
+    for rank, got in enumerate(scenarios):
+        assert got["retired"] == dict(one_per_step=True, completed=True, last_kept=True), (rank, got["retired"])
 
 
 def test_records_on_all_gives_every_rank_the_same_records_and_rank0_only_rank0(scenarios):
