@@ -44,14 +44,16 @@ void check_track_update_inputs(const at::Tensor& W, const at::Tensor& U, const a
                                const at::Tensor& Wt_u1, bool exact);
 
 // --- track_update's cluster expansion (csrc/composite/track_update.cpp; the CPU kernel calls it too) -------
-// A pair j joins the top cluster when σ1 − σ_j <= kClusterTau · max(‖ΔW v1‖, ‖ΔWᵀu1‖) (RELIABILITY.md §3.4).
+// A pair j joins the top cluster when σ1 − σ_j <= kClusterTau · max(‖ΔW v1‖, ‖ΔWᵀu1‖) (RELIABILITY.md §3.5).
 constexpr double kClusterTau = 4.0;
 
-// The degenerate expansion on the top c pairs (MATH.md §2), from DV = ΔW V_C [m, c], DU = ΔWᵀ U_C [n, c]
-// (float64) and the spectrum before the step. Returns float64 [6]: μ − σ1 (μ the top singular value of
-// U_Cᵀ W' V_C), ½H of the rotated pair's coupling to the pairs outside C and the tail (value, lo, hi),
-// max(‖DV‖₂, ‖DU‖₂), and the gap σ_c − σ_{c+1} (σ_{k+1} = sigma_next when c = k).
-at::Tensor cluster_statistics(const at::Tensor& DV, const at::Tensor& DU, const at::Tensor& U, const at::Tensor& S,
+// The degenerate expansion on the top c pairs (MATH.md §2), from the probes W_VC = W' V_C [m, c] and
+// Wt_UC = W'ᵀ U_C [n, c] (float64) after the step, Wᵀ U_C before it (the old block `basis`, or V_C S_C when
+// `exact`; Wt_u1 its first column) and the spectrum before the step. Returns float64 [6]: μ − σ1 (μ the top
+// singular value of U_Cᵀ W' V_C), ½H of the rotated pair's coupling to the pairs outside C and the tail (value,
+// lo, hi), max(‖ΔW V_C‖₂, ‖ΔWᵀU_C‖₂), and the gap σ_c − σ_{c+1} (σ_{k+1} = sigma_next when c = k).
+at::Tensor cluster_statistics(const at::Tensor& W_VC, const at::Tensor& Wt_UC, const at::Tensor& basis,
+                              const at::Tensor& Wt_u1, bool exact, const at::Tensor& U, const at::Tensor& S,
                               const at::Tensor& V, double sigma_next);
 
 // Pairs of the spectrum S [k] (float64, descending) within kClusterTau·step of S[0] (at least 1): the cluster

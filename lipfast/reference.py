@@ -259,12 +259,16 @@ def hessian_tail(W: Tensor, x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tenso
 CLUSTER_TAU = 4.0  # csrc/op_interfaces.h's kClusterTau
 
 
-def cluster_statistics(DV: Tensor, DU: Tensor, U: Tensor, S: Tensor, V: Tensor, sigma_next: float) -> Tensor:
+def cluster_statistics(W_VC: Tensor, Wt_UC: Tensor, basis: Tensor, Wt_u1: Tensor, exact: bool, U: Tensor, S: Tensor,
+                       V: Tensor, sigma_next: float) -> Tensor:
     """Twin of track_update's cluster expansion (csrc/op_interfaces.h): ``[μ − σ1, ½H value, lo, hi,
-    max(‖ΔW V_C‖₂, ‖ΔWᵀU_C‖₂), σ_c − σ_{c+1}]`` from ``DV = ΔW V_C``, ``DU = ΔWᵀ U_C`` (float64)."""
-    c, k = DV.shape[1], U.shape[1]
+    max(‖ΔW V_C‖₂, ‖ΔWᵀU_C‖₂), σ_c − σ_{c+1}]`` from the probes ``W' V_C``, ``W'ᵀ U_C`` (float64) after the step."""
+    c, k = W_VC.shape[1], U.shape[1]
     U64, V64, S64 = U.to(torch.float64), V.to(torch.float64), S.to(torch.float64)
     UC, VC = U64[:, :c], V64[:, :c]
+    DV = W_VC - UC * S64[:c]
+    WtU = V64[:, 1:c] * S64[1:c] if exact else basis[:, 1:c].to(torch.float64)
+    DU = Wt_UC - torch.cat([Wt_u1.to(torch.float64)[:, None], WtU], 1)
     M = torch.diag(S64[:c]) + UC.mT @ DV
     evals, evecs = torch.linalg.eigh(M.mT @ M)
     b, mu = evecs[:, -1], evals[-1].clamp_min(0).sqrt()
@@ -309,11 +313,7 @@ def track_update(W: Tensor, basis: Tensor, U: Tensor, S: Tensor, V: Tensor, sigm
     y = Wt_u1_new_probe[:, 0] - Wt_u1.to(torch.float64)
     upd = update_statistics(x, y, U, S64, V, sigma_next)
     if c > 1:
-        U64, V64 = U.to(torch.float64), V.to(torch.float64)
-        DV = W_v1 - U64[:, :c] * S64[:c]
-        WtU = V64[:, 1:c] * S64[1:c] if exact else basis[:, 1:c].to(torch.float64)
-        DU = Wt_u1_new_probe - torch.cat([Wt_u1.to(torch.float64)[:, None], WtU], 1)
-        cs = cluster_statistics(DV, DU, U, S64, V, sigma_next)
+        cs = cluster_statistics(W_v1, Wt_u1_new_probe, basis, Wt_u1, exact, U, S64, V, sigma_next)
         upd = torch.cat([cs[:4], upd[4:]])
         step_gap = cs[4:6]
     else:

@@ -48,11 +48,17 @@ at::Tensor call_update_statistics(const at::Tensor& x, const at::Tensor& y, cons
                                   const at::Tensor& V, double sigma_next);
 }  // namespace
 
-at::Tensor cluster_statistics(const at::Tensor& DV, const at::Tensor& DU, const at::Tensor& U, const at::Tensor& S,
+at::Tensor cluster_statistics(const at::Tensor& W_VC, const at::Tensor& Wt_UC, const at::Tensor& basis,
+                              const at::Tensor& Wt_u1, bool exact, const at::Tensor& U, const at::Tensor& S,
                               const at::Tensor& V, double sigma_next) {
-  const int64_t c = DV.size(1), k = U.size(1);
+  const int64_t c = W_VC.size(1), k = U.size(1), n = V.size(0);
   const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble), S64 = S.to(at::kDouble);
   const auto UC = U64.slice(1, 0, c), VC = V64.slice(1, 0, c);
+  // ΔW V_C = W' V_C − U_C S_C; ΔWᵀ U_C = W'ᵀ U_C − Wᵀ U_C, Wᵀ U_C before the step from the old block (an
+  // iterated block is Wᵀ U of its last sweep) or V_C S_C (exact), its first column the Wt_u1 given.
+  const auto DV = W_VC - UC * S64.slice(0, 0, c);
+  const auto WtU = exact ? V64.slice(1, 1, c) * S64.slice(0, 1, c) : basis.slice(1, 1, c).to(at::kDouble);
+  const auto DU = Wt_UC - at::cat({Wt_u1.to(at::kDouble).reshape({n, 1}), WtU}, 1);
   // M = U_Cᵀ W' V_C = diag(S_C) + U_Cᵀ ΔW V_C (W V_C = U_C S_C for Ritz pairs) and its top singular triplet.
   const auto M = at::diag(S64.slice(0, 0, c)) + UC.t().mm(DV);
   auto [evals, evecs] = at::linalg_eigh(M.t().mm(M));  // ascending
@@ -175,13 +181,7 @@ track_update(const at::Tensor& W,      // [m, n] the weight after the step
   auto upd = call_update_statistics(x, y, U, S64, V, sigma_next);
   at::Tensor step_gap;  // the step on the cluster, and the gap below it
   if (c > 1) {
-    // ΔW V_C = W' V_C − U_C S_C; ΔWᵀ U_C = W'ᵀ U_C − Wᵀ U_C, Wᵀ U_C before the step from the old block (an
-    // iterated block is Wᵀ U of its last sweep) or V_C S_C (exact), its first column the Wt_u1 given.
-    const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble);
-    const auto DV = W_v1 - U64.slice(1, 0, c) * S64.slice(0, 0, c);
-    const auto WtU = exact ? V64.slice(1, 1, c) * S64.slice(0, 1, c) : basis.slice(1, 1, c).to(at::kDouble);
-    const auto DU = Wt_u1n_probe - at::cat({Wt_u1.to(at::kDouble).reshape({n, 1}), WtU}, 1);
-    const auto cs = cluster_statistics(DV, DU, U, S64, V, sigma_next);
+    const auto cs = cluster_statistics(W_v1, Wt_u1n_probe, basis, Wt_u1, exact, U, S64, V, sigma_next);
     upd = at::cat({cs.slice(0, 0, 4), upd.slice(0, 4, 7)});
     step_gap = cs.slice(0, 4, 6);
   } else {

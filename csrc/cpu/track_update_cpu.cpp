@@ -228,15 +228,8 @@ track_update_cpu(const at::Tensor& W, const at::Tensor& basis, const at::Tensor&
   st[11] = iters;
   const auto S_old = S.to(at::kDouble).contiguous();
   const double* s_old = S_old.data_ptr<double>();
-  if (c > 1) {
-    // The cluster expansion (the composite kernel's arithmetic, shared): ΔW V_C = W' V_C − U_C S_C and
-    // ΔWᵀ U_C = W'ᵀ U_C − Wᵀ U_C, Wᵀ U_C before the step from the old block or V_C S_C (exact).
-    const auto S64 = S.to(at::kDouble);
-    const auto U64 = U.to(at::kDouble), V64 = V.to(at::kDouble);
-    const auto DV = W_v1 - U64.slice(1, 0, c) * S64.slice(0, 0, c);
-    const auto WtU = exact ? V64.slice(1, 1, c) * S64.slice(0, 1, c) : basis.slice(1, 1, c).to(at::kDouble);
-    const auto DU = Wt_u1_probe - at::cat({Wt_u1.to(at::kDouble).reshape({n, 1}), WtU}, 1);
-    const auto cs = cluster_statistics(DV, DU, U, S64, V, sigma_next).contiguous();
+  if (c > 1) {  // the cluster expansion, the composite kernel's arithmetic (shared)
+    const auto cs = cluster_statistics(W_v1, Wt_u1_probe, basis, Wt_u1, exact, U, S_old, V, sigma_next).contiguous();
     const double* pc = cs.data_ptr<double>();
     std::copy(pc, pc + 4, st);
     st[16] = pc[4];
